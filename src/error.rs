@@ -1,0 +1,114 @@
+//! Every rejection the service gives: a stable code, a status, one JSON
+//! shape, and `WWW-Authenticate` on 401s, rendered in one place.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Code {
+    EmptyToken,
+    InvalidToken,
+    ExpiredToken,
+    ExpiredSession,
+    TokenAlreadyRefreshed,
+    RevokedSession,
+    InvalidCredentials,
+    TooManyAttempts,
+    StoreUnavailable,
+    InvalidRequest,
+    PayloadTooLarge,
+    InvalidRedirect,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::EmptyToken => "EMPTY_TOKEN",
+            Code::InvalidToken => "INVALID_TOKEN",
+            Code::ExpiredToken => "EXPIRED_TOKEN",
+            Code::ExpiredSession => "EXPIRED_SESSION",
+            Code::TokenAlreadyRefreshed => "TOKEN_ALREADY_REFRESHED",
+            Code::RevokedSession => "REVOKED_SESSION",
+            Code::InvalidCredentials => "INVALID_CREDENTIALS",
+            Code::TooManyAttempts => "TOO_MANY_ATTEMPTS",
+            Code::StoreUnavailable => "STORE_UNAVAILABLE",
+            Code::InvalidRequest => "INVALID_REQUEST",
+            Code::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Code::InvalidRedirect => "INVALID_REDIRECT",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Code::TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
+            Code::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::InvalidRequest | Code::InvalidRedirect => StatusCode::BAD_REQUEST,
+            Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::UNAUTHORIZED,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: Code,
+    pub message: String,
+    /// Seconds, for `Retry-After`.
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        tracing::warn!(error = %e, "store error");
+        ApiError::new(
+            Code::StoreUnavailable,
+            "the session store is unavailable; try again shortly",
+        )
+        .retry_after(1)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "error": { "code": self.code.as_str(), "message": self.message }
+        });
+        let mut resp = (self.code.status(), axum::Json(body)).into_response();
+        let headers = resp.headers_mut();
+        if self.code.status() == StatusCode::UNAUTHORIZED {
+            let value = format!(
+                r#"Bearer error="invalid_token", error_description="{}""#,
+                self.code.as_str()
+            );
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(header::WWW_AUTHENTICATE, v);
+            }
+        }
+        if let Some(secs) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp
+    }
+}

@@ -1,0 +1,15 @@
+//! tokenpolicy: a token service that enforces a TokenPolicy (session
+//! validity, token validity, a one-time expired-token refresh window), and
+//! the operator that runs it on Kubernetes.
+
+pub mod duration;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod policy;
+pub mod rules;
+pub mod serve;
+pub mod service;
+pub mod store;
+pub mod token;
+pub mod users;

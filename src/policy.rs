@@ -1,0 +1,458 @@
+//! The TokenPolicy document (the same schema as the cluster object) and the
+//! validated [`Policy`] that the rules work with.
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::{format_seconds, parse_seconds};
+
+pub const API_VERSION: &str = "auth.tokenpolicy.io/v1alpha1";
+pub const KIND: &str = "TokenPolicy";
+
+const MINUTE: u64 = 60;
+const DAY: u64 = 86_400;
+
+/// Bounds of DESIGN.md §1, `(min, max)` in seconds.
+pub const SESSION_BOUNDS: (u64, u64) = (1, 365 * DAY);
+pub const TOKEN_BOUNDS: (u64, u64) = (1, 7 * DAY);
+pub const RENEW_LIMIT_BOUNDS: (u64, u64) = (0, 7 * DAY);
+pub const GRACE_BOUNDS: (u64, u64) = (0, MINUTE);
+
+/// `spec` of a TokenPolicy. Durations stay strings here, as the user wrote
+/// them; [`Policy::from_spec`] parses and checks them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenPolicySpec {
+    /// Longest a login lasts; refreshing never extends it. Default `8h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_expiration_time: Option<String>,
+    /// Lifetime of each issued token. Default `30m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expiration_time: Option<String>,
+    /// How long after expiry a token may still be exchanged, once. Default `10m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_token_renew_limit: Option<String>,
+    /// After a token's one refresh, how long racing requests still get the same new token. Default `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_grace_period: Option<String>,
+    /// Revoke the whole session when a spent token is presented again after the grace. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke_session_on_reuse: Option<bool>,
+    /// `iss` of issued tokens; `serve --issuer` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// `aud` of issued tokens; `serve --audience` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Session cookie attributes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<CookieSpec>,
+    /// Deployment settings, read by the operator; `serve` ignores them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CookieSpec {
+    /// Default `tokenpolicy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// Default `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Default true. Turn off only for plain-HTTP development.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure: Option<bool>,
+    /// `Strict`, `Lax` (default) or `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub same_site: Option<String>,
+}
+
+/// A whole TokenPolicy document as `kubectl get tp -o yaml` shows it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenPolicyDocument {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+    #[serde(default)]
+    pub spec: TokenPolicySpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("spec.{field}: {reason}")]
+    Field { field: &'static str, reason: String },
+    #[error("{0}")]
+    Document(String),
+}
+
+fn field(field: &'static str, reason: impl Into<String>) -> PolicyError {
+    PolicyError::Field {
+        field,
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Strict,
+    Lax,
+    None,
+}
+
+impl SameSite {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SameSite::Strict => "Strict",
+            SameSite::Lax => "Lax",
+            SameSite::None => "None",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cookie {
+    pub name: String,
+    pub domain: Option<String>,
+    pub path: String,
+    pub secure: bool,
+    pub same_site: SameSite,
+}
+
+impl Default for Cookie {
+    fn default() -> Self {
+        Cookie {
+            name: "tokenpolicy".into(),
+            domain: None,
+            path: "/".into(),
+            secure: true,
+            same_site: SameSite::Lax,
+        }
+    }
+}
+
+/// A checked policy; all durations in whole seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub session: u64,
+    pub token: u64,
+    pub renew_limit: u64,
+    pub grace: u64,
+    pub revoke_session_on_reuse: bool,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub cookie: Cookie,
+}
+
+impl Default for Policy {
+    /// The recommended values: session 8h, token 30m, renew limit 10m.
+    fn default() -> Self {
+        Policy {
+            session: 8 * 3_600,
+            token: 30 * MINUTE,
+            renew_limit: 10 * MINUTE,
+            grace: 10,
+            revoke_session_on_reuse: true,
+            issuer: None,
+            audience: None,
+            cookie: Cookie::default(),
+        }
+    }
+}
+
+fn duration_field(
+    name: &'static str,
+    value: &Option<String>,
+    default: u64,
+    (min, max): (u64, u64),
+) -> Result<u64, PolicyError> {
+    let secs = match value {
+        None => default,
+        Some(v) => parse_seconds(v).map_err(|e| field(name, e.to_string()))?,
+    };
+    if secs < min || secs > max {
+        return Err(field(
+            name,
+            format!(
+                "{} is out of range: must be between {} and {}",
+                value.as_deref().unwrap_or(""),
+                format_seconds(min),
+                format_seconds(max)
+            ),
+        ));
+    }
+    Ok(secs)
+}
+
+impl Policy {
+    pub fn from_spec(spec: &TokenPolicySpec) -> Result<Policy, PolicyError> {
+        let d = Policy::default();
+        let session = duration_field(
+            "sessionExpirationTime",
+            &spec.session_expiration_time,
+            d.session,
+            SESSION_BOUNDS,
+        )?;
+        let token = duration_field(
+            "tokenExpirationTime",
+            &spec.token_expiration_time,
+            d.token.min(session),
+            TOKEN_BOUNDS,
+        )?;
+        let renew_limit = duration_field(
+            "expiredTokenRenewLimit",
+            &spec.expired_token_renew_limit,
+            d.renew_limit.min(session),
+            RENEW_LIMIT_BOUNDS,
+        )?;
+        let grace = duration_field(
+            "refreshGracePeriod",
+            &spec.refresh_grace_period,
+            d.grace,
+            GRACE_BOUNDS,
+        )?;
+        if token > session {
+            return Err(field(
+                "tokenExpirationTime",
+                format!(
+                    "must not be longer than sessionExpirationTime ({} > {})",
+                    format_seconds(token),
+                    format_seconds(session)
+                ),
+            ));
+        }
+        if renew_limit > session {
+            return Err(field(
+                "expiredTokenRenewLimit",
+                format!(
+                    "must not be longer than sessionExpirationTime ({} > {})",
+                    format_seconds(renew_limit),
+                    format_seconds(session)
+                ),
+            ));
+        }
+        let mut cookie = Cookie::default();
+        if let Some(c) = &spec.cookie {
+            if let Some(name) = &c.name {
+                let ok = !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                if !ok {
+                    return Err(field(
+                        "cookie.name",
+                        format!("{name:?} is not a valid cookie name (letters, digits, - _ .)"),
+                    ));
+                }
+                cookie.name = name.clone();
+            }
+            let attr_ok = |v: &str| v.bytes().all(|b| b.is_ascii_graphic() && b != b';');
+            if let Some(domain) = &c.domain {
+                if domain.is_empty() || !attr_ok(domain) {
+                    return Err(field(
+                        "cookie.domain",
+                        format!("{domain:?} is not a domain"),
+                    ));
+                }
+                cookie.domain = Some(domain.clone());
+            }
+            if let Some(path) = &c.path {
+                if !path.starts_with('/') || !attr_ok(path) {
+                    return Err(field("cookie.path", format!("{path:?} must start with /")));
+                }
+                cookie.path = path.clone();
+            }
+            if let Some(secure) = c.secure {
+                cookie.secure = secure;
+            }
+            if let Some(ss) = &c.same_site {
+                cookie.same_site = match ss.as_str() {
+                    "Strict" => SameSite::Strict,
+                    "Lax" => SameSite::Lax,
+                    "None" => SameSite::None,
+                    other => {
+                        return Err(field(
+                            "cookie.sameSite",
+                            format!("{other:?} must be Strict, Lax or None"),
+                        ));
+                    }
+                };
+            }
+            if cookie.same_site == SameSite::None && !cookie.secure {
+                return Err(field(
+                    "cookie.sameSite",
+                    "None requires cookie.secure: true (browsers drop the cookie otherwise)",
+                ));
+            }
+        }
+        Ok(Policy {
+            session,
+            token,
+            renew_limit,
+            grace,
+            revoke_session_on_reuse: spec.revoke_session_on_reuse.unwrap_or(true),
+            issuer: spec.issuer.clone(),
+            audience: spec.audience.clone(),
+            cookie,
+        })
+    }
+
+    /// Parses a TokenPolicy YAML document and checks it.
+    pub fn from_yaml(text: &str) -> Result<Policy, PolicyError> {
+        let doc: TokenPolicyDocument =
+            serde_yaml::from_str(text).map_err(|e| PolicyError::Document(e.to_string()))?;
+        if doc.api_version != API_VERSION || doc.kind != KIND {
+            return Err(PolicyError::Document(format!(
+                "expected apiVersion {API_VERSION} and kind {KIND}, got {} {}",
+                doc.api_version, doc.kind
+            )));
+        }
+        Policy::from_spec(&doc.spec)
+    }
+
+    /// One line for the log.
+    pub fn summary(&self) -> String {
+        format!(
+            "session={} token={} renewLimit={} grace={}",
+            format_seconds(self.session),
+            format_seconds(self.token),
+            format_seconds(self.renew_limit),
+            format_seconds(self.grace)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(session: &str, token: &str, renew: &str) -> TokenPolicySpec {
+        TokenPolicySpec {
+            session_expiration_time: Some(session.into()),
+            token_expiration_time: Some(token.into()),
+            expired_token_renew_limit: Some(renew.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_recommended_values() {
+        let p = Policy::from_spec(&TokenPolicySpec::default()).unwrap();
+        assert_eq!(
+            (p.session, p.token, p.renew_limit, p.grace),
+            (28_800, 1_800, 600, 10)
+        );
+        assert!(p.revoke_session_on_reuse);
+        assert_eq!(p.cookie, Cookie::default());
+    }
+
+    #[test]
+    fn token_longer_than_session_is_refused() {
+        let err = Policy::from_spec(&spec("1h", "2h", "0s")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "spec.tokenExpirationTime: must not be longer than sessionExpirationTime (2h > 1h)"
+        );
+    }
+
+    #[test]
+    fn renew_limit_longer_than_session_is_refused() {
+        let err = Policy::from_spec(&spec("1h", "10m", "2h")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("spec.expiredTokenRenewLimit: must not be longer")
+        );
+    }
+
+    #[test]
+    fn bounds_name_field_and_value() {
+        let err = Policy::from_spec(&spec("366d", "1h", "0s")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "spec.sessionExpirationTime: 366d is out of range: must be between 1s and 365d"
+        );
+        let err = Policy::from_spec(&spec("8h", "0s", "0s")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("spec.tokenExpirationTime: 0s is out of range")
+        );
+        let err = Policy::from_spec(&spec("8h", "abc", "0s")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("spec.tokenExpirationTime: invalid duration \"abc\"")
+        );
+        let mut s = spec("8h", "30m", "10m");
+        s.refresh_grace_period = Some("2m".into());
+        assert!(
+            Policy::from_spec(&s)
+                .unwrap_err()
+                .to_string()
+                .contains("refreshGracePeriod")
+        );
+    }
+
+    #[test]
+    fn short_session_caps_defaults() {
+        let s = TokenPolicySpec {
+            session_expiration_time: Some("5m".into()),
+            ..Default::default()
+        };
+        let p = Policy::from_spec(&s).unwrap();
+        assert_eq!((p.session, p.token, p.renew_limit), (300, 300, 300));
+    }
+
+    #[test]
+    fn yaml_document_is_checked() {
+        let ok = "apiVersion: auth.tokenpolicy.io/v1alpha1\nkind: TokenPolicy\nmetadata: {name: a}\nspec:\n  sessionExpirationTime: 2h\n  tokenExpirationTime: 15m\n  expiredTokenRenewLimit: 5m\n";
+        let p = Policy::from_yaml(ok).unwrap();
+        assert_eq!((p.session, p.token, p.renew_limit), (7_200, 900, 300));
+
+        let typo = ok.replace("tokenExpirationTime", "tokenExpiration");
+        let err = Policy::from_yaml(&typo).unwrap_err().to_string();
+        assert!(err.contains("unknown field `tokenExpiration`"), "{err}");
+
+        let wrong_kind = ok.replace("kind: TokenPolicy", "kind: ConfigMap");
+        assert!(Policy::from_yaml(&wrong_kind).is_err());
+        assert!(Policy::from_yaml("{{{{").is_err());
+    }
+
+    #[test]
+    fn cookie_settings() {
+        let mut s = TokenPolicySpec {
+            cookie: Some(CookieSpec {
+                same_site: Some("None".into()),
+                secure: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(Policy::from_spec(&s).is_err());
+        s.cookie = Some(CookieSpec {
+            name: Some("a;b".into()),
+            ..Default::default()
+        });
+        assert!(Policy::from_spec(&s).is_err());
+        s.cookie = Some(CookieSpec {
+            name: Some("sess".into()),
+            secure: Some(false),
+            same_site: Some("Strict".into()),
+            ..Default::default()
+        });
+        let p = Policy::from_spec(&s).unwrap();
+        assert_eq!(p.cookie.name, "sess");
+        assert!(!p.cookie.secure);
+        assert_eq!(p.cookie.same_site, SameSite::Strict);
+    }
+}

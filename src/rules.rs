@@ -1,0 +1,395 @@
+//! DESIGN.md §1, rules 1-7, as pure functions of (claims, policy, now).
+//!
+//! No I/O here. Token timestamps are whole seconds (JWT NumericDate); `now`
+//! is milliseconds since the Unix epoch, so that "at `exp`" is exact.
+//! The one-time claim itself (rule 7) is the store's job; this module decides
+//! what a claim's outcome means.
+
+use crate::policy::Policy;
+use crate::token::Claims;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+fn ms(secs: i64) -> Millis {
+    secs.saturating_mul(1_000)
+}
+
+/// Rule 2: when the session ends, under the policy in force now.
+pub fn session_end(c: &Claims, p: &Policy) -> i64 {
+    c.auth_time.saturating_add(p.session as i64)
+}
+
+/// Rule 1: when the token stops being valid, under the policy in force now.
+pub fn token_end(c: &Claims, p: &Policy) -> i64 {
+    c.exp.min(c.iat.saturating_add(p.token as i64))
+}
+
+/// What a token is worth at `now`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Rule 1: valid; `until` is the end of validity (seconds).
+    Valid { until: i64, session_end: i64 },
+    /// Rule 3: expired, but may be exchanged once for a new token.
+    Renewable { session_end: i64 },
+    /// Rule 4: expired past the renew limit.
+    Expired,
+    /// Rule 2: the session is over, whatever the token.
+    SessionExpired,
+    /// Timestamps that no token of ours carries (issued in the future, expiry before issue).
+    Malformed,
+}
+
+/// Rules 1-4. `leeway` (ms) tolerates clock skew between replicas on `iat`
+/// and `exp`; the session end is never stretched.
+pub fn standing(c: &Claims, p: &Policy, now: Millis, leeway: Millis) -> Standing {
+    if c.exp <= c.iat || c.auth_time > c.iat || ms(c.iat) > now.saturating_add(leeway) {
+        return Standing::Malformed;
+    }
+    let session_end = session_end(c, p);
+    if now >= ms(session_end) {
+        return Standing::SessionExpired;
+    }
+    let until = token_end(c, p);
+    if now < ms(until).saturating_add(leeway) {
+        return Standing::Valid { until, session_end };
+    }
+    if now < ms(until.saturating_add(p.renew_limit as i64)) {
+        return Standing::Renewable { session_end };
+    }
+    Standing::Expired
+}
+
+/// The `iat`/`exp` of a token issued at `now` in a session that ends at
+/// `session_end` (rule 3: `exp = min(now + tokenExpirationTime, session end)`).
+pub fn issue_times(p: &Policy, now: Millis, session_end: i64) -> (i64, i64) {
+    let iat = now.div_euclid(1_000);
+    (iat, iat.saturating_add(p.token as i64).min(session_end))
+}
+
+/// Times of a fresh login: `(auth_time, iat, exp)`.
+pub fn login_times(p: &Policy, now: Millis) -> (i64, i64, i64) {
+    let auth_time = now.div_euclid(1_000);
+    let (iat, exp) = issue_times(p, now, auth_time.saturating_add(p.session as i64));
+    (auth_time, iat, exp)
+}
+
+/// Rule 5: what a refresh that lost the one-time claim gets, given when the
+/// winner claimed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LateRefresh {
+    /// Raced with the first refresh inside the grace: the same new token.
+    SameToken,
+    /// Reuse of a spent token: `TOKEN_ALREADY_REFRESHED`, and revoke the session if the policy says so.
+    Reuse { revoke_session: bool },
+}
+
+pub fn late_refresh(p: &Policy, claimed_at: Millis, now: Millis) -> LateRefresh {
+    if now.saturating_sub(claimed_at) <= ms(p.grace as i64) {
+        LateRefresh::SameToken
+    } else {
+        LateRefresh::Reuse {
+            revoke_session: p.revoke_session_on_reuse,
+        }
+    }
+}
+
+/// How long the one-time marker of a refreshed token must be kept: until the
+/// token can no longer be renewed under this policy, and at least the grace.
+pub fn refresh_marker_ttl(c: &Claims, p: &Policy, now: Millis) -> Millis {
+    let renewable_until = ms(token_end(c, p).saturating_add(p.renew_limit as i64));
+    let grace = ms(p.grace as i64);
+    renewable_until.saturating_sub(now).max(grace) + 60_000
+}
+
+/// How long a revocation must be kept (rule 6): a revoked session's tokens
+/// were all issued with `exp <= now + 7d` (the token bound) and are usable
+/// at most 7d (the renew-limit bound) past `exp`, whatever the policy
+/// becomes later. Shorter when the session, under the bounds, ends sooner.
+pub fn revocation_ttl(c: &Claims, now: Millis) -> Millis {
+    use crate::policy::{RENEW_LIMIT_BOUNDS, SESSION_BOUNDS, TOKEN_BOUNDS};
+    let by_tokens = ms((TOKEN_BOUNDS.1 + RENEW_LIMIT_BOUNDS.1) as i64);
+    let by_session = ms(c.auth_time.saturating_add(SESSION_BOUNDS.1 as i64)).saturating_sub(now);
+    by_tokens.min(by_session).max(1_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const T0: i64 = 1_800_000_000;
+
+    fn policy(session: u64, token: u64, renew: u64) -> Policy {
+        Policy {
+            session,
+            token,
+            renew_limit: renew,
+            grace: 10,
+            ..Policy::default()
+        }
+    }
+
+    fn claims(auth_time: i64, iat: i64, exp: i64) -> Claims {
+        Claims {
+            iss: "i".into(),
+            aud: "a".into(),
+            sub: "alice".into(),
+            sid: "s".into(),
+            jti: "j".into(),
+            iat,
+            exp,
+            auth_time,
+            pwv: None,
+        }
+    }
+
+    #[test]
+    fn rule1_valid_until_exp_exclusive() {
+        let p = policy(3_600, 60, 30);
+        let c = claims(T0, T0, T0 + 60);
+        assert!(
+            matches!(standing(&c, &p, ms(T0), 0), Standing::Valid { until, .. } if until == T0 + 60)
+        );
+        assert!(matches!(
+            standing(&c, &p, ms(T0 + 60) - 1, 0),
+            Standing::Valid { .. }
+        ));
+        assert!(matches!(
+            standing(&c, &p, ms(T0 + 60), 0),
+            Standing::Renewable { .. }
+        ));
+    }
+
+    #[test]
+    fn rule1_shortened_token_policy_shortens_issued_tokens() {
+        let c = claims(T0, T0, T0 + 60);
+        let shorter = policy(3_600, 20, 30);
+        assert!(matches!(
+            standing(&c, &shorter, ms(T0 + 20), 0),
+            Standing::Renewable { .. }
+        ));
+        assert!(matches!(
+            standing(&c, &shorter, ms(T0 + 50), 0),
+            Standing::Expired
+        ));
+        // A longer policy never lengthens a token past its own exp.
+        let longer = policy(3_600, 600, 30);
+        assert!(matches!(
+            standing(&c, &longer, ms(T0 + 60), 0),
+            Standing::Renewable { .. }
+        ));
+    }
+
+    #[test]
+    fn rule1_leeway_applies_to_exp_and_iat() {
+        let p = policy(3_600, 60, 0);
+        let c = claims(T0, T0, T0 + 60);
+        assert!(matches!(
+            standing(&c, &p, ms(T0 + 60), 2_000),
+            Standing::Valid { .. }
+        ));
+        assert_eq!(standing(&c, &p, ms(T0 + 62), 2_000), Standing::Expired);
+        // Issued one second "in the future" by a replica with a fast clock.
+        let ahead = claims(T0, T0 + 1, T0 + 61);
+        assert_eq!(standing(&ahead, &p, ms(T0), 0), Standing::Malformed);
+        assert!(matches!(
+            standing(&ahead, &p, ms(T0), 1_000),
+            Standing::Valid { .. }
+        ));
+    }
+
+    #[test]
+    fn rule2_session_end_is_exclusive_and_beats_any_token() {
+        let p = policy(100, 60, 30);
+        let c = claims(T0, T0 + 90, T0 + 100);
+        assert!(matches!(
+            standing(&c, &p, ms(T0 + 100) - 1, 0),
+            Standing::Valid { .. }
+        ));
+        assert_eq!(standing(&c, &p, ms(T0 + 100), 0), Standing::SessionExpired);
+        // Even a token whose exp lies beyond the session end.
+        let forged_long = claims(T0, T0 + 90, T0 + 150);
+        assert_eq!(
+            standing(&forged_long, &p, ms(T0 + 100), 0),
+            Standing::SessionExpired
+        );
+    }
+
+    #[test]
+    fn rule2_shortened_session_policy_shortens_live_sessions() {
+        let c = claims(T0, T0, T0 + 60);
+        assert_eq!(
+            standing(&c, &policy(30, 30, 0), ms(T0 + 30), 0),
+            Standing::SessionExpired
+        );
+        assert!(matches!(
+            standing(&c, &policy(3_600, 60, 0), ms(T0 + 30), 0),
+            Standing::Valid { .. }
+        ));
+    }
+
+    #[test]
+    fn rule3_window_from_exp_to_exp_plus_limit() {
+        let p = policy(3_600, 60, 30);
+        let c = claims(T0, T0, T0 + 60);
+        assert!(
+            matches!(standing(&c, &p, ms(T0 + 60), 0), Standing::Renewable { session_end } if session_end == T0 + 3_600)
+        );
+        assert!(matches!(
+            standing(&c, &p, ms(T0 + 90) - 1, 0),
+            Standing::Renewable { .. }
+        ));
+    }
+
+    #[test]
+    fn rule3_new_token_keeps_session_end() {
+        let p = policy(3_600, 60, 30);
+        let (auth, iat, exp) = login_times(&p, ms(T0) + 999);
+        assert_eq!((auth, iat, exp), (T0, T0, T0 + 60));
+        // A refresh long before the session end gets a full token.
+        assert_eq!(
+            issue_times(&p, ms(T0 + 100) + 500, T0 + 3_600),
+            (T0 + 100, T0 + 160)
+        );
+        // A refresh just before the session end gets exp = session end.
+        assert_eq!(
+            issue_times(&p, ms(T0 + 3_599) + 999, T0 + 3_600),
+            (T0 + 3_599, T0 + 3_600)
+        );
+    }
+
+    #[test]
+    fn rule3_zero_renew_limit_never_renews() {
+        let p = policy(3_600, 60, 0);
+        let c = claims(T0, T0, T0 + 60);
+        assert_eq!(standing(&c, &p, ms(T0 + 60), 0), Standing::Expired);
+    }
+
+    #[test]
+    fn rule4_at_exp_plus_limit_is_expired() {
+        let p = policy(3_600, 60, 30);
+        let c = claims(T0, T0, T0 + 60);
+        assert_eq!(standing(&c, &p, ms(T0 + 90), 0), Standing::Expired);
+        assert_eq!(standing(&c, &p, ms(T0 + 1_000), 0), Standing::Expired);
+    }
+
+    #[test]
+    fn rule4_renew_window_is_cut_by_session_end() {
+        let p = policy(100, 60, 60);
+        let c = claims(T0, T0 + 30, T0 + 90);
+        assert!(matches!(
+            standing(&c, &p, ms(T0 + 95), 0),
+            Standing::Renewable { .. }
+        ));
+        assert_eq!(standing(&c, &p, ms(T0 + 100), 0), Standing::SessionExpired);
+    }
+
+    #[test]
+    fn rule5_same_token_inside_grace_reuse_after() {
+        let p = policy(3_600, 60, 30);
+        assert_eq!(late_refresh(&p, ms(T0), ms(T0)), LateRefresh::SameToken);
+        assert_eq!(
+            late_refresh(&p, ms(T0), ms(T0 + 10)),
+            LateRefresh::SameToken
+        );
+        assert_eq!(
+            late_refresh(&p, ms(T0), ms(T0 + 10) + 1),
+            LateRefresh::Reuse {
+                revoke_session: true
+            }
+        );
+        let lenient = Policy {
+            revoke_session_on_reuse: false,
+            ..p
+        };
+        assert_eq!(
+            late_refresh(&lenient, ms(T0), ms(T0 + 60)),
+            LateRefresh::Reuse {
+                revoke_session: false
+            }
+        );
+    }
+
+    #[test]
+    fn rule5_marker_outlives_the_renew_window() {
+        let p = policy(3_600, 60, 30);
+        let c = claims(T0, T0, T0 + 60);
+        let now = ms(T0 + 61);
+        assert!(now + refresh_marker_ttl(&c, &p, now) > ms(T0 + 90));
+        let no_renew = policy(3_600, 60, 0);
+        assert!(refresh_marker_ttl(&c, &no_renew, ms(T0 + 1_000)) >= ms(10));
+    }
+
+    #[test]
+    fn rule6_revocation_outlives_every_token_of_the_session() {
+        let c = claims(T0, T0, T0 + 60);
+        let now = ms(T0 + 10);
+        let ttl = revocation_ttl(&c, now);
+        // Any token of this session has exp <= now + 7d and is dead 7d after that.
+        assert!(now + ttl >= now + ms(14 * 86_400));
+    }
+
+    #[test]
+    fn malformed_timestamps() {
+        let p = policy(3_600, 60, 30);
+        assert_eq!(
+            standing(&claims(T0, T0, T0), &p, ms(T0), 0),
+            Standing::Malformed
+        );
+        assert_eq!(
+            standing(&claims(T0 + 5, T0, T0 + 60), &p, ms(T0 + 10), 0),
+            Standing::Malformed
+        );
+        let extreme = claims(i64::MIN, i64::MIN, i64::MAX);
+        let _ = standing(&extreme, &p, ms(T0), i64::MAX);
+    }
+
+    proptest! {
+        /// A refresh never extends a session: any token issued inside it ends by its end.
+        #[test]
+        fn refresh_never_extends_session(
+            session in 1u64..100_000, token in 1u64..10_000, offset in 0i64..200_000_000
+        ) {
+            let token = token.min(session);
+            let p = policy(session, token, 0);
+            let session_end = T0 + session as i64;
+            let now = (ms(T0) + offset).min(ms(session_end) - 1);
+            let (iat, exp) = issue_times(&p, now, session_end);
+            prop_assert!(exp <= session_end);
+            prop_assert!(exp > iat);
+        }
+
+        /// No sequence of refreshes outlives the session.
+        #[test]
+        fn no_refresh_chain_outlives_session(
+            session in 1u64..5_000, token in 1u64..600, renew in 0u64..600,
+            waits in proptest::collection::vec(0i64..2_000_000, 1..40)
+        ) {
+            let token = token.min(session);
+            let renew = renew.min(session);
+            let p = policy(session, token, renew);
+            let (auth, iat, exp) = login_times(&p, ms(T0));
+            let mut c = claims(auth, iat, exp);
+            let mut now = ms(T0);
+            for w in waits {
+                now += w;
+                match standing(&c, &p, now, 0) {
+                    Standing::Valid { until, session_end } => {
+                        prop_assert!(now < ms(T0 + session as i64));
+                        prop_assert!(until <= session_end);
+                    }
+                    Standing::Renewable { session_end } => {
+                        prop_assert!(now < ms(T0 + session as i64));
+                        let (iat, exp) = issue_times(&p, now, session_end);
+                        prop_assert!(exp <= T0 + session as i64);
+                        c = claims(auth, iat, exp);
+                    }
+                    Standing::SessionExpired => prop_assert!(now >= ms(T0 + session as i64)),
+                    Standing::Expired => {}
+                    Standing::Malformed => prop_assert!(false, "issued token judged malformed"),
+                }
+            }
+        }
+    }
+}

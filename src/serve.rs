@@ -1,0 +1,249 @@
+//! `tokenpolicy serve`: builds the service from its flags and runs it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use axum::http::HeaderName;
+
+use crate::duration::parse_seconds;
+use crate::http::{App, HttpConfig, router};
+use crate::policy::Policy;
+use crate::service::{Throttle, TokenService};
+use crate::store::{MemoryStore, OneTimeStore, RedisStore};
+use crate::token::{Key, KeySet};
+use crate::users::Users;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// TokenPolicy YAML (the cluster schema). Without it: the recommended defaults.
+    #[arg(long, env = "TOKENPOLICY_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Users file: `name:hash` lines (bcrypt `$2y$` or argon2id).
+    #[arg(long, env = "TOKENPOLICY_USERS")]
+    pub users: Option<PathBuf>,
+    #[arg(long, env = "TOKENPOLICY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Redis URL shared by all replicas (`redis://[:password@]host:port/db`).
+    /// Without it: an in-process store, for one replica only.
+    #[arg(long, env = "TOKENPOLICY_REDIS", hide_env_values = true)]
+    pub redis: Option<String>,
+    /// Key prefix in Redis, so that several policies can share one Redis.
+    #[arg(long, env = "TOKENPOLICY_REDIS_PREFIX", default_value = "tokenpolicy")]
+    pub redis_prefix: String,
+    /// PKCS#8 PEM private key (Ed25519 or P-256). The first signs; all verify.
+    #[arg(
+        long = "signing-key",
+        env = "TOKENPOLICY_SIGNING_KEY",
+        value_delimiter = ','
+    )]
+    pub signing_keys: Vec<PathBuf>,
+    /// `iss` of issued tokens (default: the policy's, else `tokenpolicy`).
+    #[arg(long, env = "TOKENPOLICY_ISSUER")]
+    pub issuer: Option<String>,
+    /// `aud` of issued tokens (default: the policy's, else `tokenpolicy`).
+    #[arg(long, env = "TOKENPOLICY_AUDIENCE")]
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `iat`/`exp` between replicas.
+    #[arg(long, env = "TOKENPOLICY_LEEWAY", default_value = "0s")]
+    pub leeway: String,
+    /// Also read the token from this request header.
+    #[arg(long, env = "TOKENPOLICY_TOKEN_HEADER")]
+    pub token_header: Option<String>,
+    /// Client address from the last X-Forwarded-For hop (behind a proxy).
+    #[arg(long, env = "TOKENPOLICY_TRUST_FORWARDED_FOR")]
+    pub trust_forwarded_for: bool,
+    /// Redirect mode for browsers: 302 to this sign-in URL instead of 401.
+    #[arg(long, env = "TOKENPOLICY_SIGNIN_URL")]
+    pub signin_url: Option<String>,
+    /// Domains that `rd` may point to (`.example.com` for all subdomains).
+    #[arg(
+        long = "redirect-domain",
+        env = "TOKENPOLICY_REDIRECT_DOMAINS",
+        value_delimiter = ','
+    )]
+    pub redirect_domains: Vec<String>,
+    #[arg(
+        long,
+        env = "TOKENPOLICY_MAX_FAILED_LOGINS_PER_USER",
+        default_value_t = 5
+    )]
+    pub max_failed_logins_per_user: u64,
+    #[arg(
+        long,
+        env = "TOKENPOLICY_MAX_FAILED_LOGINS_PER_ADDRESS",
+        default_value_t = 20
+    )]
+    pub max_failed_logins_per_address: u64,
+    #[arg(long, env = "TOKENPOLICY_FAILED_LOGIN_WINDOW", default_value = "15m")]
+    pub failed_login_window: String,
+}
+
+fn modified(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+fn load_policy(path: &Path) -> anyhow::Result<Policy> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Policy::from_yaml(&text).with_context(|| format!("{}", path.display()))
+}
+
+/// Follows the policy and users files: a change applies to the next request
+/// without a restart; a broken edit is logged and the last good one stays.
+fn watch_files(service: Arc<TokenService>, policy: Option<PathBuf>, users: Option<PathBuf>) {
+    tokio::spawn(async move {
+        let mut seen_policy = policy.as_deref().and_then(modified);
+        let mut seen_users = users.as_deref().and_then(modified);
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            if let Some(p) = &policy {
+                let now = modified(p);
+                if now != seen_policy {
+                    seen_policy = now;
+                    match load_policy(p) {
+                        Ok(next) => {
+                            tracing::info!(policy = %next.summary(), "policy reloaded");
+                            service.set_policy(next);
+                        }
+                        Err(e) => tracing::error!(
+                            error = format!("{e:#}"),
+                            "policy change refused; keeping the previous policy"
+                        ),
+                    }
+                }
+            }
+            if let Some(u) = &users {
+                let now = modified(u);
+                if now != seen_users {
+                    seen_users = now;
+                    match Users::load(u) {
+                        Ok(next) => {
+                            tracing::info!(users = next.len(), "users reloaded");
+                            service.set_users(next);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "users change refused; keeping the previous users")
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let policy = match &args.policy {
+        Some(p) => load_policy(p)?,
+        None => {
+            tracing::warn!("no --policy given: using the recommended defaults");
+            Policy::default()
+        }
+    };
+    let users = match &args.users {
+        Some(p) => Users::load(p)?,
+        None => Users::default(),
+    };
+    if users.is_empty() {
+        tracing::warn!("no users: nobody can log in (see --users and `tokenpolicy hash-password`)");
+    }
+    let keys = if args.signing_keys.is_empty() {
+        tracing::warn!(
+            "no --signing-key: generated a key in memory; tokens die with this process and other replicas cannot verify them"
+        );
+        vec![Key::generate()]
+    } else {
+        KeySet::load(&args.signing_keys)?
+    };
+    let issuer = args
+        .issuer
+        .clone()
+        .or_else(|| policy.issuer.clone())
+        .unwrap_or_else(|| "tokenpolicy".into());
+    let audience = args
+        .audience
+        .clone()
+        .or_else(|| policy.audience.clone())
+        .unwrap_or_else(|| "tokenpolicy".into());
+    let keys = KeySet::new(keys, &issuer, &audience)?;
+    let store: Arc<dyn OneTimeStore> = match &args.redis {
+        Some(url) => Arc::new(RedisStore::new(url, &args.redis_prefix)?),
+        None => Arc::new(MemoryStore::new()),
+    };
+    let leeway = parse_seconds(&args.leeway).context("--leeway")? as i64 * 1_000;
+    let window =
+        parse_seconds(&args.failed_login_window).context("--failed-login-window")? as i64 * 1_000;
+    let throttle = Throttle {
+        max_per_user: args.max_failed_logins_per_user,
+        max_per_address: args.max_failed_logins_per_address,
+        window,
+    };
+    let token_header = match &args.token_header {
+        Some(h) => Some(
+            HeaderName::try_from(h.as_str()).with_context(|| format!("--token-header {h:?}"))?,
+        ),
+        None => None,
+    };
+    if let Some(s) = &args.signin_url {
+        url::Url::parse(s)
+            .map(|_| ())
+            .or_else(|e| if s.starts_with('/') { Ok(()) } else { Err(e) })
+            .with_context(|| format!("--signin-url {s:?}"))?;
+    }
+
+    tracing::info!(
+        policy = %policy.summary(),
+        store = %store.describe(),
+        signing_key = %keys.signing_key().kid(),
+        verify_keys = args.signing_keys.len().max(1),
+        users = users.len(),
+        "starting token service"
+    );
+    let service = Arc::new(TokenService::new(
+        policy, users, keys, store, leeway, throttle,
+    ));
+    watch_files(service.clone(), args.policy.clone(), args.users.clone());
+    let app = Arc::new(App {
+        service,
+        config: HttpConfig {
+            token_header,
+            trust_forwarded_for: args.trust_forwarded_for,
+            signin_url: args.signin_url.clone(),
+            redirect_domains: args.redirect_domains.clone(),
+        },
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(address = %args.listen, "listening");
+    axum::serve(
+        listener,
+        router(app).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown())
+    .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,615 @@
+//! The token service: login, refresh, verify and logout, tying together the
+//! rules (pure), the keys (signing) and the one-time store (shared state).
+//! HTTP lives in `http.rs`; this module knows nothing of it.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
+
+use crate::error::{ApiError, Code};
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::rules::{self, LateRefresh, Millis, Standing};
+use crate::store::{Claim, OneTimeStore, RefreshRecord};
+use crate::token::{Claims, KeySet, TokenError};
+use crate::users::{MAX_NAME_LEN, MAX_PASSWORD_LEN, User, Users};
+
+/// Failed-login throttling: at most `max_per_user` failures per user name and
+/// `max_per_address` per client address within `window`.
+#[derive(Debug, Clone, Copy)]
+pub struct Throttle {
+    pub max_per_user: u64,
+    pub max_per_address: u64,
+    pub window: Millis,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle {
+            max_per_user: 5,
+            max_per_address: 20,
+            window: 15 * 60 * 1_000,
+        }
+    }
+}
+
+/// A token just issued.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub token: String,
+    pub claims: Claims,
+    pub session_end: i64,
+}
+
+/// Who a verified request belongs to; `renewed` when verify refreshed on the fly.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub claims: Claims,
+    pub renewed: Option<Issued>,
+}
+
+pub struct TokenService {
+    policy: ArcSwap<Policy>,
+    users: ArcSwap<Users>,
+    keys: KeySet,
+    store: Arc<dyn OneTimeStore>,
+    leeway: Millis,
+    throttle: Throttle,
+    /// Password hashing is slow on purpose; cap how much of it runs at once.
+    hashing: Semaphore,
+    pub metrics: Metrics,
+}
+
+pub fn now_millis() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+fn invalid(e: TokenError) -> ApiError {
+    ApiError::new(Code::InvalidToken, e.to_string())
+}
+
+impl TokenService {
+    pub fn new(
+        policy: Policy,
+        users: Users,
+        keys: KeySet,
+        store: Arc<dyn OneTimeStore>,
+        leeway: Millis,
+        throttle: Throttle,
+    ) -> Self {
+        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+        TokenService {
+            policy: ArcSwap::from_pointee(policy),
+            users: ArcSwap::from_pointee(users),
+            keys,
+            store,
+            leeway,
+            throttle,
+            hashing: Semaphore::new(parallel * 2),
+            metrics: Metrics::default(),
+        }
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Applies a changed policy to every later decision, including tokens
+    /// and sessions that exist already (rules 1 and 2).
+    pub fn set_policy(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    /// A removed user or a changed password ends that user's sessions at their next check.
+    pub fn set_users(&self, users: Users) {
+        self.users.store(Arc::new(users));
+    }
+
+    pub fn keys(&self) -> &KeySet {
+        &self.keys
+    }
+
+    pub fn store(&self) -> &dyn OneTimeStore {
+        self.store.as_ref()
+    }
+
+    fn sign(&self, claims: Claims, session_end: i64) -> Issued {
+        Issued {
+            token: self.keys.sign(&claims),
+            claims,
+            session_end,
+        }
+    }
+
+    pub async fn login(
+        &self,
+        name: &str,
+        password: &str,
+        client: Option<IpAddr>,
+        now: Millis,
+    ) -> Result<Issued, ApiError> {
+        let result = self.login_inner(name, password, client, now).await;
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(e) => e.code.as_str(),
+        };
+        Metrics::count(&self.metrics.logins, outcome);
+        result
+    }
+
+    async fn login_inner(
+        &self,
+        name: &str,
+        password: &str,
+        client: Option<IpAddr>,
+        now: Millis,
+    ) -> Result<Issued, ApiError> {
+        if name.is_empty() || name.len() > MAX_NAME_LEN || password.len() > MAX_PASSWORD_LEN {
+            return Err(ApiError::new(
+                Code::InvalidRequest,
+                "username must be 1-256 bytes and password at most 1024 bytes",
+            ));
+        }
+        let user_key = format!("user:{name}");
+        let addr_key = client.map(|ip| format!("addr:{ip}"));
+        let mut wait = 0;
+        let by_user = self.store.failures(&user_key).await?;
+        if by_user.count >= self.throttle.max_per_user {
+            wait = by_user.resets_in;
+        }
+        if let Some(k) = &addr_key {
+            let by_addr = self.store.failures(k).await?;
+            if by_addr.count >= self.throttle.max_per_address {
+                wait = wait.max(by_addr.resets_in);
+            }
+        }
+        if wait > 0 {
+            return Err(ApiError::new(
+                Code::TooManyAttempts,
+                "too many failed logins; try again later",
+            )
+            .retry_after((wait as u64).div_ceil(1_000)));
+        }
+
+        let users = self.users.load_full();
+        let permit = self
+            .hashing
+            .acquire()
+            .await
+            .map_err(|_| ApiError::new(Code::StoreUnavailable, "service is shutting down"))?;
+        let (n, p) = (name.to_string(), password.to_string());
+        let user: Option<User> =
+            tokio::task::spawn_blocking(move || users.authenticate(&n, &p).cloned())
+                .await
+                .map_err(|_| ApiError::new(Code::StoreUnavailable, "password check failed"))?;
+        drop(permit);
+
+        let Some(user) = user else {
+            self.store
+                .add_failure(&user_key, self.throttle.window)
+                .await?;
+            if let Some(k) = &addr_key {
+                self.store.add_failure(k, self.throttle.window).await?;
+            }
+            tracing::info!(user = %name, "login refused: invalid credentials");
+            return Err(ApiError::new(
+                Code::InvalidCredentials,
+                "invalid username or password",
+            ));
+        };
+        if by_user.count > 0 {
+            self.store.clear_failures(&user_key).await?;
+        }
+        let policy = self.policy.load();
+        let (auth_time, iat, exp) = rules::login_times(&policy, now);
+        let claims = Claims {
+            iss: self.keys.issuer().to_string(),
+            aud: self.keys.audience().to_string(),
+            sub: user.name.clone(),
+            sid: uuid::Uuid::new_v4().to_string(),
+            jti: uuid::Uuid::new_v4().to_string(),
+            iat,
+            exp,
+            auth_time,
+            pwv: Some(user.password_version.clone()),
+        };
+        tracing::info!(user = %user.name, sid = %claims.sid, "login");
+        Ok(self.sign(claims, auth_time + policy.session as i64))
+    }
+
+    /// Signature, rules 1-4, the user, and revocation: what a token is worth now.
+    async fn judge(
+        &self,
+        token: &str,
+        policy: &Policy,
+        now: Millis,
+    ) -> Result<(Claims, Standing), ApiError> {
+        if token.is_empty() {
+            return Err(ApiError::new(Code::EmptyToken, "no token in the request"));
+        }
+        let claims = self.keys.verify(token).map_err(invalid)?;
+        let standing = rules::standing(&claims, policy, now, self.leeway);
+        match standing {
+            Standing::Malformed => {
+                return Err(ApiError::new(
+                    Code::InvalidToken,
+                    "token timestamps are inconsistent",
+                ));
+            }
+            Standing::SessionExpired => {
+                return Err(ApiError::new(
+                    Code::ExpiredSession,
+                    "session expired; log in again",
+                ));
+            }
+            Standing::Expired => {
+                return Err(ApiError::new(
+                    Code::ExpiredToken,
+                    "token expired past the renew limit; log in again",
+                ));
+            }
+            Standing::Valid { .. } | Standing::Renewable { .. } => {}
+        }
+        let users = self.users.load();
+        match users.get(&claims.sub) {
+            None => {
+                return Err(ApiError::new(Code::RevokedSession, "user no longer exists"));
+            }
+            Some(u) if claims.pwv.as_deref() != Some(u.password_version.as_str()) => {
+                return Err(ApiError::new(
+                    Code::RevokedSession,
+                    "password changed since login",
+                ));
+            }
+            Some(_) => {}
+        }
+        if self.store.is_revoked(&claims.sid).await? {
+            return Err(ApiError::new(Code::RevokedSession, "session was revoked"));
+        }
+        Ok((claims, standing))
+    }
+
+    /// Rules 3, 5 and 7: exchange `old` for a new token, once.
+    async fn renew(
+        &self,
+        old: &Claims,
+        session_end: i64,
+        policy: &Policy,
+        now: Millis,
+    ) -> Result<(Issued, &'static str), ApiError> {
+        let (iat, exp) = rules::issue_times(policy, now, session_end);
+        let mine = RefreshRecord {
+            jti: uuid::Uuid::new_v4().to_string(),
+            iat,
+            exp,
+            at: now,
+        };
+        let ttl = rules::refresh_marker_ttl(old, policy, now);
+        let (record, outcome) = match self
+            .store
+            .claim_refresh(&old.sid, &old.jti, &mine, ttl)
+            .await?
+        {
+            Claim::Won => (mine, "issued"),
+            Claim::Lost(first) => match rules::late_refresh(policy, first.at, now) {
+                LateRefresh::SameToken => (first, "grace"),
+                LateRefresh::Reuse { revoke_session } => {
+                    if revoke_session {
+                        self.store
+                            .revoke_session(&old.sid, rules::revocation_ttl(old, now))
+                            .await?;
+                        self.metrics.revocations.inc();
+                        tracing::warn!(user = %old.sub, sid = %old.sid, "spent token presented again: session revoked");
+                    }
+                    return Err(ApiError::new(
+                        Code::TokenAlreadyRefreshed,
+                        "token was already refreshed",
+                    ));
+                }
+            },
+        };
+        let claims = Claims {
+            jti: record.jti,
+            iat: record.iat,
+            exp: record.exp,
+            ..old.clone()
+        };
+        Ok((self.sign(claims, session_end), outcome))
+    }
+
+    /// `POST /v1/refresh`: a valid or renewable token for a new one.
+    pub async fn refresh(&self, token: &str, now: Millis) -> Result<Issued, ApiError> {
+        let policy = self.policy.load_full();
+        let result = async {
+            let (claims, standing) = self.judge(token, &policy, now).await?;
+            let session_end = match standing {
+                Standing::Valid { session_end, .. } | Standing::Renewable { session_end } => {
+                    session_end
+                }
+                // judge() lets only the two above through.
+                _ => return Err(ApiError::new(Code::ExpiredToken, "token expired")),
+            };
+            self.renew(&claims, session_end, &policy, now).await
+        }
+        .await;
+        match result {
+            Ok((issued, outcome)) => {
+                Metrics::count(&self.metrics.refreshes, outcome);
+                Ok(issued)
+            }
+            Err(e) => {
+                Metrics::count(&self.metrics.refreshes, e.code.as_str());
+                Err(e)
+            }
+        }
+    }
+
+    /// Forward-auth: who holds this token. An expired-but-renewable token is
+    /// renewed on the fly when `may_renew`.
+    pub async fn verify(
+        &self,
+        token: &str,
+        may_renew: bool,
+        now: Millis,
+    ) -> Result<Identity, ApiError> {
+        let policy = self.policy.load_full();
+        let result = async {
+            let (claims, standing) = self.judge(token, &policy, now).await?;
+            match standing {
+                Standing::Valid { .. } => Ok(Identity {
+                    claims,
+                    renewed: None,
+                }),
+                Standing::Renewable { session_end } if may_renew => {
+                    let (issued, _) = self.renew(&claims, session_end, &policy, now).await?;
+                    Ok(Identity {
+                        claims: issued.claims.clone(),
+                        renewed: Some(issued),
+                    })
+                }
+                _ => Err(ApiError::new(
+                    Code::ExpiredToken,
+                    "token expired; refresh it (streaming requests are not renewed on the fly)",
+                )),
+            }
+        }
+        .await;
+        let decision = match &result {
+            Ok(Identity {
+                renewed: Some(_), ..
+            }) => "renewed",
+            Ok(_) => "allowed",
+            Err(e) => e.code.as_str(),
+        };
+        Metrics::count(&self.metrics.verify, decision);
+        result
+    }
+
+    /// Revokes the token's session on every replica (rule 6). Logging out of
+    /// a session that is already over or revoked succeeds.
+    pub async fn logout(&self, token: &str, now: Millis) -> Result<(), ApiError> {
+        if token.is_empty() {
+            return Err(ApiError::new(Code::EmptyToken, "no token in the request"));
+        }
+        let claims = self.keys.verify(token).map_err(invalid)?;
+        let policy = self.policy.load();
+        if rules::standing(&claims, &policy, now, self.leeway) == Standing::Malformed {
+            return Err(ApiError::new(
+                Code::InvalidToken,
+                "token timestamps are inconsistent",
+            ));
+        }
+        if now >= rules::session_end(&claims, &policy) * 1_000 {
+            return Ok(());
+        }
+        self.store
+            .revoke_session(&claims.sid, rules::revocation_ttl(&claims, now))
+            .await?;
+        self.metrics.revocations.inc();
+        tracing::info!(user = %claims.sub, sid = %claims.sid, "logout");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+    use crate::token::Key;
+
+    const T0: Millis = 1_800_000_000_000;
+
+    fn service(policy: Policy) -> (TokenService, String) {
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let users = Users::parse(&format!("alice:{hash}\n"), "test").unwrap();
+        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
+        let s = TokenService::new(
+            policy,
+            users,
+            keys,
+            Arc::new(MemoryStore::new()),
+            0,
+            Throttle::default(),
+        );
+        (s, hash)
+    }
+
+    fn short() -> Policy {
+        Policy {
+            session: 8,
+            token: 2,
+            renew_limit: 3,
+            grace: 1,
+            ..Policy::default()
+        }
+    }
+
+    fn code<T: std::fmt::Debug>(r: Result<T, ApiError>) -> &'static str {
+        r.unwrap_err().code.as_str()
+    }
+
+    #[tokio::test]
+    async fn login_verify_refresh_once_then_reuse_revokes() {
+        let (s, _) = service(short());
+        let t = s.login("alice", "pw", None, T0).await.unwrap();
+        assert_eq!(t.claims.exp - t.claims.iat, 2);
+        assert!(s.verify(&t.token, false, T0 + 1_000).await.is_ok());
+        assert_eq!(
+            code(s.verify(&t.token, false, T0 + 2_000).await),
+            "EXPIRED_TOKEN"
+        );
+
+        let new = s.refresh(&t.token, T0 + 2_500).await.unwrap();
+        assert_eq!(new.claims.sid, t.claims.sid);
+        assert_eq!(new.claims.auth_time, t.claims.auth_time);
+        assert_ne!(new.claims.jti, t.claims.jti);
+        // Inside the grace: the very same token.
+        let again = s.refresh(&t.token, T0 + 3_000).await.unwrap();
+        assert_eq!(again.token, new.token);
+        // After the grace: reuse, and the session is gone.
+        assert_eq!(
+            code(s.refresh(&t.token, T0 + 3_600).await),
+            "TOKEN_ALREADY_REFRESHED"
+        );
+        assert_eq!(
+            code(s.verify(&new.token, false, T0 + 3_700).await),
+            "REVOKED_SESSION"
+        );
+    }
+
+    #[tokio::test]
+    async fn renew_limit_and_session_end() {
+        let (s, _) = service(short());
+        let t = s.login("alice", "pw", None, T0).await.unwrap();
+        assert_eq!(code(s.refresh(&t.token, T0 + 5_000).await), "EXPIRED_TOKEN");
+        // A chain of refreshes ends at the session end, never later.
+        let mut cur = s.login("alice", "pw", None, T0).await.unwrap();
+        let mut now = T0;
+        while let Ok(next) = s.refresh(&cur.token, now + 2_100).await {
+            now += 2_100;
+            assert!(next.claims.exp <= T0 / 1_000 + 8);
+            cur = next;
+        }
+        assert_eq!(cur.claims.exp, T0 / 1_000 + 8);
+        assert_eq!(
+            code(s.verify(&cur.token, true, T0 + 8_000).await),
+            "EXPIRED_SESSION"
+        );
+    }
+
+    #[tokio::test]
+    async fn verify_renews_on_the_fly_unless_streaming() {
+        let (s, _) = service(short());
+        let t = s.login("alice", "pw", None, T0).await.unwrap();
+        assert_eq!(
+            code(s.verify(&t.token, false, T0 + 2_100).await),
+            "EXPIRED_TOKEN"
+        );
+        let id = s.verify(&t.token, true, T0 + 2_100).await.unwrap();
+        let renewed = id.renewed.unwrap();
+        assert!(s.verify(&renewed.token, false, T0 + 2_200).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn logout_revokes_and_is_idempotent() {
+        let (s, _) = service(short());
+        let t = s.login("alice", "pw", None, T0).await.unwrap();
+        s.logout(&t.token, T0 + 100).await.unwrap();
+        assert_eq!(
+            code(s.verify(&t.token, false, T0 + 200).await),
+            "REVOKED_SESSION"
+        );
+        assert_eq!(
+            code(s.refresh(&t.token, T0 + 2_100).await),
+            "REVOKED_SESSION"
+        );
+        s.logout(&t.token, T0 + 300).await.unwrap();
+        assert_eq!(code(s.logout("", T0).await), "EMPTY_TOKEN");
+        assert_eq!(code(s.logout("x.y.z", T0).await), "INVALID_TOKEN");
+    }
+
+    #[tokio::test]
+    async fn removed_user_or_changed_password_ends_sessions() {
+        let (s, hash) = service(short());
+        let t = s.login("alice", "pw", None, T0).await.unwrap();
+        let other = bcrypt::hash("new", 4).unwrap();
+        s.set_users(Users::parse(&format!("alice:{other}\n"), "t").unwrap());
+        assert_eq!(
+            code(s.verify(&t.token, false, T0 + 100).await),
+            "REVOKED_SESSION"
+        );
+        s.set_users(Users::parse("", "t").unwrap());
+        assert_eq!(
+            code(s.verify(&t.token, false, T0 + 100).await),
+            "REVOKED_SESSION"
+        );
+        s.set_users(Users::parse(&format!("alice:{hash}\n"), "t").unwrap());
+        assert!(s.verify(&t.token, false, T0 + 100).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn shortened_policy_applies_to_live_sessions() {
+        let (s, _) = service(Policy::default());
+        let t = s.login("alice", "pw", None, T0).await.unwrap();
+        assert!(s.verify(&t.token, false, T0 + 60_000).await.is_ok());
+        s.set_policy(Policy {
+            session: 30,
+            token: 30,
+            renew_limit: 0,
+            ..Policy::default()
+        });
+        assert_eq!(
+            code(s.verify(&t.token, false, T0 + 60_000).await),
+            "EXPIRED_SESSION"
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_logins_are_throttled() {
+        let (s, _) = service(short());
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..5 {
+            assert_eq!(
+                code(s.login("alice", "bad", Some(ip), T0).await),
+                "INVALID_CREDENTIALS"
+            );
+        }
+        let e = s.login("alice", "pw", Some(ip), T0).await.unwrap_err();
+        assert_eq!(e.code, Code::TooManyAttempts);
+        assert!(e.retry_after.unwrap() > 0);
+        assert_eq!(
+            code(s.login("nobody", "x", None, T0).await),
+            "INVALID_CREDENTIALS"
+        );
+        assert_eq!(code(s.login("", "x", None, T0).await), "INVALID_REQUEST");
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// A service with no users, the default policy and an in-process store.
+    pub fn service() -> TokenService {
+        let keys = KeySet::new(
+            vec![crate::token::Key::generate()],
+            "tokenpolicy",
+            "tokenpolicy",
+        )
+        .expect("one key");
+        TokenService::new(
+            Policy::default(),
+            Users::default(),
+            keys,
+            Arc::new(crate::store::MemoryStore::new()),
+            0,
+            Throttle::default(),
+        )
+    }
+}

@@ -1,0 +1,158 @@
+//! The one-time store: where a refresh is claimed (exactly once, across all
+//! replicas), where sessions are revoked, and where failed logins are
+//! counted. One small trait, two implementations: in-process (one replica)
+//! and Redis (any number of replicas).
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::rules::Millis;
+
+pub mod memory;
+pub mod redis;
+
+pub use memory::MemoryStore;
+pub use redis::RedisStore;
+
+/// What the winner of a refresh claim wrote: enough to re-sign the very same
+/// new token for requests that raced with it (DESIGN.md rule 5), and nothing
+/// that is itself a usable credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshRecord {
+    pub jti: String,
+    pub iat: i64,
+    pub exp: i64,
+    /// When the claim was made (ms since the epoch).
+    pub at: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This caller's record is now the one.
+    Won,
+    /// Somebody claimed first; their record.
+    Lost(RefreshRecord),
+}
+
+/// A failed-login counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Attempts {
+    pub count: u64,
+    /// How long until the counter resets (ms).
+    pub resets_in: Millis,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store holds an unreadable record: {0}")]
+    Corrupt(String),
+}
+
+#[async_trait]
+pub trait OneTimeStore: Send + Sync + 'static {
+    /// For the log: what this store is and how far it reaches.
+    fn describe(&self) -> String;
+
+    /// Claims the one refresh of token `jti` atomically (rule 7): writes
+    /// `record` if nobody did, else returns what the first claimer wrote.
+    async fn claim_refresh(
+        &self,
+        sid: &str,
+        jti: &str,
+        record: &RefreshRecord,
+        ttl: Millis,
+    ) -> Result<Claim, StoreError>;
+
+    /// Revokes a session on every replica (rule 6).
+    async fn revoke_session(&self, sid: &str, ttl: Millis) -> Result<(), StoreError>;
+
+    /// Whether a session is revoked. Implementations answer sessions they
+    /// have already seen without a network round trip (DESIGN.md §6).
+    async fn is_revoked(&self, sid: &str) -> Result<bool, StoreError>;
+
+    async fn failures(&self, key: &str) -> Result<Attempts, StoreError>;
+    async fn add_failure(&self, key: &str, window: Millis) -> Result<Attempts, StoreError>;
+    async fn clear_failures(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Readiness: the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+pub(crate) mod contract {
+    //! The behaviour every store must show; run against each implementation.
+    use super::*;
+
+    fn record(jti: &str, at: Millis) -> RefreshRecord {
+        RefreshRecord {
+            jti: jti.into(),
+            iat: 10,
+            exp: 20,
+            at,
+        }
+    }
+
+    pub async fn claim_is_once(store: &dyn OneTimeStore) {
+        let first = record("new-1", 1);
+        assert_eq!(
+            store
+                .claim_refresh("s1", "old", &first, 60_000)
+                .await
+                .unwrap(),
+            Claim::Won
+        );
+        let second = record("new-2", 2);
+        assert_eq!(
+            store
+                .claim_refresh("s1", "old", &second, 60_000)
+                .await
+                .unwrap(),
+            Claim::Lost(first.clone())
+        );
+        // Another token of the same session is its own claim.
+        assert_eq!(
+            store
+                .claim_refresh("s1", "other", &second, 60_000)
+                .await
+                .unwrap(),
+            Claim::Won
+        );
+    }
+
+    pub async fn revocation_sticks(store: &dyn OneTimeStore) {
+        assert!(!store.is_revoked("s2").await.unwrap());
+        store.revoke_session("s2", 60_000).await.unwrap();
+        assert!(store.is_revoked("s2").await.unwrap());
+        assert!(!store.is_revoked("s3").await.unwrap());
+    }
+
+    pub async fn failures_count_and_clear(store: &dyn OneTimeStore) {
+        assert_eq!(store.failures("u:x").await.unwrap().count, 0);
+        store.add_failure("u:x", 60_000).await.unwrap();
+        let a = store.add_failure("u:x", 60_000).await.unwrap();
+        assert_eq!(a.count, 2);
+        assert!(a.resets_in > 0 && a.resets_in <= 60_000);
+        assert_eq!(store.failures("u:x").await.unwrap().count, 2);
+        store.clear_failures("u:x").await.unwrap();
+        assert_eq!(store.failures("u:x").await.unwrap().count, 0);
+    }
+
+    pub async fn entries_expire(store: &dyn OneTimeStore) {
+        store
+            .claim_refresh("s4", "old", &record("n", 1), 50)
+            .await
+            .unwrap();
+        store.add_failure("u:y", 50).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+        assert_eq!(
+            store
+                .claim_refresh("s4", "old", &record("m", 2), 50)
+                .await
+                .unwrap(),
+            Claim::Won
+        );
+        assert_eq!(store.failures("u:y").await.unwrap().count, 0);
+    }
+}

@@ -1,0 +1,449 @@
+//! Where a token is signed and verified: compact JWS (JWT) with Ed25519
+//! (`EdDSA`) or P-256 (`ES256`) keys, and the JWKS that publishes them.
+//!
+//! The algorithm is a property of the key, found by `kid`. The token header's
+//! `alg` must name that same algorithm; it never chooses one.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Longest token we look at; anything longer is refused before decoding.
+pub const MAX_TOKEN_LEN: usize = 4_096;
+
+/// The claims of every token we issue. Field order is the serialization
+/// order, which makes re-signing the same claims give the same token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub iss: String,
+    pub aud: String,
+    pub sub: String,
+    pub sid: String,
+    pub jti: String,
+    pub iat: i64,
+    pub exp: i64,
+    pub auth_time: i64,
+    /// Password version: a fingerprint of the user's password hash at login,
+    /// so that changing the password ends the sessions made with the old one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pwv: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("token is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("token is signed by an unknown key")]
+    UnknownKey,
+    #[error("token header names an algorithm other than its key's")]
+    AlgorithmMismatch,
+    #[error("token signature does not verify")]
+    BadSignature,
+    #[error("token was issued for another issuer or audience")]
+    WrongAudience,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}: not a PKCS#8 PEM Ed25519 or P-256 private key")]
+    Unsupported(String),
+    #[error("no signing key given")]
+    Empty,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alg {
+    EdDsa,
+    Es256,
+}
+
+impl Alg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Alg::EdDsa => "EdDSA",
+            Alg::Es256 => "ES256",
+        }
+    }
+}
+
+enum Secret {
+    Ed25519(ed25519_dalek::SigningKey),
+    P256(p256::ecdsa::SigningKey),
+}
+
+/// One private key, its public half and `kid`.
+pub struct Key {
+    kid: String,
+    secret: Secret,
+    jwk: serde_json::Value,
+}
+
+impl Key {
+    pub fn from_pem(pem: &str, origin: &str) -> Result<Key, KeyError> {
+        use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+        if let Ok(k) = ed25519_dalek::SigningKey::from_pkcs8_pem(pem) {
+            return Ok(Key::from_secret(Secret::Ed25519(k)));
+        }
+        if let Ok(k) = p256::ecdsa::SigningKey::from_pkcs8_pem(pem) {
+            return Ok(Key::from_secret(Secret::P256(k)));
+        }
+        Err(KeyError::Unsupported(origin.to_string()))
+    }
+
+    /// A fresh Ed25519 key.
+    pub fn generate() -> Key {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).expect("the operating system's random source failed");
+        Key::from_secret(Secret::Ed25519(ed25519_dalek::SigningKey::from_bytes(
+            &seed,
+        )))
+    }
+
+    /// The private key as PKCS#8 PEM, as `openssl genpkey` writes it.
+    pub fn to_pem(&self) -> String {
+        use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+        let pem = match &self.secret {
+            Secret::Ed25519(k) => k.to_pkcs8_pem(Default::default()).map(|p| p.to_string()),
+            Secret::P256(k) => k.to_pkcs8_pem(Default::default()).map(|p| p.to_string()),
+        };
+        pem.expect("encoding an in-memory key as PKCS#8 cannot fail")
+    }
+
+    fn from_secret(secret: Secret) -> Key {
+        // RFC 7638 thumbprint members, in lexicographic order.
+        let (thumb_input, mut jwk) = match &secret {
+            Secret::Ed25519(k) => {
+                let x = B64.encode(k.verifying_key().as_bytes());
+                (
+                    format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}"#),
+                    serde_json::json!({"kty": "OKP", "crv": "Ed25519", "x": x, "alg": "EdDSA"}),
+                )
+            }
+            Secret::P256(k) => {
+                let point = k.verifying_key().to_sec1_point(false);
+                let x = B64.encode(point.x().expect("uncompressed point has x"));
+                let y = B64.encode(point.y().expect("uncompressed point has y"));
+                (
+                    format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#),
+                    serde_json::json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "alg": "ES256"}),
+                )
+            }
+        };
+        let kid = B64.encode(Sha256::digest(thumb_input.as_bytes()));
+        jwk["kid"] = kid.clone().into();
+        jwk["use"] = "sig".into();
+        Key { kid, secret, jwk }
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    pub fn alg(&self) -> Alg {
+        match self.secret {
+            Secret::Ed25519(_) => Alg::EdDsa,
+            Secret::P256(_) => Alg::Es256,
+        }
+    }
+
+    fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        use ed25519_dalek::Signer as _;
+        match &self.secret {
+            Secret::Ed25519(k) => k.sign(msg).to_bytes().to_vec(),
+            Secret::P256(k) => {
+                let sig: p256::ecdsa::Signature = k.sign(msg);
+                sig.to_bytes().to_vec()
+            }
+        }
+    }
+
+    fn verify(&self, msg: &[u8], sig: &[u8]) -> bool {
+        match &self.secret {
+            Secret::Ed25519(k) => {
+                let Ok(sig) = ed25519_dalek::Signature::from_slice(sig) else {
+                    return false;
+                };
+                k.verifying_key().verify_strict(msg, &sig).is_ok()
+            }
+            Secret::P256(k) => {
+                use p256::ecdsa::signature::Verifier as _;
+                let Ok(sig) = p256::ecdsa::Signature::from_slice(sig) else {
+                    return false;
+                };
+                k.verifying_key().verify(msg, &sig).is_ok()
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Header {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+}
+
+/// The keys of one service: the first signs, all verify (rotation).
+pub struct KeySet {
+    keys: Vec<Key>,
+    by_kid: HashMap<String, usize>,
+    issuer: String,
+    audience: String,
+}
+
+impl KeySet {
+    pub fn new(keys: Vec<Key>, issuer: &str, audience: &str) -> Result<KeySet, KeyError> {
+        if keys.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        let by_kid = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.kid.clone(), i))
+            .collect();
+        Ok(KeySet {
+            keys,
+            by_kid,
+            issuer: issuer.to_string(),
+            audience: audience.to_string(),
+        })
+    }
+
+    pub fn load(paths: &[impl AsRef<Path>]) -> Result<Vec<Key>, KeyError> {
+        paths
+            .iter()
+            .map(|p| {
+                let path = p.as_ref().display().to_string();
+                let pem = std::fs::read_to_string(p.as_ref()).map_err(|source| KeyError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Key::from_pem(&pem, &path)
+            })
+            .collect()
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    pub fn audience(&self) -> &str {
+        &self.audience
+    }
+
+    pub fn signing_key(&self) -> &Key {
+        &self.keys[0]
+    }
+
+    /// Signs claims with the first key. Deterministic for both algorithms
+    /// (Ed25519 by construction, ECDSA by RFC 6979), so the same claims give
+    /// the same token on every replica that shares the key.
+    pub fn sign(&self, claims: &Claims) -> String {
+        let key = self.signing_key();
+        let header = format!(
+            r#"{{"alg":"{}","typ":"JWT","kid":"{}"}}"#,
+            key.alg().as_str(),
+            key.kid
+        );
+        let payload = serde_json::to_vec(claims).expect("claims serialize");
+        let mut out = B64.encode(header.as_bytes());
+        out.push('.');
+        out.push_str(&B64.encode(payload));
+        let sig = key.sign(out.as_bytes());
+        out.push('.');
+        out.push_str(&B64.encode(sig));
+        out
+    }
+
+    /// Checks structure, key, algorithm, signature, issuer and audience.
+    /// Time is the rules' business, not this function's.
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::Malformed("too long"));
+        }
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed("expected three dot-separated parts"));
+        };
+        let header_bytes = B64
+            .decode(h)
+            .map_err(|_| TokenError::Malformed("header is not base64url"))?;
+        let header: Header = serde_json::from_slice(&header_bytes)
+            .map_err(|_| TokenError::Malformed("header is not a JWS header"))?;
+        let key = match &header.kid {
+            Some(kid) => self.by_kid.get(kid).map(|&i| &self.keys[i]),
+            None if self.keys.len() == 1 => Some(&self.keys[0]),
+            None => None,
+        }
+        .ok_or(TokenError::UnknownKey)?;
+        if header.alg != key.alg().as_str() {
+            return Err(TokenError::AlgorithmMismatch);
+        }
+        let sig = B64
+            .decode(s)
+            .map_err(|_| TokenError::Malformed("signature is not base64url"))?;
+        let signed_len = h.len() + 1 + p.len();
+        if !key.verify(&token.as_bytes()[..signed_len], &sig) {
+            return Err(TokenError::BadSignature);
+        }
+        let payload = B64
+            .decode(p)
+            .map_err(|_| TokenError::Malformed("payload is not base64url"))?;
+        let claims: Claims = serde_json::from_slice(&payload)
+            .map_err(|_| TokenError::Malformed("payload lacks our claims"))?;
+        if claims.iss != self.issuer || claims.aud != self.audience {
+            return Err(TokenError::WrongAudience);
+        }
+        Ok(claims)
+    }
+
+    /// `/.well-known/jwks.json`.
+    pub fn jwks(&self) -> serde_json::Value {
+        serde_json::json!({ "keys": self.keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>() })
+    }
+}
+
+/// A fingerprint of a password hash, for the `pwv` claim. The hash is salted,
+/// so the fingerprint tells nothing about the password.
+pub fn password_version(hash: &str) -> String {
+    B64.encode(&Sha256::digest(hash.as_bytes())[..9])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims() -> Claims {
+        Claims {
+            iss: "tokenpolicy".into(),
+            aud: "tokenpolicy".into(),
+            sub: "alice".into(),
+            sid: "sid-1".into(),
+            jti: "jti-1".into(),
+            iat: 1_800_000_000,
+            exp: 1_800_000_060,
+            auth_time: 1_800_000_000,
+            pwv: None,
+        }
+    }
+
+    fn set(keys: Vec<Key>) -> KeySet {
+        KeySet::new(keys, "tokenpolicy", "tokenpolicy").unwrap()
+    }
+
+    fn p256_pem() -> String {
+        use p256::pkcs8::EncodePrivateKey as _;
+        let mut bytes = [7u8; 32];
+        bytes[0] = 1;
+        let k = p256::ecdsa::SigningKey::from_slice(&bytes).unwrap();
+        k.to_pkcs8_pem(Default::default()).unwrap().to_string()
+    }
+
+    #[test]
+    fn sign_and_verify_round_trip_both_algorithms() {
+        let ed = set(vec![Key::generate()]);
+        let t = ed.sign(&claims());
+        assert_eq!(ed.verify(&t).unwrap(), claims());
+
+        let ec = set(vec![Key::from_pem(&p256_pem(), "test").unwrap()]);
+        assert_eq!(ec.signing_key().alg(), Alg::Es256);
+        let t = ec.sign(&claims());
+        assert_eq!(ec.verify(&t).unwrap(), claims());
+    }
+
+    #[test]
+    fn signing_is_deterministic() {
+        let k = set(vec![Key::generate()]);
+        assert_eq!(k.sign(&claims()), k.sign(&claims()));
+        let ec = set(vec![Key::from_pem(&p256_pem(), "test").unwrap()]);
+        assert_eq!(ec.sign(&claims()), ec.sign(&claims()));
+    }
+
+    #[test]
+    fn pem_round_trip_keeps_kid() {
+        let k = Key::generate();
+        let again = Key::from_pem(&k.to_pem(), "mem").unwrap();
+        assert_eq!(k.kid(), again.kid());
+        assert!(
+            Key::from_pem(
+                "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+                "x"
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn rotation_old_key_verifies_new_key_signs() {
+        let old = Key::generate();
+        let old_pem = old.to_pem();
+        let before = set(vec![old]);
+        let t_old = before.sign(&claims());
+        let new = Key::generate();
+        let after = set(vec![new, Key::from_pem(&old_pem, "old").unwrap()]);
+        assert!(after.verify(&t_old).is_ok());
+        let t_new = after.sign(&claims());
+        assert!(before.verify(&t_new).is_err());
+        assert_eq!(after.jwks()["keys"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn header_alg_never_picks_the_algorithm() {
+        let k = set(vec![Key::generate()]);
+        let t = k.sign(&claims());
+        let (_, rest) = t.split_once('.').unwrap();
+        for alg in ["none", "HS256", "ES256"] {
+            let h = B64.encode(format!(
+                r#"{{"alg":"{alg}","kid":"{}"}}"#,
+                k.signing_key().kid()
+            ));
+            assert_eq!(
+                k.verify(&format!("{h}.{rest}")),
+                Err(TokenError::AlgorithmMismatch)
+            );
+        }
+    }
+
+    #[test]
+    fn tampering_and_garbage_are_refused() {
+        let k = set(vec![Key::generate()]);
+        let t = k.sign(&claims());
+        let mut c = claims();
+        c.sub = "mallory".into();
+        let forged_payload = B64.encode(serde_json::to_vec(&c).unwrap());
+        let parts: Vec<&str> = t.split('.').collect();
+        let forged = format!("{}.{}.{}", parts[0], forged_payload, parts[2]);
+        assert_eq!(k.verify(&forged), Err(TokenError::BadSignature));
+        assert!(matches!(k.verify(""), Err(TokenError::Malformed(_))));
+        assert!(matches!(k.verify("a.b"), Err(TokenError::Malformed(_))));
+        assert!(matches!(k.verify("a.b.c.d"), Err(TokenError::Malformed(_))));
+        assert!(matches!(
+            k.verify("!!.!!.!!"),
+            Err(TokenError::Malformed(_))
+        ));
+        assert!(matches!(
+            k.verify(&"a".repeat(MAX_TOKEN_LEN + 1)),
+            Err(TokenError::Malformed(_))
+        ));
+        let other = set(vec![Key::generate()]);
+        assert_eq!(other.verify(&t), Err(TokenError::UnknownKey));
+        let wrong_aud = KeySet::new(
+            vec![Key::from_pem(&k.signing_key().to_pem(), "m").unwrap()],
+            "tokenpolicy",
+            "other",
+        )
+        .unwrap();
+        assert_eq!(wrong_aud.verify(&t), Err(TokenError::WrongAudience));
+    }
+}
