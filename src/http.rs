@@ -8,6 +8,7 @@ use std::time::Instant;
 use axum::Extension;
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Query, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -84,35 +85,51 @@ async fn observe(State(app): Shared, req: Request, next: Next) -> Response {
     resp
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, rest) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+/// A token header that is present but not visible ASCII is a bad token,
+/// not a missing one.
+fn readable(v: &HeaderValue) -> Result<&str, ApiError> {
+    v.to_str()
+        .map_err(|_| ApiError::new(Code::InvalidToken, "token is not ASCII"))
 }
 
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim_matches('"'))
+fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(v) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let v = readable(v)?;
+    Ok(v.split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, rest)| rest.trim()))
 }
 
-/// The token, from `Authorization: Bearer`, the configured header, or the cookie.
-fn token_of<'a>(app: &App, headers: &'a HeaderMap, cookie_name: &str) -> &'a str {
-    bearer(headers)
-        .or_else(|| {
-            app.config
-                .token_header
-                .as_ref()
-                .and_then(|h| headers.get(h))
-                .and_then(|v| v.to_str().ok())
-        })
-        .or_else(|| cookie(headers, cookie_name))
-        .unwrap_or("")
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    for v in headers.get_all(header::COOKIE) {
+        let found = readable(v)?
+            .split(';')
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(k, _)| *k == name);
+        if let Some((_, v)) = found {
+            return Ok(Some(v.trim_matches('"')));
+        }
+    }
+    Ok(None)
+}
+
+/// The token, from `Authorization: Bearer`, the configured header, or the
+/// cookie; `""` when there is none (the service answers `EMPTY_TOKEN`).
+fn token_of<'a>(app: &App, headers: &'a HeaderMap, cookie_name: &str) -> Result<&'a str, ApiError> {
+    if let Some(t) = bearer(headers)? {
+        return Ok(t);
+    }
+    if let Some(v) = app
+        .config
+        .token_header
+        .as_ref()
+        .and_then(|h| headers.get(h))
+    {
+        return readable(v);
+    }
+    Ok(cookie(headers, cookie_name)?.unwrap_or(""))
 }
 
 fn client_ip(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<IpAddr> {
@@ -201,8 +218,19 @@ async fn login(
     State(app): Shared,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return ApiError::new(
+                Code::PayloadTooLarge,
+                format!("request body over {MAX_BODY} bytes"),
+            )
+            .into_response();
+        }
+        Err(e) => return ApiError::new(Code::InvalidRequest, e.body_text()).into_response(),
+    };
     let form = is_form(&headers);
     let creds: Credentials = match if form {
         serde_urlencoded::from_bytes(&body).map_err(|e| e.to_string())
@@ -374,8 +402,11 @@ pub fn safe_redirect(config: &HttpConfig, headers: &HeaderMap, rd: &str) -> Opti
 
 async fn refresh(State(app): Shared, headers: HeaderMap) -> Response {
     let policy = app.service.policy();
-    let token = token_of(&app, &headers, &policy.cookie.name);
     let now = now_millis();
+    let token = match token_of(&app, &headers, &policy.cookie.name) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
     match app.service.refresh(token, now).await {
         Ok(issued) => issued_response(&app, &issued, now / 1_000),
         Err(e) => e.into_response(),
@@ -384,7 +415,10 @@ async fn refresh(State(app): Shared, headers: HeaderMap) -> Response {
 
 async fn logout(State(app): Shared, headers: HeaderMap) -> Response {
     let policy = app.service.policy();
-    let token = token_of(&app, &headers, &policy.cookie.name);
+    let token = match token_of(&app, &headers, &policy.cookie.name) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
     match app.service.logout(token, now_millis()).await {
         Ok(()) => {
             let mut resp = StatusCode::NO_CONTENT.into_response();
@@ -417,7 +451,7 @@ fn is_browser(headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    bearer(headers).is_none()
+    !headers.contains_key(header::AUTHORIZATION)
         && accept.contains("text/html")
         && !accept.contains("application/json")
 }
@@ -447,9 +481,12 @@ fn original_url(headers: &HeaderMap, path: &str) -> Option<String> {
 async fn verify(State(app): Shared, req: Request) -> Response {
     let headers = req.headers();
     let policy = app.service.policy();
-    let token = token_of(&app, headers, &policy.cookie.name);
     let now = now_millis();
-    match app.service.verify(token, !is_stream(headers), now).await {
+    let decision = match token_of(&app, headers, &policy.cookie.name) {
+        Ok(token) => app.service.verify(token, !is_stream(headers), now).await,
+        Err(e) => Err(e),
+    };
+    match decision {
         Ok(id) => {
             let mut resp = StatusCode::OK.into_response();
             let h = resp.headers_mut();
@@ -577,12 +614,24 @@ mod tests {
             ("x-token", "b"),
             ("cookie", "tokenpolicy=c"),
         ]);
-        assert_eq!(token_of(&app, &h, "tokenpolicy"), "a");
+        assert_eq!(token_of(&app, &h, "tokenpolicy").unwrap(), "a");
         let h = headers(&[("x-token", "b"), ("cookie", "tokenpolicy=c")]);
-        assert_eq!(token_of(&app, &h, "tokenpolicy"), "b");
+        assert_eq!(token_of(&app, &h, "tokenpolicy").unwrap(), "b");
         let h = headers(&[("cookie", "other=x; tokenpolicy=c")]);
-        assert_eq!(token_of(&app, &h, "tokenpolicy"), "c");
-        assert_eq!(token_of(&app, &HeaderMap::new(), "tokenpolicy"), "");
+        assert_eq!(token_of(&app, &h, "tokenpolicy").unwrap(), "c");
+        assert_eq!(
+            token_of(&app, &HeaderMap::new(), "tokenpolicy").unwrap(),
+            ""
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_bytes(b"Bearer t\xf6k").unwrap(),
+        );
+        assert_eq!(
+            token_of(&app, &h, "tokenpolicy").unwrap_err().code,
+            Code::InvalidToken
+        );
     }
 
     #[test]
