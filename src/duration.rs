@@ -10,15 +10,20 @@ use std::fmt;
 pub enum DurationError {
     #[error("empty duration")]
     Empty,
-    #[error("invalid duration {0:?}: expected e.g. 90s, 15m, 8h, 7d or 1h30m")]
+    #[error("invalid duration {0:?}: expected e.g. 90s, 15m, 8h, 7d or 1d12h (days first)")]
     Syntax(String),
-    #[error("invalid duration {0:?}: unknown unit {1:?} (use ms, s, m, h or d)")]
+    #[error("invalid duration {0:?}: unknown unit {1:?} (use d, h, m or s)")]
     Unit(String, String),
-    #[error("invalid duration {0:?}: must be a whole number of seconds")]
+    #[error("invalid duration {0:?}: use whole numbers of d, h, m or s")]
     Fraction(String),
     #[error("invalid duration {0:?}: too large")]
     Overflow(String),
 }
+
+/// The grammar, shared with the CRD's OpenAPI pattern: `0`, or an optional
+/// leading whole number of days followed by whole numbers of hours, minutes
+/// and seconds (`7d`, `1d12h`, `1h30m`, `90s`).
+pub const PATTERN: &str = "^(0|([0-9]+d)?([0-9]+[hms])*)$";
 
 /// Parses a duration string into whole seconds.
 pub fn parse_seconds(input: &str) -> Result<u64, DurationError> {
@@ -29,69 +34,42 @@ pub fn parse_seconds(input: &str) -> Result<u64, DurationError> {
     if s == "0" {
         return Ok(0);
     }
-    let syntax = || DurationError::Syntax(input.to_string());
     let bytes = s.as_bytes();
     let mut i = 0;
-    // Accumulate in milliseconds so that `1500ms` and `1.5s` can be judged whole or not.
-    let mut total_ms: u128 = 0;
+    let mut total: u64 = 0;
+    let mut first = true;
+    let overflow = || DurationError::Overflow(input.to_string());
     while i < bytes.len() {
         let start = i;
         while i < bytes.len() && bytes[i].is_ascii_digit() {
             i += 1;
         }
-        let int_part = &s[start..i];
-        let mut frac_part = "";
+        if start == i {
+            return Err(DurationError::Syntax(input.to_string()));
+        }
         if i < bytes.len() && bytes[i] == b'.' {
-            i += 1;
-            let fstart = i;
-            while i < bytes.len() && bytes[i].is_ascii_digit() {
-                i += 1;
-            }
-            frac_part = &s[fstart..i];
+            return Err(DurationError::Fraction(input.to_string()));
         }
-        if int_part.is_empty() && frac_part.is_empty() {
-            return Err(syntax());
-        }
+        let number: u64 = s[start..i].parse().map_err(|_| overflow())?;
         let ustart = i;
         while i < bytes.len() && bytes[i].is_ascii_alphabetic() {
             i += 1;
         }
-        let unit = &s[ustart..i];
-        let unit_ms: u128 = match unit {
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            "" => return Err(syntax()),
+        let unit = match &s[ustart..i] {
+            "d" if first => 86_400,
+            "h" => 3_600,
+            "m" => 60,
+            "s" => 1,
+            "" => return Err(DurationError::Syntax(input.to_string())),
+            "d" => return Err(DurationError::Syntax(input.to_string())),
+            "ms" | "us" | "µs" | "ns" => return Err(DurationError::Fraction(input.to_string())),
             other => return Err(DurationError::Unit(input.to_string(), other.to_string())),
         };
-        let overflow = || DurationError::Overflow(input.to_string());
-        let int: u128 = if int_part.is_empty() {
-            0
-        } else {
-            int_part.parse().map_err(|_| overflow())?
-        };
-        let mut part = int.checked_mul(unit_ms).ok_or_else(overflow)?;
-        if !frac_part.is_empty() {
-            let digits = frac_part.len().min(18) as u32;
-            let frac: u128 = frac_part[..digits as usize].parse().map_err(|_| syntax())?;
-            let scaled = frac * unit_ms;
-            let denom = 10u128.pow(digits);
-            if !scaled.is_multiple_of(denom) {
-                return Err(DurationError::Fraction(input.to_string()));
-            }
-            part += scaled / denom;
-        }
-        total_ms = total_ms.checked_add(part).ok_or_else(overflow)?;
-        if total_ms > u64::MAX as u128 {
-            return Err(overflow());
-        }
+        let part = number.checked_mul(unit).ok_or_else(overflow)?;
+        total = total.checked_add(part).ok_or_else(overflow)?;
+        first = false;
     }
-    if !total_ms.is_multiple_of(1_000) {
-        return Err(DurationError::Fraction(input.to_string()));
-    }
-    Ok((total_ms / 1_000) as u64)
+    Ok(total)
 }
 
 /// Formats whole seconds the way a person writes them: `1h30m`, `7d`, `0s`.
@@ -127,8 +105,7 @@ mod tests {
         assert_eq!(parse_seconds("8h"), Ok(28_800));
         assert_eq!(parse_seconds("7d"), Ok(604_800));
         assert_eq!(parse_seconds("1h30m"), Ok(5_400));
-        assert_eq!(parse_seconds("1.5h"), Ok(5_400));
-        assert_eq!(parse_seconds("2000ms"), Ok(2));
+        assert_eq!(parse_seconds("1d12h"), Ok(129_600));
         assert_eq!(parse_seconds("0"), Ok(0));
         assert_eq!(parse_seconds("0s"), Ok(0));
     }
@@ -170,6 +147,15 @@ mod tests {
         #[test]
         fn never_panics(s in "\\PC{0,40}") {
             let _ = parse_seconds(&s);
+        }
+
+        /// The parser and the CRD pattern accept the same strings.
+        #[test]
+        fn parser_agrees_with_the_crd_pattern(s in "[0-9dhms.]{1,8}") {
+            let re = regex_lite::Regex::new(PATTERN).unwrap();
+            let by_pattern = re.is_match(&s);
+            let by_parser = !matches!(parse_seconds(&s), Err(DurationError::Syntax(_) | DurationError::Fraction(_) | DurationError::Unit(..) | DurationError::Empty));
+            prop_assert_eq!(by_pattern, by_parser, "{}", s);
         }
     }
 }

@@ -2,6 +2,7 @@
 //! validity, token validity, a one-time expired-token refresh window), and
 //! the operator that runs it on Kubernetes.
 
+pub mod crd;
 pub mod duration;
 pub mod error;
 pub mod http;

@@ -26,6 +26,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Read a password on stdin, print an argon2id hash for the users file.
     HashPassword,
+    /// Print the TokenPolicy CustomResourceDefinition (YAML).
+    Crd,
 }
 
 fn init_logging(format: &str) {
@@ -72,6 +74,10 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(run(*args))),
         Command::HashPassword => hash_password(),
+        Command::Crd => {
+            print!("{}", tokenpolicy::crd::crd_yaml());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,8 +1,9 @@
 //! The TokenPolicy document (the same schema as the cluster object) and the
 //! validated [`Policy`] that the rules work with.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
+pub use crate::crd::{CookieSpec, TokenPolicySpec};
 use crate::duration::{format_seconds, parse_seconds};
 
 pub const API_VERSION: &str = "auth.tokenpolicy.io/v1alpha1";
@@ -16,67 +17,6 @@ pub const SESSION_BOUNDS: (u64, u64) = (1, 365 * DAY);
 pub const TOKEN_BOUNDS: (u64, u64) = (1, 7 * DAY);
 pub const RENEW_LIMIT_BOUNDS: (u64, u64) = (0, 7 * DAY);
 pub const GRACE_BOUNDS: (u64, u64) = (0, MINUTE);
-
-/// `spec` of a TokenPolicy. Durations stay strings here, as the user wrote
-/// them; [`Policy::from_spec`] parses and checks them.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct TokenPolicySpec {
-    /// Longest a login lasts; refreshing never extends it. Default `8h`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session_expiration_time: Option<String>,
-    /// Lifetime of each issued token. Default `30m`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token_expiration_time: Option<String>,
-    /// How long after expiry a token may still be exchanged, once. Default `10m`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expired_token_renew_limit: Option<String>,
-    /// After a token's one refresh, how long racing requests still get the same new token. Default `10s`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refresh_grace_period: Option<String>,
-    /// Revoke the whole session when a spent token is presented again after the grace. Default true.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revoke_session_on_reuse: Option<bool>,
-    /// `iss` of issued tokens; `serve --issuer` overrides it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub issuer: Option<String>,
-    /// `aud` of issued tokens; `serve --audience` overrides it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub audience: Option<String>,
-    /// Session cookie attributes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cookie: Option<CookieSpec>,
-    /// Deployment settings, read by the operator; `serve` ignores them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replicas: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub redis: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub users: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<serde_json::Value>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CookieSpec {
-    /// Default `tokenpolicy`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub domain: Option<String>,
-    /// Default `/`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    /// Default true. Turn off only for plain-HTTP development.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secure: Option<bool>,
-    /// `Strict`, `Lax` (default) or `None`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub same_site: Option<String>,
-}
 
 /// A whole TokenPolicy document as `kubectl get tp -o yaml` shows it.
 #[derive(Debug, Clone, Deserialize)]
@@ -174,20 +114,15 @@ impl Default for Policy {
 
 fn duration_field(
     name: &'static str,
-    value: &Option<String>,
-    default: u64,
+    value: &str,
     (min, max): (u64, u64),
 ) -> Result<u64, PolicyError> {
-    let secs = match value {
-        None => default,
-        Some(v) => parse_seconds(v).map_err(|e| field(name, e.to_string()))?,
-    };
+    let secs = parse_seconds(value).map_err(|e| field(name, e.to_string()))?;
     if secs < min || secs > max {
         return Err(field(
             name,
             format!(
-                "{} is out of range: must be between {} and {}",
-                value.as_deref().unwrap_or(""),
+                "{value} is out of range: must be between {} and {}",
                 format_seconds(min),
                 format_seconds(max)
             ),
@@ -198,29 +133,24 @@ fn duration_field(
 
 impl Policy {
     pub fn from_spec(spec: &TokenPolicySpec) -> Result<Policy, PolicyError> {
-        let d = Policy::default();
         let session = duration_field(
             "sessionExpirationTime",
             &spec.session_expiration_time,
-            d.session,
             SESSION_BOUNDS,
         )?;
         let token = duration_field(
             "tokenExpirationTime",
             &spec.token_expiration_time,
-            d.token.min(session),
             TOKEN_BOUNDS,
         )?;
         let renew_limit = duration_field(
             "expiredTokenRenewLimit",
             &spec.expired_token_renew_limit,
-            d.renew_limit.min(session),
             RENEW_LIMIT_BOUNDS,
         )?;
         let grace = duration_field(
             "refreshGracePeriod",
             &spec.refresh_grace_period,
-            d.grace,
             GRACE_BOUNDS,
         )?;
         if token > session {
@@ -240,6 +170,15 @@ impl Policy {
                     "must not be longer than sessionExpirationTime ({} > {})",
                     format_seconds(renew_limit),
                     format_seconds(session)
+                ),
+            ));
+        }
+        if !(1..=50).contains(&spec.replicas) {
+            return Err(field(
+                "replicas",
+                format!(
+                    "{} is out of range: must be between 1 and 50",
+                    spec.replicas
                 ),
             ));
         }
@@ -340,9 +279,9 @@ mod tests {
 
     fn spec(session: &str, token: &str, renew: &str) -> TokenPolicySpec {
         TokenPolicySpec {
-            session_expiration_time: Some(session.into()),
-            token_expiration_time: Some(token.into()),
-            expired_token_renew_limit: Some(renew.into()),
+            session_expiration_time: session.into(),
+            token_expiration_time: token.into(),
+            expired_token_renew_limit: renew.into(),
             ..Default::default()
         }
     }
@@ -394,7 +333,7 @@ mod tests {
                 .contains("spec.tokenExpirationTime: invalid duration \"abc\"")
         );
         let mut s = spec("8h", "30m", "10m");
-        s.refresh_grace_period = Some("2m".into());
+        s.refresh_grace_period = "2m".into();
         assert!(
             Policy::from_spec(&s)
                 .unwrap_err()
@@ -404,13 +343,15 @@ mod tests {
     }
 
     #[test]
-    fn short_session_caps_defaults() {
+    fn defaults_count_in_cross_field_rules() {
+        // The token default (30m) is longer than this session: said, not silently capped,
+        // so that the file and the cluster object mean the same.
         let s = TokenPolicySpec {
-            session_expiration_time: Some("5m".into()),
+            session_expiration_time: "5m".into(),
             ..Default::default()
         };
-        let p = Policy::from_spec(&s).unwrap();
-        assert_eq!((p.session, p.token, p.renew_limit), (300, 300, 300));
+        let err = Policy::from_spec(&s).unwrap_err().to_string();
+        assert!(err.contains("(30m > 5m)"), "{err}");
     }
 
     #[test]

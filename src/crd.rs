@@ -1,0 +1,508 @@
+//! The `TokenPolicy` custom resource: the same schema for the cluster object
+//! and for `serve --policy FILE`. `tokenpolicy crd` prints it; CEL rules in
+//! it make the API server refuse invalid policies.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// CEL: the duration a policy string stands for. Kubernetes' `duration()`
+/// takes Go's syntax, which has no days, so a leading `Nd` becomes `N*24h`.
+macro_rules! cel_duration {
+    ($($x:literal),+) => {
+        concat!(
+            "(", $($x),+, ".matches('^[0-9]+d') ? duration(string(int(", $($x),+,
+            ".find('^[0-9]+')) * 24) + 'h') + duration(", $($x),+, ".matches('^[0-9]+d$') ? '0s' : ",
+            $($x),+, ".replace(", $($x),+, ".find('^[0-9]+d'), '')) : duration(", $($x),+, "))"
+        )
+    };
+}
+
+/// CEL: a spec field's duration, or its default when the field is absent
+/// (the API server fills defaults before it validates; offline checks may not).
+macro_rules! cel_field {
+    ($field:literal, $default:literal) => {
+        concat!(
+            "(has(self.",
+            $field,
+            ") ? ",
+            cel_duration!("self.", $field),
+            " : duration('",
+            $default,
+            "'))"
+        )
+    };
+}
+
+const TOKEN_WITHIN_SESSION: &str = concat!(
+    cel_field!("tokenExpirationTime", "30m"),
+    " <= ",
+    cel_field!("sessionExpirationTime", "8h")
+);
+const RENEW_WITHIN_SESSION: &str = concat!(
+    cel_field!("expiredTokenRenewLimit", "10m"),
+    " <= ",
+    cel_field!("sessionExpirationTime", "8h")
+);
+const SESSION_BOUNDS: &str = concat!(
+    cel_duration!("self"),
+    " >= duration('1s') && ",
+    cel_duration!("self"),
+    " <= duration('8760h')"
+);
+const TOKEN_BOUNDS: &str = concat!(
+    cel_duration!("self"),
+    " >= duration('1s') && ",
+    cel_duration!("self"),
+    " <= duration('168h')"
+);
+const RENEW_BOUNDS: &str = concat!(cel_duration!("self"), " <= duration('168h')");
+const GRACE_BOUNDS: &str = concat!(cel_duration!("self"), " <= duration('60s')");
+
+fn default_session() -> String {
+    "8h".into()
+}
+fn default_token() -> String {
+    "30m".into()
+}
+fn default_renew_limit() -> String {
+    "10m".into()
+}
+fn default_grace() -> String {
+    "10s".into()
+}
+fn default_replicas() -> i32 {
+    2
+}
+
+/// A policy for issued tokens and the service that enforces it.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "auth.tokenpolicy.io",
+    version = "v1alpha1",
+    kind = "TokenPolicy",
+    namespaced,
+    shortname = "tp",
+    category = "tokenpolicy",
+    status = "TokenPolicyStatus",
+    cel,
+    printcolumn = r#"{"name":"Session","type":"string","jsonPath":".spec.sessionExpirationTime"}"#,
+    printcolumn = r#"{"name":"Token","type":"string","jsonPath":".spec.tokenExpirationTime"}"#,
+    printcolumn = r#"{"name":"Renew limit","type":"string","jsonPath":".spec.expiredTokenRenewLimit"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.endpoint"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.readyReplicas","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    validation = Rule::new(TOKEN_WITHIN_SESSION).message("tokenExpirationTime must not be longer than sessionExpirationTime"),
+    validation = Rule::new(RENEW_WITHIN_SESSION).message("expiredTokenRenewLimit must not be longer than sessionExpirationTime")
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenPolicySpec {
+    /// Longest a login lasts (1s..365d); refreshing never extends it.
+    #[serde(default = "default_session")]
+    #[schemars(
+        length(min = 1, max = 32),
+        regex(pattern = "^(0|([0-9]+d)?([0-9]+[hms])*)$")
+    )]
+    #[x_kube(validation = Rule::new(SESSION_BOUNDS).message("sessionExpirationTime must be between 1s and 365d"))]
+    pub session_expiration_time: String,
+
+    /// Life of each issued token (1s..7d, at most the session).
+    #[serde(default = "default_token")]
+    #[schemars(
+        length(min = 1, max = 32),
+        regex(pattern = "^(0|([0-9]+d)?([0-9]+[hms])*)$")
+    )]
+    #[x_kube(validation = Rule::new(TOKEN_BOUNDS).message("tokenExpirationTime must be between 1s and 7d"))]
+    pub token_expiration_time: String,
+
+    /// How long after expiry a token may still be exchanged for a new one,
+    /// once (0s..7d, at most the session). 0s: never.
+    #[serde(default = "default_renew_limit")]
+    #[schemars(
+        length(min = 1, max = 32),
+        regex(pattern = "^(0|([0-9]+d)?([0-9]+[hms])*)$")
+    )]
+    #[x_kube(validation = Rule::new(RENEW_BOUNDS).message("expiredTokenRenewLimit must be between 0s and 7d"))]
+    pub expired_token_renew_limit: String,
+
+    /// After a token's one refresh, how long racing requests still get the
+    /// same new token (0s..1m).
+    #[serde(default = "default_grace")]
+    #[schemars(
+        length(min = 1, max = 32),
+        regex(pattern = "^(0|([0-9]+d)?([0-9]+[hms])*)$")
+    )]
+    #[x_kube(validation = Rule::new(GRACE_BOUNDS).message("refreshGracePeriod must be between 0s and 1m"))]
+    pub refresh_grace_period: String,
+
+    /// Revoke the whole session when a spent token is shown again after the
+    /// grace (reuse detection). Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke_session_on_reuse: Option<bool>,
+
+    /// `iss` of issued tokens. Default `tokenpolicy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub issuer: Option<String>,
+
+    /// `aud` of issued tokens. Default `tokenpolicy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub audience: Option<String>,
+
+    /// Session cookie attributes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<CookieSpec>,
+
+    /// Token service replicas (1..50). Above one, `redis` is required.
+    #[serde(default = "default_replicas")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 50").message("replicas must be between 1 and 50"))]
+    pub replicas: i32,
+
+    /// Token service image; default: the operator's own image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+
+    /// Redis shared by the replicas: a Secret key holding the URL
+    /// (`redis://[:password@]host:6379/0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSpec>,
+
+    /// Users: a Secret key holding `name:hash` lines (htpasswd -B, or
+    /// `tokenpolicy hash-password`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<UsersSpec>,
+
+    /// Resources of each token service container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for TokenPolicySpec {
+    fn default() -> Self {
+        TokenPolicySpec {
+            session_expiration_time: default_session(),
+            token_expiration_time: default_token(),
+            expired_token_renew_limit: default_renew_limit(),
+            refresh_grace_period: default_grace(),
+            revoke_session_on_reuse: None,
+            issuer: None,
+            audience: None,
+            cookie: None,
+            replicas: default_replicas(),
+            image: None,
+            redis: None,
+            users: None,
+            resources: None,
+        }
+    }
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CookieSpec {
+    /// Default `tokenpolicy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[A-Za-z0-9._-]{1,64}$"))]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub domain: Option<String>,
+    /// Default `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^/[^;\\s]*$"))]
+    pub path: Option<String>,
+    /// Default true. Turn off only for plain-HTTP development.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure: Option<bool>,
+    /// `Strict`, `Lax` (default) or `None` (needs `secure`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^(Strict|Lax|None)$"))]
+    pub same_site: Option<String>,
+}
+
+/// A key of a Secret in the TokenPolicy's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedisSpec {
+    /// The Secret key holding the Redis URL.
+    pub url_secret_ref: SecretKeyRef,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UsersSpec {
+    /// The Secret key holding the users file.
+    pub secret_ref: SecretKeyRef,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenPolicyStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`, each with a reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// The in-cluster forward-auth URL, for an ingress `auth-url` annotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+/// The CRD as YAML, as `tokenpolicy crd` prints it and `crds/` keeps it.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt as _;
+    let crd = TokenPolicy::crd();
+    let body = serde_yaml::to_string(&crd).expect("a CRD serializes to YAML");
+    format!("# Generated by `tokenpolicy crd`; do not edit.\n---\n{body}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+    use kube::CustomResourceExt as _;
+    use proptest::prelude::*;
+
+    fn policy(spec: TokenPolicySpec) -> TokenPolicy {
+        TokenPolicy::new("t", spec)
+    }
+
+    fn durations(session: &str, token: &str, renew: &str, grace: &str) -> TokenPolicySpec {
+        TokenPolicySpec {
+            session_expiration_time: session.into(),
+            token_expiration_time: token.into(),
+            expired_token_renew_limit: renew.into(),
+            refresh_grace_period: grace.into(),
+            ..Default::default()
+        }
+    }
+
+    fn cel_errors(tp: &TokenPolicy) -> String {
+        match tp.validate_cel() {
+            Ok(()) => String::new(),
+            Err(e) => format!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn generated_crd_matches_crds_dir() {
+        let on_disk = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/crds/tokenpolicy.yaml"
+        ))
+        .expect("crds/tokenpolicy.yaml exists");
+        assert!(
+            on_disk == crd_yaml(),
+            "crds/tokenpolicy.yaml is out of date: run `cargo run -- crd > crds/tokenpolicy.yaml`"
+        );
+    }
+
+    #[test]
+    fn crd_shape() {
+        let crd = TokenPolicy::crd();
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("tokenpolicies.auth.tokenpolicy.io")
+        );
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert_eq!(crd.spec.names.short_names, Some(vec!["tp".to_string()]));
+        assert_eq!(
+            crd.spec.names.categories,
+            Some(vec!["tokenpolicy".to_string()])
+        );
+        let v = &crd.spec.versions[0];
+        assert_eq!(v.name, "v1alpha1");
+        assert!(
+            v.subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some()
+        );
+        let columns: Vec<_> = v
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(
+            columns,
+            [
+                "Session",
+                "Token",
+                "Renew limit",
+                "Ready",
+                "Endpoint",
+                "Replicas",
+                "Age"
+            ]
+        );
+        let schema = serde_json::to_value(v.schema.as_ref().unwrap()).unwrap();
+        let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
+        let rules: Vec<_> = spec["x-kubernetes-validations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["message"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                "tokenExpirationTime must not be longer than sessionExpirationTime",
+                "expiredTokenRenewLimit must not be longer than sessionExpirationTime"
+            ]
+        );
+        let session = &spec["properties"]["sessionExpirationTime"];
+        assert_eq!(session["default"], "8h");
+        assert_eq!(session["pattern"], crate::duration::PATTERN);
+        assert!(
+            session["x-kubernetes-validations"][0]["rule"]
+                .as_str()
+                .unwrap()
+                .contains("duration(")
+        );
+    }
+
+    #[test]
+    fn valid_specs_pass_cel() {
+        for (s, t, r, g) in [
+            ("8h", "30m", "10m", "10s"),
+            ("7d", "1d", "7d", "0s"),
+            ("1d12h", "1h30m", "0", "1m"),
+            ("365d", "7d", "7d", "60s"),
+            ("1s", "1s", "0s", "0s"),
+        ] {
+            let tp = policy(durations(s, t, r, g));
+            assert_eq!(cel_errors(&tp), "", "{s} {t} {r} {g}");
+            assert!(Policy::from_spec(&tp.spec).is_ok());
+        }
+    }
+
+    #[test]
+    fn invalid_specs_fail_cel_with_their_message() {
+        for (spec, message) in [
+            (
+                durations("1h", "2h", "0s", "0s"),
+                "tokenExpirationTime must not be longer than sessionExpirationTime",
+            ),
+            (
+                durations("1d", "2d", "0s", "0s"),
+                "tokenExpirationTime must not be longer than sessionExpirationTime",
+            ),
+            (
+                durations("30m", "10m", "1h", "0s"),
+                "expiredTokenRenewLimit must not be longer than sessionExpirationTime",
+            ),
+            (
+                durations("366d", "1h", "0s", "0s"),
+                "sessionExpirationTime must be between 1s and 365d",
+            ),
+            (
+                durations("8h", "8d", "0s", "0s"),
+                "tokenExpirationTime must be between 1s and 7d",
+            ),
+            (
+                durations("8h", "0s", "0s", "0s"),
+                "tokenExpirationTime must be between 1s and 7d",
+            ),
+            (
+                durations("8d", "1h", "7d1s", "0s"),
+                "expiredTokenRenewLimit must be between 0s and 7d",
+            ),
+            (
+                durations("8h", "1h", "0s", "61s"),
+                "refreshGracePeriod must be between 0s and 1m",
+            ),
+        ] {
+            let errors = cel_errors(&policy(spec.clone()));
+            assert!(errors.contains(message), "expected {message:?} in {errors}");
+            assert!(Policy::from_spec(&spec).is_err());
+        }
+    }
+
+    /// Samples: every TokenPolicy under examples/ passes both checks; every
+    /// one under tests/invalid/ fails the CEL check with the message its
+    /// `# expect:` line names, and fails the service's own check too.
+    #[test]
+    fn samples() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let docs = |dir: &str| -> Vec<(String, String)> {
+            let mut out = Vec::new();
+            for entry in std::fs::read_dir(format!("{root}/{dir}")).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "yaml") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    for doc in text.split("\n---") {
+                        if doc.contains("kind: TokenPolicy") {
+                            out.push((path.display().to_string(), doc.to_string()));
+                        }
+                    }
+                }
+            }
+            assert!(!out.is_empty(), "no TokenPolicy under {dir}");
+            out
+        };
+        for (path, doc) in docs("examples") {
+            let tp: TokenPolicy =
+                serde_yaml::from_str(&doc).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(cel_errors(&tp), "", "{path}");
+            Policy::from_yaml(&doc).unwrap_or_else(|e| panic!("{path}: {e}"));
+        }
+        for (path, doc) in docs("tests/invalid") {
+            let expect = doc
+                .lines()
+                .find_map(|l| l.strip_prefix("# expect: "))
+                .unwrap_or_else(|| panic!("{path}: no # expect: line"));
+            let tp: TokenPolicy =
+                serde_yaml::from_str(&doc).unwrap_or_else(|e| panic!("{path}: {e}"));
+            let errors = cel_errors(&tp);
+            assert!(
+                errors.contains(expect),
+                "{path}: expected {expect:?}, got {errors:?}"
+            );
+            assert!(
+                Policy::from_yaml(&doc).is_err(),
+                "{path}: the service accepted it"
+            );
+        }
+    }
+
+    fn duration_string() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (0u64..400).prop_map(|d| format!("{d}d")),
+            (0u64..200, 0u64..60).prop_map(|(h, m)| format!("{h}h{m}m")),
+            (0u64..100_000).prop_map(|s| format!("{s}s")),
+            (0u64..10, 0u64..30).prop_map(|(d, h)| format!("{d}d{h}h")),
+            Just("0".to_string()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// The API server's CEL rules and the service's own checks agree on
+        /// every spec: nothing the cluster accepts is refused by `serve`.
+        #[test]
+        fn cel_and_service_agree(s in duration_string(), t in duration_string(), r in duration_string(), g in duration_string()) {
+            let tp = policy(durations(&s, &t, &r, &g));
+            let by_cel = tp.validate_cel().is_ok();
+            let by_service = Policy::from_spec(&tp.spec).is_ok();
+            prop_assert_eq!(by_cel, by_service, "{} {} {} {}: {}", s, t, r, g, cel_errors(&tp));
+        }
+    }
+}
