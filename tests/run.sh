@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs (Debian packages, Python test
+# tools, Rust components), then lints, unit-tests and runs the black-box
+# integration tests against real redis-server processes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/tokenpolicy-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { printf '\n== %s\n' "$*"; }
+
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing+=(nginx)
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing ${missing[*]}"
+  # Install the packages without starting their system services: tests start
+  # their own on free loopback ports.
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+  $SUDO chmod +x /usr/sbin/policy-rc.d
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  $SUDO rm -f /usr/sbin/policy-rc.d
+fi
+
+step "python test tools"
+python3 -m pip install -q --disable-pip-version-check -r tests/requirements.txt
+
+step "rust components"
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings
+
+step "cargo build"
+cargo build --locked
+
+# A real redis-server for the Rust store contract test.
+port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --daemonize no >/dev/null 2>&1 &
+redis_pid=$!
+trap 'kill $redis_pid 2>/dev/null || true' EXIT
+for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+export TOKENPOLICY_TEST_REDIS="redis://127.0.0.1:$port/"
+
+step "cargo test"
+cargo test --locked
+
+kill $redis_pid 2>/dev/null || true
+
+step "integration tests (real redis-server, two replicas)"
+export TOKENPOLICY_BIN="$CARGO_TARGET_DIR/debug/tokenpolicy"
+python3 -m pytest -q -p no:cacheprovider tests/integration
