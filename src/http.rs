@@ -23,7 +23,7 @@ use crate::service::{Issued, TokenService, now_millis};
 /// Request bodies are small JSON or form posts.
 pub const MAX_BODY: usize = 16 * 1024;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct HttpConfig {
     /// Another header to read the token from (besides `Authorization` and the cookie).
     pub token_header: Option<HeaderName>,
@@ -34,9 +34,25 @@ pub struct HttpConfig {
     /// sign-in URL (with `rd`), for proxies that hand our answer to the client
     /// as-is (Traefik). API clients keep their 401.
     pub signin_url: Option<String>,
+    /// Renew expired-but-renewable tokens on verify. Turn off behind a proxy
+    /// that cannot hand a successful check's `Set-Cookie` to the client:
+    /// there, renewal would spend the token's one refresh unseen.
+    pub renew_on_verify: bool,
     /// Hosts that `rd` may point to besides the request's own host. A
     /// leading dot (`.example.com`) allows every subdomain.
     pub redirect_domains: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            token_header: None,
+            trust_forwarded_for: false,
+            renew_on_verify: true,
+            signin_url: None,
+            redirect_domains: Vec::new(),
+        }
+    }
 }
 
 pub struct App {
@@ -259,15 +275,14 @@ async fn login(
         },
         _ => None,
     };
-    let now = now_millis();
     let ip = client_ip(&app, &headers, peer.map(|c| c.0.0));
     match app
         .service
-        .login(&creds.username, &creds.password, ip, now)
+        .login(&creds.username, &creds.password, ip, now_millis)
         .await
     {
         Ok(issued) => {
-            let mut resp = issued_response(&app, &issued, now / 1_000);
+            let mut resp = issued_response(&app, &issued, issued.claims.iat);
             if form {
                 *resp.status_mut() = StatusCode::SEE_OTHER;
                 let location = target.unwrap_or_else(|| "/".into());
@@ -483,7 +498,10 @@ async fn verify(State(app): Shared, req: Request) -> Response {
     let policy = app.service.policy();
     let now = now_millis();
     let decision = match token_of(&app, headers, &policy.cookie.name) {
-        Ok(token) => app.service.verify(token, !is_stream(headers), now).await,
+        Ok(token) => {
+            let may_renew = app.config.renew_on_verify && !is_stream(headers);
+            app.service.verify(token, may_renew, now).await
+        }
         Err(e) => Err(e),
     };
     match decision {
@@ -518,9 +536,15 @@ async fn verify(State(app): Shared, req: Request) -> Response {
             resp
         }
         Err(e) => {
-            if let (Some(signin), StatusCode::UNAUTHORIZED, true) =
-                (&app.config.signin_url, e.code.status(), is_browser(headers))
-            {
+            // nginx auth_request (ingress-nginx) takes only 2xx/401/403 and
+            // does its own sign-in redirect (auth-signin): never a 302 there.
+            let behind_nginx = headers.contains_key("x-original-url");
+            if let (Some(signin), StatusCode::UNAUTHORIZED, true, false) = (
+                &app.config.signin_url,
+                e.code.status(),
+                is_browser(headers),
+                behind_nginx,
+            ) {
                 let rd = original_url(headers, req.uri().path()).unwrap_or_else(|| "/".into());
                 let sep = if signin.contains('?') { '&' } else { '?' };
                 let location = format!("{signin}{sep}rd={}", url_encode(&rd));

@@ -55,7 +55,12 @@ pub struct ServeArgs {
     /// Client address from the last X-Forwarded-For hop (behind a proxy).
     #[arg(long, env = "TOKENPOLICY_TRUST_FORWARDED_FOR")]
     pub trust_forwarded_for: bool,
-    /// Redirect mode for browsers: 302 to this sign-in URL instead of 401.
+    /// Do not renew expired tokens on /v1/verify (for proxies that drop the
+    /// Set-Cookie of a successful check; clients then call /v1/refresh).
+    #[arg(long, env = "TOKENPOLICY_NO_RENEW_ON_VERIFY")]
+    pub no_renew_on_verify: bool,
+    /// Redirect mode for browsers: 302 to this sign-in URL instead of 401
+    /// (not for ingress-nginx, whose auth-signin does the redirect).
     #[arg(long, env = "TOKENPOLICY_SIGNIN_URL")]
     pub signin_url: Option<String>,
     /// Domains that `rd` may point to (`.example.com` for all subdomains).
@@ -212,6 +217,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         config: HttpConfig {
             token_header,
             trust_forwarded_for: args.trust_forwarded_for,
+            renew_on_verify: !args.no_renew_on_verify,
             signin_url: args.signin_url.clone(),
             redirect_domains: args.redirect_domains.clone(),
         },

@@ -127,14 +127,16 @@ impl TokenService {
         }
     }
 
+    /// `clock` is read after the password check, so a token's life starts
+    /// when it is issued, not before the (deliberately slow) hash check.
     pub async fn login(
         &self,
         name: &str,
         password: &str,
         client: Option<IpAddr>,
-        now: Millis,
+        clock: impl Fn() -> Millis,
     ) -> Result<Issued, ApiError> {
-        let result = self.login_inner(name, password, client, now).await;
+        let result = self.login_inner(name, password, client, clock).await;
         let outcome = match &result {
             Ok(_) => "success",
             Err(e) => e.code.as_str(),
@@ -148,7 +150,7 @@ impl TokenService {
         name: &str,
         password: &str,
         client: Option<IpAddr>,
-        now: Millis,
+        clock: impl Fn() -> Millis,
     ) -> Result<Issued, ApiError> {
         if name.is_empty() || name.len() > MAX_NAME_LEN || password.len() > MAX_PASSWORD_LEN {
             return Err(ApiError::new(
@@ -207,7 +209,7 @@ impl TokenService {
             self.store.clear_failures(&user_key).await?;
         }
         let policy = self.policy.load();
-        let (auth_time, iat, exp) = rules::login_times(&policy, now);
+        let (auth_time, iat, exp) = rules::login_times(&policy, clock());
         let claims = Claims {
             iss: self.keys.issuer().to_string(),
             aud: self.keys.audience().to_string(),
@@ -457,7 +459,7 @@ mod tests {
     #[tokio::test]
     async fn login_verify_refresh_once_then_reuse_revokes() {
         let (s, _) = service(short());
-        let t = s.login("alice", "pw", None, T0).await.unwrap();
+        let t = s.login("alice", "pw", None, || T0).await.unwrap();
         assert_eq!(t.claims.exp - t.claims.iat, 2);
         assert!(s.verify(&t.token, false, T0 + 1_000).await.is_ok());
         assert_eq!(
@@ -486,10 +488,10 @@ mod tests {
     #[tokio::test]
     async fn renew_limit_and_session_end() {
         let (s, _) = service(short());
-        let t = s.login("alice", "pw", None, T0).await.unwrap();
+        let t = s.login("alice", "pw", None, || T0).await.unwrap();
         assert_eq!(code(s.refresh(&t.token, T0 + 5_000).await), "EXPIRED_TOKEN");
         // A chain of refreshes ends at the session end, never later.
-        let mut cur = s.login("alice", "pw", None, T0).await.unwrap();
+        let mut cur = s.login("alice", "pw", None, || T0).await.unwrap();
         let mut now = T0;
         while let Ok(next) = s.refresh(&cur.token, now + 2_100).await {
             now += 2_100;
@@ -506,7 +508,7 @@ mod tests {
     #[tokio::test]
     async fn verify_renews_on_the_fly_unless_streaming() {
         let (s, _) = service(short());
-        let t = s.login("alice", "pw", None, T0).await.unwrap();
+        let t = s.login("alice", "pw", None, || T0).await.unwrap();
         assert_eq!(
             code(s.verify(&t.token, false, T0 + 2_100).await),
             "EXPIRED_TOKEN"
@@ -519,7 +521,7 @@ mod tests {
     #[tokio::test]
     async fn logout_revokes_and_is_idempotent() {
         let (s, _) = service(short());
-        let t = s.login("alice", "pw", None, T0).await.unwrap();
+        let t = s.login("alice", "pw", None, || T0).await.unwrap();
         s.logout(&t.token, T0 + 100).await.unwrap();
         assert_eq!(
             code(s.verify(&t.token, false, T0 + 200).await),
@@ -537,7 +539,7 @@ mod tests {
     #[tokio::test]
     async fn removed_user_or_changed_password_ends_sessions() {
         let (s, hash) = service(short());
-        let t = s.login("alice", "pw", None, T0).await.unwrap();
+        let t = s.login("alice", "pw", None, || T0).await.unwrap();
         let other = bcrypt::hash("new", 4).unwrap();
         s.set_users(Users::parse(&format!("alice:{other}\n"), "t").unwrap());
         assert_eq!(
@@ -556,7 +558,7 @@ mod tests {
     #[tokio::test]
     async fn shortened_policy_applies_to_live_sessions() {
         let (s, _) = service(Policy::default());
-        let t = s.login("alice", "pw", None, T0).await.unwrap();
+        let t = s.login("alice", "pw", None, || T0).await.unwrap();
         assert!(s.verify(&t.token, false, T0 + 60_000).await.is_ok());
         s.set_policy(Policy {
             session: 30,
@@ -576,18 +578,18 @@ mod tests {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         for _ in 0..5 {
             assert_eq!(
-                code(s.login("alice", "bad", Some(ip), T0).await),
+                code(s.login("alice", "bad", Some(ip), || T0).await),
                 "INVALID_CREDENTIALS"
             );
         }
-        let e = s.login("alice", "pw", Some(ip), T0).await.unwrap_err();
+        let e = s.login("alice", "pw", Some(ip), || T0).await.unwrap_err();
         assert_eq!(e.code, Code::TooManyAttempts);
         assert!(e.retry_after.unwrap() > 0);
         assert_eq!(
-            code(s.login("nobody", "x", None, T0).await),
+            code(s.login("nobody", "x", None, || T0).await),
             "INVALID_CREDENTIALS"
         );
-        assert_eq!(code(s.login("", "x", None, T0).await), "INVALID_REQUEST");
+        assert_eq!(code(s.login("", "x", None, || T0).await), "INVALID_REQUEST");
     }
 }
 
