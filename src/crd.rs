@@ -73,7 +73,7 @@ fn default_grace() -> String {
     "10s".into()
 }
 fn default_replicas() -> i32 {
-    2
+    1
 }
 
 /// A policy for issued tokens and the service that enforces it.
@@ -97,7 +97,8 @@ fn default_replicas() -> i32 {
 )]
 #[x_kube(
     validation = Rule::new(TOKEN_WITHIN_SESSION).message("tokenExpirationTime must not be longer than sessionExpirationTime"),
-    validation = Rule::new(RENEW_WITHIN_SESSION).message("expiredTokenRenewLimit must not be longer than sessionExpirationTime")
+    validation = Rule::new(RENEW_WITHIN_SESSION).message("expiredTokenRenewLimit must not be longer than sessionExpirationTime"),
+    validation = Rule::new("self.replicas <= 1 || has(self.redis)").message("replicas above 1 need redis: the one-time refresh state must be shared")
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TokenPolicySpec {
@@ -158,7 +159,7 @@ pub struct TokenPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cookie: Option<CookieSpec>,
 
-    /// Token service replicas (1..50). Above one, `redis` is required.
+    /// Token service replicas (1..50, default 1). Above one, `redis` is required.
     #[serde(default = "default_replicas")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 50").message("replicas must be between 1 and 50"))]
     pub replicas: i32,
@@ -365,7 +366,8 @@ mod tests {
             rules,
             [
                 "tokenExpirationTime must not be longer than sessionExpirationTime",
-                "expiredTokenRenewLimit must not be longer than sessionExpirationTime"
+                "expiredTokenRenewLimit must not be longer than sessionExpirationTime",
+                "replicas above 1 need redis: the one-time refresh state must be shared"
             ]
         );
         let session = &spec["properties"]["sessionExpirationTime"];

@@ -182,6 +182,12 @@ impl Policy {
                 ),
             ));
         }
+        if spec.replicas > 1 && spec.redis.is_none() {
+            return Err(field(
+                "redis",
+                "replicas above 1 need redis: the one-time refresh state must be shared",
+            ));
+        }
         let mut cookie = Cookie::default();
         if let Some(c) = &spec.cookie {
             if let Some(name) = &c.name {
