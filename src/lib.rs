@@ -2,12 +2,14 @@
 //! validity, token validity, a one-time expired-token refresh window), and
 //! the operator that runs it on Kubernetes.
 
+pub mod controller;
 pub mod crd;
 pub mod duration;
 pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod policy;
+pub mod resources;
 pub mod rules;
 pub mod serve;
 pub mod service;

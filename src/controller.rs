@@ -1,0 +1,1138 @@
+//! `tokenpolicy operator`: the controller that turns each TokenPolicy into a
+//! running token service (DESIGN.md §3). The objects themselves are built in
+//! `resources.rs`; this module decides what to apply and reports status.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+use crate::crd::{SecretKeyRef, TokenPolicy, TokenPolicyStatus};
+use crate::policy::Policy;
+use crate::resources::{self, MANAGER};
+use crate::token::Key;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("TokenPolicy has no namespace")]
+    NoNamespace,
+    #[error("signing-key Secret {0} is unusable: {1}")]
+    KeySecret(String, String),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(_)) => "api_error",
+            Error::Kube(_) => "kube_client",
+            Error::NoNamespace => "no_namespace",
+            Error::KeySecret(..) => "key_secret",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+pub struct OperatorMetrics {
+    pub registry: Registry,
+    pub reconciles: Counter,
+    pub failures: Family<Reason, Counter>,
+    pub duration: Histogram,
+}
+
+impl Default for OperatorMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tokenpolicy_operator");
+        let reconciles = Counter::default();
+        let failures = Family::<Reason, Counter>::default();
+        let duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        registry.register("reconciles", "Reconciliations run", reconciles.clone());
+        registry.register(
+            "reconcile_failures",
+            "Failed reconciliations by reason",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconciliation",
+            duration.clone(),
+        );
+        OperatorMetrics {
+            registry,
+            reconciles,
+            failures,
+            duration,
+        }
+    }
+}
+
+impl OperatorMetrics {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    /// The token service image when a TokenPolicy does not name one.
+    pub image: String,
+    pub metrics: Arc<OperatorMetrics>,
+    /// Consecutive failures per object, for the backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, image: String, metrics: Arc<OperatorMetrics>) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
+        Context {
+            client,
+            recorder,
+            image,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The conditions, reasons and counters that a reconciliation reports.
+#[derive(Debug, Clone, PartialEq)]
+struct Report {
+    ready: (bool, &'static str, String),
+    progressing: (bool, &'static str, String),
+    degraded: (bool, &'static str, String),
+    ready_replicas: Option<i32>,
+}
+
+fn condition(
+    kind: &str,
+    (ok, reason, message): &(bool, &'static str, String),
+    old: &[Condition],
+    generation: Option<i64>,
+    now: &Timestamp,
+) -> Condition {
+    let status = if *ok { "True" } else { "False" };
+    // lastTransitionTime changes only when the status does.
+    let since = old
+        .iter()
+        .find(|c| c.type_ == kind && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| Time(*now));
+    Condition {
+        type_: kind.into(),
+        status: status.into(),
+        reason: (*reason).into(),
+        message: message.clone(),
+        observed_generation: generation,
+        last_transition_time: since,
+    }
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct StatusPatch {
+    api_version: &'static str,
+    kind: &'static str,
+    status: TokenPolicyStatus,
+}
+
+async fn write_status(
+    tp: &TokenPolicy,
+    api: &Api<TokenPolicy>,
+    report: &Report,
+) -> Result<(), Error> {
+    let old = tp
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or(&[]);
+    let now = Timestamp::now();
+    let generation = tp.metadata.generation;
+    let status = TokenPolicyStatus {
+        observed_generation: generation,
+        conditions: vec![
+            condition("Ready", &report.ready, old, generation, &now),
+            condition("Progressing", &report.progressing, old, generation, &now),
+            condition("Degraded", &report.degraded, old, generation, &now),
+        ],
+        ready_replicas: report.ready_replicas,
+        endpoint: Some(resources::endpoint(tp)),
+    };
+    let patch = StatusPatch {
+        api_version: "auth.tokenpolicy.io/v1alpha1",
+        kind: "TokenPolicy",
+        status,
+    };
+    api.patch_status(
+        &tp.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+fn degraded_reason(tp: &TokenPolicy) -> Option<String> {
+    tp.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded" && c.status == "True")
+        .map(|c| c.reason.clone())
+}
+
+/// A referenced Secret key that must exist before the service can run.
+async fn check_secret(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<Option<String>, Error> {
+    match secrets.get_opt(&r.name).await? {
+        None => Ok(Some(format!("Secret {} not found", r.name))),
+        Some(s) => {
+            let has = s.data.as_ref().is_some_and(|d| d.contains_key(&r.key))
+                || s.string_data
+                    .as_ref()
+                    .is_some_and(|d| d.contains_key(&r.key));
+            Ok((!has).then(|| format!("Secret {} has no key {}", r.name, r.key)))
+        }
+    }
+}
+
+/// What stops the service from running, if anything: (reason, message).
+async fn blocker(
+    tp: &TokenPolicy,
+    secrets: &Api<Secret>,
+) -> Result<Option<(&'static str, String)>, Error> {
+    if let Err(e) = Policy::from_spec(&tp.spec) {
+        return Ok(Some(("InvalidSpec", e.to_string())));
+    }
+    let Some(users) = &tp.spec.users else {
+        return Ok(Some((
+            "UsersSecretMissing",
+            "spec.users is not set: nobody could log in".into(),
+        )));
+    };
+    if let Some(m) = check_secret(secrets, &users.secret_ref).await? {
+        return Ok(Some(("UsersSecretMissing", m)));
+    }
+    if let Some(redis) = &tp.spec.redis
+        && let Some(m) = check_secret(secrets, &redis.url_secret_ref).await?
+    {
+        return Ok(Some(("RedisSecretMissing", m)));
+    }
+    Ok(None)
+}
+
+fn pem_of(secret: &Secret, key: &str) -> Option<String> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .cloned()
+        })
+}
+
+/// The signing keys: generated once and never overwritten; a changed
+/// rotate annotation makes a new key and keeps the old one verifying.
+/// Returns the kids (first signs) and whether a previous key exists.
+async fn signing_keys(
+    tp: &TokenPolicy,
+    ctx: &Context,
+    secrets: &Api<Secret>,
+) -> Result<(String, bool), Error> {
+    let name = resources::signing_secret_name(tp);
+    let rotate = tp.annotations().get(resources::ROTATE_ANNOTATION).cloned();
+    let kid = |pem: &str| {
+        Key::from_pem(pem, &name)
+            .map(|k| k.kid().to_string())
+            .map_err(|e| Error::KeySecret(name.clone(), e.to_string()))
+    };
+    match secrets.get_opt(&name).await? {
+        None => {
+            let key = Key::generate();
+            let secret = resources::signing_secret(tp, &key.to_pem(), None, rotate.as_deref());
+            secrets
+                .create(
+                    &PostParams {
+                        field_manager: Some(MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &secret,
+                )
+                .await?;
+            publish(
+                ctx,
+                tp,
+                EventType::Normal,
+                "SigningKeyCreated",
+                "Create",
+                format!("generated signing key {} in Secret {name}", key.kid()),
+            )
+            .await;
+            Ok((key.kid().to_string(), false))
+        }
+        Some(existing) => {
+            let current = pem_of(&existing, resources::SIGNING_KEY).ok_or_else(|| {
+                Error::KeySecret(name.clone(), format!("no {}", resources::SIGNING_KEY))
+            })?;
+            let done_for = existing
+                .annotations()
+                .get(resources::ROTATED_FOR_ANNOTATION)
+                .cloned();
+            if rotate.is_some() && rotate != done_for {
+                let key = Key::generate();
+                let mut secret =
+                    resources::signing_secret(tp, &key.to_pem(), Some(&current), rotate.as_deref());
+                secret.metadata.resource_version = existing.metadata.resource_version.clone();
+                secrets
+                    .replace(
+                        &name,
+                        &PostParams {
+                            field_manager: Some(MANAGER.into()),
+                            ..Default::default()
+                        },
+                        &secret,
+                    )
+                    .await?;
+                publish(
+                    ctx,
+                    tp,
+                    EventType::Normal,
+                    "SigningKeyRotated",
+                    "Rotate",
+                    format!(
+                        "new signing key {}; {} verifies until the next rotation",
+                        key.kid(),
+                        kid(&current)?
+                    ),
+                )
+                .await;
+                return Ok((format!("{},{}", key.kid(), kid(&current)?), true));
+            }
+            let mut kids = kid(&current)?;
+            let previous = pem_of(&existing, resources::PREVIOUS_KEY);
+            if let Some(p) = &previous {
+                kids = format!("{kids},{}", kid(p)?);
+            }
+            Ok((kids, previous.is_some()))
+        }
+    }
+}
+
+async fn publish(
+    ctx: &Context,
+    tp: &TokenPolicy,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &tp.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish event");
+    }
+}
+
+async fn apply<K>(api: Api<K>, obj: &K) -> Result<K, Error>
+where
+    K: Resource + Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    Ok(api
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(obj),
+        )
+        .await?)
+}
+
+pub async fn reconcile(tp: Arc<TokenPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let result = reconcile_inner(&tp, &ctx).await;
+    ctx.metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.failures().remove(&key_of(&tp));
+    }
+    result
+}
+
+fn key_of(tp: &TokenPolicy) -> String {
+    format!("{}/{}", tp.namespace().unwrap_or_default(), tp.name_any())
+}
+
+async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Error> {
+    if tp.metadata.deletion_timestamp.is_some() {
+        // Everything we made carries an ownerReference: the garbage collector removes it.
+        return Ok(Action::await_change());
+    }
+    let ns = tp.namespace().ok_or(Error::NoNamespace)?;
+    let client = ctx.client.clone();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let policies: Api<TokenPolicy> = Api::namespaced(client.clone(), &ns);
+
+    if let Some((reason, message)) = blocker(tp, &secrets).await? {
+        // Nothing is applied: a missing Secret must not churn the Deployment.
+        if degraded_reason(tp).as_deref() != Some(reason) {
+            publish(
+                ctx,
+                tp,
+                EventType::Warning,
+                reason,
+                "Reconcile",
+                message.clone(),
+            )
+            .await;
+        }
+        let report = Report {
+            ready: (false, reason, message.clone()),
+            progressing: (false, reason, "waiting for the problem to be fixed".into()),
+            degraded: (true, reason, message),
+            ready_replicas: tp.status.as_ref().and_then(|s| s.ready_replicas),
+        };
+        write_status(tp, &policies, &report).await?;
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    }
+
+    let (kids, has_previous) = signing_keys(tp, ctx, &secrets).await?;
+    apply(
+        Api::<ServiceAccount>::namespaced(client.clone(), &ns),
+        &resources::service_account(tp),
+    )
+    .await?;
+    apply(
+        Api::<Role>::namespaced(client.clone(), &ns),
+        &resources::role(tp),
+    )
+    .await?;
+    apply(
+        Api::<RoleBinding>::namespaced(client.clone(), &ns),
+        &resources::role_binding(tp),
+    )
+    .await?;
+    apply(
+        Api::<Service>::namespaced(client.clone(), &ns),
+        &resources::service(tp),
+    )
+    .await?;
+    let deployment = apply(
+        Api::<Deployment>::namespaced(client.clone(), &ns),
+        &resources::deployment(tp, &ctx.image, &kids, has_previous),
+    )
+    .await?;
+    let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
+    if tp.spec.replicas > 1 {
+        apply(pdbs, &resources::pdb(tp)).await?;
+    } else {
+        match pdbs.delete(&tp.name_any(), &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+
+    let want = tp.spec.replicas;
+    let st = deployment.status.clone().unwrap_or_default();
+    let ready = st.ready_replicas.unwrap_or(0);
+    let updated = st.updated_replicas.unwrap_or(0);
+    let current_gen =
+        st.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
+    let rolling = !current_gen || updated < want || st.replicas.unwrap_or(0) > want;
+    let report = Report {
+        ready: if ready >= 1 {
+            (
+                true,
+                "DeploymentAvailable",
+                format!("{ready}/{want} replicas ready"),
+            )
+        } else {
+            (
+                false,
+                "DeploymentUnavailable",
+                format!("0/{want} replicas ready"),
+            )
+        },
+        progressing: if rolling {
+            (
+                true,
+                "RollingOut",
+                format!("{updated}/{want} replicas updated"),
+            )
+        } else {
+            (false, "Stable", "all replicas run the current spec".into())
+        },
+        degraded: (false, "AsExpected", "no problem found".into()),
+        ready_replicas: Some(ready),
+    };
+    if degraded_reason(tp).is_some() {
+        publish(
+            ctx,
+            tp,
+            EventType::Normal,
+            "Recovered",
+            "Reconcile",
+            "the problem is fixed; the token service is being applied".into(),
+        )
+        .await;
+    }
+    write_status(tp, &policies, &report).await?;
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Backoff per object: 5 s, 10 s, 20 s … up to 5 min.
+pub fn error_policy(tp: Arc<TokenPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .failures
+        .get_or_create(&Reason {
+            reason: error.metric_label().into(),
+        })
+        .inc();
+    let n = {
+        let mut f = ctx.failures();
+        let n = f.entry(key_of(&tp)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = Duration::from_secs((5u64 << (n - 1).min(6)).min(300));
+    tracing::warn!(policy = %key_of(&tp), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Runs the controller until a shutdown signal.
+pub async fn run(ctx: Arc<Context>) -> anyhow::Result<()> {
+    let client = ctx.client.clone();
+    let policies = Api::<TokenPolicy>::all(client.clone());
+    if let Err(e) = policies
+        .list(&kube::api::ListParams::default().limit(1))
+        .await
+    {
+        anyhow::bail!(
+            "cannot list TokenPolicies ({e}); is the CRD installed? (`tokenpolicy crd | kubectl apply -f -`)"
+        );
+    }
+    let owned =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+    Controller::new(policies, watcher::Config::default().any_semantic())
+        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        .owns(Api::<Secret>::all(client.clone()), owned)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(policy = %obj.name, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Reconcile against a mock API server (tower-test), in controller-rs's
+    //! style: each scenario lists the requests the reconciler must make, in
+    //! order, with method, exact URI and the body fields that matter, and
+    //! answers as the API server would. A missing call times out; an extra
+    //! call finds no answer and fails the reconcile.
+    use super::*;
+    use crate::crd::{RedisSpec, SecretKeyRef, TokenPolicySpec, UsersSpec};
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    struct ApiServer(Handle);
+
+    impl ApiServer {
+        /// Takes the next request, checks it, answers with `status` and `body`,
+        /// and returns the request body as JSON (Null when empty).
+        async fn expect(&mut self, method: &str, uri: &str, status: u16, body: Value) -> Value {
+            let (req, send) = self
+                .0
+                .next_request()
+                .await
+                .expect("the reconciler made no further call");
+            assert_eq!(req.method().as_str(), method, "method of {}", req.uri());
+            assert_eq!(req.uri().to_string(), uri);
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let sent = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            };
+            send.send_response(
+                Response::builder()
+                    .status(status)
+                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap(),
+            );
+            sent
+        }
+
+        /// Answers a server-side apply with the applied object (plus `status`).
+        async fn apply(&mut self, uri: &str, status: Value) -> Value {
+            let (req, send) = self
+                .0
+                .next_request()
+                .await
+                .expect("the reconciler made no further call");
+            assert_eq!(req.method().as_str(), "PATCH", "method of {}", req.uri());
+            assert_eq!(req.uri().to_string(), uri);
+            assert_eq!(
+                req.headers().get("content-type").unwrap(),
+                "application/apply-patch+yaml"
+            );
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let sent: Value = serde_json::from_slice(&bytes).unwrap();
+            let mut answer = sent.clone();
+            answer["metadata"]["generation"] = json!(1);
+            answer["metadata"]["resourceVersion"] = json!("1");
+            if !status.is_null() {
+                answer["status"] = status;
+            }
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
+            sent
+        }
+    }
+
+    fn not_found(kind: &str, name: &str) -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": format!("{kind} \"{name}\" not found"), "reason": "NotFound", "code": 404})
+    }
+
+    fn secret(name: &str, key: &str, value: &str) -> Value {
+        use base64::Engine;
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": "team", "resourceVersion": "7"},
+               "data": {key: base64::engine::general_purpose::STANDARD.encode(value)}})
+    }
+
+    fn policy(replicas: i32) -> TokenPolicy {
+        let mut tp = TokenPolicy::new(
+            "demo",
+            TokenPolicySpec {
+                replicas,
+                users: Some(UsersSpec {
+                    secret_ref: SecretKeyRef {
+                        name: "demo-users".into(),
+                        key: "users".into(),
+                    },
+                }),
+                redis: (replicas > 1).then(|| RedisSpec {
+                    url_secret_ref: SecretKeyRef {
+                        name: "redis".into(),
+                        key: "url".into(),
+                    },
+                }),
+                ..Default::default()
+            },
+        );
+        tp.metadata.namespace = Some("team".into());
+        tp.metadata.uid = Some("uid-1".into());
+        tp.metadata.generation = Some(1);
+        tp
+    }
+
+    fn context() -> (Arc<Context>, ApiServer) {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "default");
+        let ctx = Context::new(
+            client,
+            "tokenpolicy:test".into(),
+            Arc::new(OperatorMetrics::default()),
+        );
+        (Arc::new(ctx), ApiServer(handle))
+    }
+
+    async fn run(
+        tp: TokenPolicy,
+        ctx: Arc<Context>,
+        scenario: tokio::task::JoinHandle<()>,
+    ) -> Result<Action, Error> {
+        let result = reconcile(Arc::new(tp), ctx).await;
+        tokio::time::timeout(Duration::from_secs(2), scenario)
+            .await
+            .expect("the reconciler did not make every expected call")
+            .expect("scenario assertions hold");
+        result
+    }
+
+    const FM: &str = "?&force=true&fieldManager=tokenpolicy-operator";
+
+    fn ns(path: &str) -> String {
+        format!("{path}{FM}")
+    }
+
+    /// The five applies of a healthy reconcile; returns the Deployment body.
+    async fn applies(api: &mut ApiServer, ready: i32) -> Value {
+        let sa = api
+            .apply(
+                &ns("/api/v1/namespaces/team/serviceaccounts/demo"),
+                Value::Null,
+            )
+            .await;
+        assert_eq!(sa["kind"], "ServiceAccount");
+        assert_eq!(sa["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+        assert_eq!(sa["metadata"]["ownerReferences"][0]["controller"], true);
+        let role = api
+            .apply(
+                &ns("/apis/rbac.authorization.k8s.io/v1/namespaces/team/roles/demo"),
+                Value::Null,
+            )
+            .await;
+        assert_eq!(role["rules"][0]["resourceNames"], json!(["demo"]));
+        let rb = api
+            .apply(
+                &ns("/apis/rbac.authorization.k8s.io/v1/namespaces/team/rolebindings/demo"),
+                Value::Null,
+            )
+            .await;
+        assert_eq!(rb["subjects"][0]["name"], "demo");
+        let svc = api
+            .apply(&ns("/api/v1/namespaces/team/services/demo"), Value::Null)
+            .await;
+        assert_eq!(svc["spec"]["ports"][0]["port"], 8080);
+        let dep = api
+            .apply(
+                &ns("/apis/apps/v1/namespaces/team/deployments/demo"),
+                json!({"observedGeneration": 1, "replicas": ready, "updatedReplicas": ready, "readyReplicas": ready}),
+            )
+            .await;
+        assert_eq!(dep["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+        dep
+    }
+
+    fn args(dep: &Value) -> String {
+        dep["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    async fn status(api: &mut ApiServer) -> Value {
+        let sent = api
+            .expect(
+                "PATCH",
+                &ns("/apis/auth.tokenpolicy.io/v1alpha1/namespaces/team/tokenpolicies/demo/status"),
+                200,
+                serde_json::to_value(policy(1)).unwrap(),
+            )
+            .await;
+        assert_eq!(sent["kind"], "TokenPolicy");
+        sent["status"].clone()
+    }
+
+    fn condition<'a>(status: &'a Value, kind: &str) -> &'a Value {
+        status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == kind)
+            .unwrap()
+    }
+
+    fn key_secret() -> Value {
+        secret(
+            "demo-signing-keys",
+            "signing.pem",
+            &Key::generate().to_pem(),
+        )
+    }
+
+    #[tokio::test]
+    async fn first_creation_makes_key_and_service_and_reports_status() {
+        let (ctx, mut api) = context();
+        let scenario = tokio::spawn(async move {
+            api.expect(
+                "GET",
+                "/api/v1/namespaces/team/secrets/demo-users",
+                200,
+                secret("demo-users", "users", "alice:$2y$…"),
+            )
+            .await;
+            api.expect(
+                "GET",
+                "/api/v1/namespaces/team/secrets/demo-signing-keys",
+                404,
+                not_found("secrets", "demo-signing-keys"),
+            )
+            .await;
+            let created = api
+                .expect(
+                    "POST",
+                    "/api/v1/namespaces/team/secrets?&fieldManager=tokenpolicy-operator",
+                    201,
+                    key_secret(),
+                )
+                .await;
+            assert_eq!(created["metadata"]["name"], "demo-signing-keys");
+            assert_eq!(created["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+            let pem = created["stringData"]["signing.pem"].as_str().unwrap();
+            assert!(Key::from_pem(pem, "created").is_ok());
+            let event = api
+                .expect(
+                    "POST",
+                    "/apis/events.k8s.io/v1/namespaces/team/events?",
+                    201,
+                    json!({}),
+                )
+                .await;
+            assert_eq!(event["reason"], "SigningKeyCreated");
+            let dep = applies(&mut api, 0).await;
+            assert_eq!(dep["spec"]["replicas"], 1);
+            assert!(args(&dep).starts_with("serve --policy-ref team/demo"));
+            api.expect(
+                "DELETE",
+                "/apis/policy/v1/namespaces/team/poddisruptionbudgets/demo?",
+                404,
+                not_found("poddisruptionbudgets", "demo"),
+            )
+            .await;
+            let st = status(&mut api).await;
+            assert_eq!(st["observedGeneration"], 1);
+            assert_eq!(
+                st["endpoint"],
+                "http://demo.team.svc.cluster.local:8080/v1/verify"
+            );
+            assert_eq!(condition(&st, "Ready")["status"], "False");
+            assert_eq!(condition(&st, "Ready")["reason"], "DeploymentUnavailable");
+            assert_eq!(condition(&st, "Degraded")["status"], "False");
+        });
+        let action = run(policy(1), ctx, scenario).await.unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    }
+
+    #[tokio::test]
+    async fn unchanged_spec_applies_the_same_and_keeps_the_key() {
+        let (ctx, mut api) = context();
+        let mut tp = policy(1);
+        tp.status = Some(TokenPolicyStatus {
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                reason: "DeploymentAvailable".into(),
+                message: "1/1 replicas ready".into(),
+                observed_generation: Some(1),
+                last_transition_time: Time("2026-01-02T03:04:05Z".parse().unwrap()),
+            }],
+            ..Default::default()
+        });
+        let first = resources::deployment(&tp, "tokenpolicy:test", "x", false);
+        let scenario = tokio::spawn(async move {
+            api.expect(
+                "GET",
+                "/api/v1/namespaces/team/secrets/demo-users",
+                200,
+                secret("demo-users", "users", "a:b"),
+            )
+            .await;
+            // The key exists: no create, no event, nothing overwritten.
+            api.expect(
+                "GET",
+                "/api/v1/namespaces/team/secrets/demo-signing-keys",
+                200,
+                key_secret(),
+            )
+            .await;
+            let dep = applies(&mut api, 1).await;
+            assert_eq!(dep["spec"]["replicas"], first.spec.replicas.unwrap());
+            assert_eq!(
+                args(&dep),
+                first.spec.template.spec.as_ref().unwrap().containers[0]
+                    .args
+                    .clone()
+                    .unwrap()
+                    .join(" ")
+            );
+            api.expect(
+                "DELETE",
+                "/apis/policy/v1/namespaces/team/poddisruptionbudgets/demo?",
+                404,
+                not_found("poddisruptionbudgets", "demo"),
+            )
+            .await;
+            let st = status(&mut api).await;
+            let ready = condition(&st, "Ready");
+            assert_eq!(
+                (ready["status"].as_str(), ready["reason"].as_str()),
+                (Some("True"), Some("DeploymentAvailable"))
+            );
+            // Unchanged status keeps its transition time.
+            assert_eq!(ready["lastTransitionTime"], "2026-01-02T03:04:05Z");
+            assert_eq!(st["readyReplicas"], 1);
+        });
+        run(tp, ctx, scenario).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn scaling_out_adds_redis_and_a_disruption_budget() {
+        let (ctx, mut api) = context();
+        let scenario = tokio::spawn(async move {
+            api.expect(
+                "GET",
+                "/api/v1/namespaces/team/secrets/demo-users",
+                200,
+                secret("demo-users", "users", "a:b"),
+            )
+            .await;
+            api.expect(
+                "GET",
+                "/api/v1/namespaces/team/secrets/redis",
+                200,
+                secret("redis", "url", "redis://r:6379"),
+            )
+            .await;
+            api.expect(
+                "GET",
+                "/api/v1/namespaces/team/secrets/demo-signing-keys",
+                200,
+                key_secret(),
+            )
+            .await;
+            let dep = applies(&mut api, 3).await;
+            assert_eq!(dep["spec"]["replicas"], 3);
+            let env = &dep["spec"]["template"]["spec"]["containers"][0]["env"];
+            assert_eq!(env[0]["name"], "TOKENPOLICY_REDIS");
+            assert_eq!(
+                env[0]["valueFrom"]["secretKeyRef"],
+                json!({"name": "redis", "key": "url", "optional": false})
+            );
+            let pdb = api
+                .apply(
+                    &ns("/apis/policy/v1/namespaces/team/poddisruptionbudgets/demo"),
+                    Value::Null,
+                )
+                .await;
+            assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+            let st = status(&mut api).await;
+            assert_eq!(condition(&st, "Ready")["status"], "True");
+            assert_eq!(condition(&st, "Progressing")["reason"], "Stable");
+        });
+        run(policy(3), ctx, scenario).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn missing_redis_secret_is_degraded_without_deployment_churn() {
+        let (ctx, mut api) = context();
+        let scenario = tokio::spawn(async move {
+            api.expect(
+                "GET",
+                "/api/v1/namespaces/team/secrets/demo-users",
+                200,
+                secret("demo-users", "users", "a:b"),
+            )
+            .await;
+            api.expect(
+                "GET",
+                "/api/v1/namespaces/team/secrets/redis",
+                404,
+                not_found("secrets", "redis"),
+            )
+            .await;
+            let event = api
+                .expect(
+                    "POST",
+                    "/apis/events.k8s.io/v1/namespaces/team/events?",
+                    201,
+                    json!({}),
+                )
+                .await;
+            assert_eq!(
+                (event["type"].as_str(), event["reason"].as_str()),
+                (Some("Warning"), Some("RedisSecretMissing"))
+            );
+            // Straight to status: no key, no apply.
+            let st = status(&mut api).await;
+            let degraded = condition(&st, "Degraded");
+            assert_eq!(
+                (degraded["status"].as_str(), degraded["reason"].as_str()),
+                (Some("True"), Some("RedisSecretMissing"))
+            );
+            assert_eq!(degraded["message"], "Secret redis not found");
+            assert_eq!(condition(&st, "Ready")["status"], "False");
+        });
+        let action = run(policy(3), ctx, scenario).await.unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    }
+
+    #[tokio::test]
+    async fn users_secret_without_its_key_is_degraded() {
+        let (ctx, mut api) = context();
+        let scenario = tokio::spawn(async move {
+            api.expect(
+                "GET",
+                "/api/v1/namespaces/team/secrets/demo-users",
+                200,
+                secret("demo-users", "other", "a:b"),
+            )
+            .await;
+            let event = api
+                .expect(
+                    "POST",
+                    "/apis/events.k8s.io/v1/namespaces/team/events?",
+                    201,
+                    json!({}),
+                )
+                .await;
+            assert_eq!(event["reason"], "UsersSecretMissing");
+            let st = status(&mut api).await;
+            assert_eq!(
+                condition(&st, "Degraded")["message"],
+                "Secret demo-users has no key users"
+            );
+        });
+        run(policy(1), ctx, scenario).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn rotation_keeps_the_old_key_verifying() {
+        let (ctx, mut api) = context();
+        let mut tp = policy(1);
+        tp.metadata.annotations = Some(
+            [(
+                resources::ROTATE_ANNOTATION.to_string(),
+                "2026-11".to_string(),
+            )]
+            .into(),
+        );
+        let old = Key::generate();
+        let old_pem = old.to_pem();
+        let old_kid = old.kid().to_string();
+        let scenario = tokio::spawn(async move {
+            api.expect(
+                "GET",
+                "/api/v1/namespaces/team/secrets/demo-users",
+                200,
+                secret("demo-users", "users", "a:b"),
+            )
+            .await;
+            api.expect(
+                "GET",
+                "/api/v1/namespaces/team/secrets/demo-signing-keys",
+                200,
+                secret("demo-signing-keys", "signing.pem", &old_pem),
+            )
+            .await;
+            let replaced = api
+                .expect("PUT", "/api/v1/namespaces/team/secrets/demo-signing-keys?&fieldManager=tokenpolicy-operator", 200, key_secret())
+                .await;
+            assert_eq!(replaced["metadata"]["resourceVersion"], "7");
+            assert_eq!(replaced["stringData"]["previous.pem"], old_pem);
+            assert_ne!(replaced["stringData"]["signing.pem"], old_pem);
+            assert_eq!(
+                replaced["metadata"]["annotations"][resources::ROTATED_FOR_ANNOTATION],
+                "2026-11"
+            );
+            let event = api
+                .expect(
+                    "POST",
+                    "/apis/events.k8s.io/v1/namespaces/team/events?",
+                    201,
+                    json!({}),
+                )
+                .await;
+            assert_eq!(event["reason"], "SigningKeyRotated");
+            let dep = applies(&mut api, 1).await;
+            assert!(args(&dep).contains("--signing-key /etc/tokenpolicy/keys/previous.pem"));
+            let keys = dep["spec"]["template"]["metadata"]["annotations"]
+                [resources::KEYS_ANNOTATION]
+                .as_str()
+                .unwrap();
+            assert!(keys.ends_with(&format!(",{old_kid}")));
+            api.expect(
+                "DELETE",
+                "/apis/policy/v1/namespaces/team/poddisruptionbudgets/demo?",
+                404,
+                not_found("poddisruptionbudgets", "demo"),
+            )
+            .await;
+            status(&mut api).await;
+        });
+        run(tp, ctx, scenario).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn deletion_relies_on_owner_references() {
+        let (ctx, mut api) = context();
+        let mut tp = policy(1);
+        tp.metadata.deletion_timestamp = Some(Time("2026-11-22T00:00:00Z".parse().unwrap()));
+        // No call at all: every owned object carries an ownerReference (asserted
+        // in the creation scenario) and the garbage collector removes them.
+        let scenario = tokio::spawn(async move {
+            if let Ok(Some((req, _))) =
+                tokio::time::timeout(Duration::from_millis(200), api.0.next_request()).await
+            {
+                panic!("unexpected call {} {}", req.method(), req.uri());
+            }
+        });
+        let action = run(tp, ctx, scenario).await.unwrap();
+        assert_eq!(action, Action::await_change());
+    }
+
+    #[tokio::test]
+    async fn errors_back_off_per_object() {
+        let (ctx, _api) = context();
+        let tp = Arc::new(policy(1));
+        let delays: Vec<_> = (0..8)
+            .map(|_| error_policy(tp.clone(), &Error::NoNamespace, ctx.clone()))
+            .collect();
+        assert_eq!(delays[0], Action::requeue(Duration::from_secs(5)));
+        assert_eq!(delays[1], Action::requeue(Duration::from_secs(10)));
+        assert_eq!(delays[7], Action::requeue(Duration::from_secs(300)));
+    }
+}

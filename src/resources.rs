@@ -1,0 +1,522 @@
+//! Where a TokenPolicy becomes a Deployment: the objects the operator owns,
+//! built as plain values (no I/O) so that each can be checked in a test.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    Secret, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::crd::TokenPolicy;
+
+/// The one field manager for everything the operator applies.
+pub const MANAGER: &str = "tokenpolicy-operator";
+/// The token service's HTTP port.
+pub const PORT: i32 = 8080;
+/// On a TokenPolicy: change its value to rotate the signing key.
+pub const ROTATE_ANNOTATION: &str = "auth.tokenpolicy.io/rotate-signing-key";
+/// On the signing-key Secret: the rotate value it was last made for.
+pub const ROTATED_FOR_ANNOTATION: &str = "auth.tokenpolicy.io/rotated-for";
+/// On the pod template: the signing keys' kids, so a rotation rolls the pods.
+pub const KEYS_ANNOTATION: &str = "auth.tokenpolicy.io/signing-keys";
+pub const SIGNING_KEY: &str = "signing.pem";
+pub const PREVIOUS_KEY: &str = "previous.pem";
+const KEYS_DIR: &str = "/etc/tokenpolicy/keys";
+const USERS_DIR: &str = "/etc/tokenpolicy/users";
+
+pub fn labels(tp: &TokenPolicy) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "tokenpolicy".into()),
+        ("app.kubernetes.io/instance".into(), tp.name_any()),
+        ("app.kubernetes.io/component".into(), "token-service".into()),
+        ("app.kubernetes.io/managed-by".into(), MANAGER.into()),
+    ])
+}
+
+fn selector(tp: &TokenPolicy) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "tokenpolicy".into()),
+        ("app.kubernetes.io/instance".into(), tp.name_any()),
+    ])
+}
+
+fn owner(tp: &TokenPolicy) -> Vec<OwnerReference> {
+    tp.controller_owner_ref(&()).into_iter().collect()
+}
+
+fn meta(tp: &TokenPolicy, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: tp.namespace(),
+        labels: Some(labels(tp)),
+        owner_references: Some(owner(tp)),
+        ..Default::default()
+    }
+}
+
+pub fn signing_secret_name(tp: &TokenPolicy) -> String {
+    format!("{}-signing-keys", tp.name_any())
+}
+
+/// The in-cluster forward-auth URL, for an ingress `auth-url` annotation.
+pub fn endpoint(tp: &TokenPolicy) -> String {
+    format!(
+        "http://{}.{}.svc.cluster.local:{PORT}/v1/verify",
+        tp.name_any(),
+        tp.namespace().unwrap_or_else(|| "default".into())
+    )
+}
+
+/// The signing-key Secret, created once with a fresh key.
+pub fn signing_secret(
+    tp: &TokenPolicy,
+    signing_pem: &str,
+    previous_pem: Option<&str>,
+    rotated_for: Option<&str>,
+) -> Secret {
+    let mut data = BTreeMap::from([(SIGNING_KEY.to_string(), signing_pem.to_string())]);
+    if let Some(p) = previous_pem {
+        data.insert(PREVIOUS_KEY.to_string(), p.to_string());
+    }
+    let mut m = meta(tp, signing_secret_name(tp));
+    if let Some(r) = rotated_for {
+        m.annotations = Some(BTreeMap::from([(
+            ROTATED_FOR_ANNOTATION.to_string(),
+            r.to_string(),
+        )]));
+    }
+    Secret {
+        metadata: m,
+        type_: Some("Opaque".into()),
+        string_data: Some(data),
+        ..Default::default()
+    }
+}
+
+pub fn service_account(tp: &TokenPolicy) -> ServiceAccount {
+    ServiceAccount {
+        metadata: meta(tp, tp.name_any()),
+        automount_service_account_token: Some(true),
+        ..Default::default()
+    }
+}
+
+/// The least the token service needs: read and watch its own TokenPolicy.
+pub fn role(tp: &TokenPolicy) -> Role {
+    Role {
+        metadata: meta(tp, tp.name_any()),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec!["auth.tokenpolicy.io".into()]),
+            resources: Some(vec!["tokenpolicies".into()]),
+            resource_names: Some(vec![tp.name_any()]),
+            verbs: vec!["get".into(), "list".into(), "watch".into()],
+            ..Default::default()
+        }]),
+    }
+}
+
+pub fn role_binding(tp: &TokenPolicy) -> RoleBinding {
+    RoleBinding {
+        metadata: meta(tp, tp.name_any()),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: tp.name_any(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: tp.name_any(),
+            namespace: tp.namespace(),
+            ..Default::default()
+        }]),
+    }
+}
+
+pub fn service(tp: &TokenPolicy) -> Service {
+    Service {
+        metadata: meta(tp, tp.name_any()),
+        spec: Some(ServiceSpec {
+            selector: Some(selector(tp)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: PORT,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn pdb(tp: &TokenPolicy) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(tp, tp.name_any()),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector(tp)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn default_resources() -> ResourceRequirements {
+    let q = |s: &str| Quantity(s.to_string());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".into(), q("50m")),
+            ("memory".into(), q("32Mi")),
+        ])),
+        limits: Some(BTreeMap::from([("memory".into(), q("128Mi"))])),
+        ..Default::default()
+    }
+}
+
+fn probe(path: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(3),
+        ..Default::default()
+    }
+}
+
+/// The token service. `keys` are the kids in the signing-key Secret (first
+/// signs); `has_previous` says whether it holds a previous key too.
+pub fn deployment(
+    tp: &TokenPolicy,
+    default_image: &str,
+    keys: &str,
+    has_previous: bool,
+) -> Deployment {
+    let spec = &tp.spec;
+    let namespace = tp.namespace().unwrap_or_else(|| "default".into());
+    let mut args = vec![
+        "serve".to_string(),
+        "--policy-ref".into(),
+        format!("{namespace}/{}", tp.name_any()),
+        "--listen".into(),
+        format!("0.0.0.0:{PORT}"),
+        "--log-format".into(),
+        "json".into(),
+        "--trust-forwarded-for".into(),
+        "--signing-key".into(),
+        format!("{KEYS_DIR}/{SIGNING_KEY}"),
+    ];
+    if has_previous {
+        args.extend(["--signing-key".into(), format!("{KEYS_DIR}/{PREVIOUS_KEY}")]);
+    }
+    let mut env = Vec::new();
+    let mut volumes = vec![Volume {
+        name: "signing-keys".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(signing_secret_name(tp)),
+            default_mode: Some(0o440),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "signing-keys".into(),
+        mount_path: KEYS_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }];
+    if let Some(users) = &spec.users {
+        // The whole Secret as a directory (not subPath), so that kubelet
+        // updates reach the running service, which re-reads the file.
+        volumes.push(Volume {
+            name: "users".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(users.secret_ref.name.clone()),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "users".into(),
+            mount_path: USERS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        args.extend([
+            "--users".into(),
+            format!("{USERS_DIR}/{}", users.secret_ref.key),
+        ]);
+    }
+    if let Some(redis) = &spec.redis {
+        env.push(EnvVar {
+            name: "TOKENPOLICY_REDIS".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: redis.url_secret_ref.name.clone(),
+                    key: redis.url_secret_ref.key.clone(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        env.push(EnvVar {
+            name: "TOKENPOLICY_REDIS_PREFIX".into(),
+            value: Some(format!("tokenpolicy:{namespace}/{}", tp.name_any())),
+            ..Default::default()
+        });
+    }
+    let container = Container {
+        name: "token-service".into(),
+        image: Some(
+            spec.image
+                .clone()
+                .unwrap_or_else(|| default_image.to_string()),
+        ),
+        args: Some(args),
+        env: (!env.is_empty()).then_some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        liveness_probe: Some(probe("/healthz", 10)),
+        readiness_probe: Some(probe("/readyz", 5)),
+        resources: Some(spec.resources.clone().unwrap_or_else(default_resources)),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            run_as_group: Some(65532),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    };
+    let mut template_labels = labels(tp);
+    template_labels.retain(|k, _| k != "app.kubernetes.io/managed-by");
+    Deployment {
+        metadata: meta(tp, tp.name_any()),
+        spec: DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector(tp)),
+                ..Default::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(template_labels),
+                    annotations: Some(BTreeMap::from([(
+                        KEYS_ANNOTATION.to_string(),
+                        keys.to_string(),
+                    )])),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(tp.name_any()),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{RedisSpec, SecretKeyRef, TokenPolicySpec, UsersSpec};
+
+    pub fn policy(replicas: i32) -> TokenPolicy {
+        let mut tp = TokenPolicy::new(
+            "demo",
+            TokenPolicySpec {
+                replicas,
+                users: Some(UsersSpec {
+                    secret_ref: SecretKeyRef {
+                        name: "demo-users".into(),
+                        key: "users".into(),
+                    },
+                }),
+                redis: (replicas > 1).then(|| RedisSpec {
+                    url_secret_ref: SecretKeyRef {
+                        name: "redis".into(),
+                        key: "url".into(),
+                    },
+                }),
+                ..Default::default()
+            },
+        );
+        tp.metadata.namespace = Some("team".into());
+        tp.metadata.uid = Some("uid-1".into());
+        tp
+    }
+
+    #[test]
+    fn deployment_runs_serve_for_this_policy_hardened() {
+        let d = deployment(&policy(3), "img:1", "kid-a", false);
+        let spec = d.spec;
+        assert_eq!(spec.replicas, Some(3));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.service_account_name.as_deref(), Some("demo"));
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("img:1"));
+        let args = c.args.clone().unwrap().join(" ");
+        assert!(
+            args.starts_with("serve --policy-ref team/demo --listen 0.0.0.0:8080"),
+            "{args}"
+        );
+        assert!(args.contains("--signing-key /etc/tokenpolicy/keys/signing.pem"));
+        assert!(!args.contains("previous.pem"));
+        assert!(args.contains("--users /etc/tokenpolicy/users/users"));
+        let env = c.env.clone().unwrap();
+        let redis = env.iter().find(|e| e.name == "TOKENPOLICY_REDIS").unwrap();
+        let sel = redis
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!((sel.name.as_str(), sel.key.as_str()), ("redis", "url"));
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..])
+        );
+        assert_eq!(
+            c.readiness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/readyz")
+        );
+        assert_eq!(
+            c.liveness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/healthz")
+        );
+        assert!(c.resources.is_some());
+        let owner = &d.metadata.owner_references.unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+            ("TokenPolicy", "demo", Some(true))
+        );
+    }
+
+    #[test]
+    fn rotation_adds_the_previous_key_and_rolls_pods() {
+        let before = deployment(&policy(1), "img", "kid-a", false);
+        let after = deployment(&policy(1), "img", "kid-b,kid-a", true);
+        let args = after.spec.template.spec.as_ref().unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap();
+        assert!(args.join(" ").ends_with(
+            "--signing-key /etc/tokenpolicy/keys/previous.pem --users /etc/tokenpolicy/users/users"
+        ));
+        let ann = |d: &Deployment| {
+            d.spec
+                .template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .annotations
+                .clone()
+                .unwrap()
+        };
+        assert_ne!(ann(&before), ann(&after));
+    }
+
+    #[test]
+    fn role_allows_only_reading_its_own_policy() {
+        let r = role(&policy(1));
+        let rules = r.rules.unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(
+            rules[0].resource_names.as_deref(),
+            Some(&["demo".to_string()][..])
+        );
+        assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
+        let b = role_binding(&policy(1));
+        assert_eq!(b.subjects.unwrap()[0].name, "demo");
+    }
+
+    #[test]
+    fn endpoint_and_service() {
+        assert_eq!(
+            endpoint(&policy(1)),
+            "http://demo.team.svc.cluster.local:8080/v1/verify"
+        );
+        let s = service(&policy(1)).spec.unwrap();
+        assert_eq!(s.ports.unwrap()[0].port, 8080);
+        assert_eq!(
+            s.selector
+                .unwrap()
+                .get("app.kubernetes.io/instance")
+                .map(String::as_str),
+            Some("demo")
+        );
+    }
+}
