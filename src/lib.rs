@@ -8,6 +8,7 @@ pub mod duration;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod operator;
 pub mod policy;
 pub mod resources;
 pub mod rules;

@@ -28,6 +28,8 @@ enum Command {
     HashPassword,
     /// Print the TokenPolicy CustomResourceDefinition (YAML).
     Crd,
+    /// Run the Kubernetes operator.
+    Operator(tokenpolicy::operator::OperatorArgs),
 }
 
 fn init_logging(format: &str) {
@@ -64,15 +66,20 @@ fn hash_password() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     let result = match cli.command {
-        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(run(*args))),
+        Command::Serve(args) => runtime().and_then(|rt| rt.block_on(run(*args))),
+        Command::Operator(args) => {
+            runtime().and_then(|rt| rt.block_on(tokenpolicy::operator::run(args)))
+        }
         Command::HashPassword => hash_password(),
         Command::Crd => {
             print!("{}", tokenpolicy::crd::crd_yaml());

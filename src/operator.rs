@@ -1,0 +1,53 @@
+//! `tokenpolicy operator`: the controller, its metrics and health endpoints.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::routing::get;
+
+use crate::controller::{self, Context, OperatorMetrics};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct OperatorArgs {
+    /// Token service image for TokenPolicies that do not name one.
+    #[arg(long, env = "TOKENPOLICY_IMAGE", default_value = concat!("tokenpolicy:", env!("CARGO_PKG_VERSION")))]
+    pub image: String,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "TOKENPOLICY_METRICS_LISTEN",
+        default_value = "0.0.0.0:8081"
+    )]
+    pub metrics_listen: SocketAddr,
+}
+
+pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
+    let metrics = Arc::new(OperatorMetrics::default());
+    let ctx = Arc::new(Context::new(client, args.image.clone(), metrics.clone()));
+
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move { m.render() }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("listening on {}", args.metrics_listen))?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    tracing::info!(image = %args.image, metrics = %args.metrics_listen, "starting operator");
+    controller::run(ctx).await
+}
