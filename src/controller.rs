@@ -583,7 +583,7 @@ mod tests {
     //! answers as the API server would. A missing call times out; an extra
     //! call finds no answer and fails the reconcile.
     use super::*;
-    use crate::crd::{RedisSpec, SecretKeyRef, TokenPolicySpec, UsersSpec};
+    use crate::resources::tests::policy;
     use http::{Request, Response};
     use kube::client::Body;
     use serde_json::{Value, json};
@@ -657,32 +657,6 @@ mod tests {
         use base64::Engine;
         json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": "team", "resourceVersion": "7"},
                "data": {key: base64::engine::general_purpose::STANDARD.encode(value)}})
-    }
-
-    fn policy(replicas: i32) -> TokenPolicy {
-        let mut tp = TokenPolicy::new(
-            "demo",
-            TokenPolicySpec {
-                replicas,
-                users: Some(UsersSpec {
-                    secret_ref: SecretKeyRef {
-                        name: "demo-users".into(),
-                        key: "users".into(),
-                    },
-                }),
-                redis: (replicas > 1).then(|| RedisSpec {
-                    url_secret_ref: SecretKeyRef {
-                        name: "redis".into(),
-                        key: "url".into(),
-                    },
-                }),
-                ..Default::default()
-            },
-        );
-        tp.metadata.namespace = Some("team".into());
-        tp.metadata.uid = Some("uid-1".into());
-        tp.metadata.generation = Some(1);
-        tp
     }
 
     fn context() -> (Arc<Context>, ApiServer) {
@@ -786,6 +760,27 @@ mod tests {
             .unwrap()
     }
 
+    async fn users_secret_found(api: &mut ApiServer) {
+        api.expect(
+            "GET",
+            "/api/v1/namespaces/team/secrets/demo-users",
+            200,
+            secret("demo-users", "users", "a:b"),
+        )
+        .await;
+    }
+
+    /// One replica: the disruption budget is removed (here: there was none).
+    async fn no_pdb(api: &mut ApiServer) {
+        api.expect(
+            "DELETE",
+            "/apis/policy/v1/namespaces/team/poddisruptionbudgets/demo?",
+            404,
+            not_found("poddisruptionbudgets", "demo"),
+        )
+        .await;
+    }
+
     fn key_secret() -> Value {
         secret(
             "demo-signing-keys",
@@ -798,13 +793,7 @@ mod tests {
     async fn first_creation_makes_key_and_service_and_reports_status() {
         let (ctx, mut api) = context();
         let scenario = tokio::spawn(async move {
-            api.expect(
-                "GET",
-                "/api/v1/namespaces/team/secrets/demo-users",
-                200,
-                secret("demo-users", "users", "alice:$2y$…"),
-            )
-            .await;
+            users_secret_found(&mut api).await;
             api.expect(
                 "GET",
                 "/api/v1/namespaces/team/secrets/demo-signing-keys",
@@ -836,13 +825,7 @@ mod tests {
             let dep = applies(&mut api, 0).await;
             assert_eq!(dep["spec"]["replicas"], 1);
             assert!(args(&dep).starts_with("serve --policy-ref team/demo"));
-            api.expect(
-                "DELETE",
-                "/apis/policy/v1/namespaces/team/poddisruptionbudgets/demo?",
-                404,
-                not_found("poddisruptionbudgets", "demo"),
-            )
-            .await;
+            no_pdb(&mut api).await;
             let st = status(&mut api).await;
             assert_eq!(st["observedGeneration"], 1);
             assert_eq!(
@@ -874,13 +857,7 @@ mod tests {
         });
         let first = resources::deployment(&tp, "tokenpolicy:test", "x", false);
         let scenario = tokio::spawn(async move {
-            api.expect(
-                "GET",
-                "/api/v1/namespaces/team/secrets/demo-users",
-                200,
-                secret("demo-users", "users", "a:b"),
-            )
-            .await;
+            users_secret_found(&mut api).await;
             // The key exists: no create, no event, nothing overwritten.
             api.expect(
                 "GET",
@@ -899,13 +876,7 @@ mod tests {
                     .unwrap()
                     .join(" ")
             );
-            api.expect(
-                "DELETE",
-                "/apis/policy/v1/namespaces/team/poddisruptionbudgets/demo?",
-                404,
-                not_found("poddisruptionbudgets", "demo"),
-            )
-            .await;
+            no_pdb(&mut api).await;
             let st = status(&mut api).await;
             let ready = condition(&st, "Ready");
             assert_eq!(
@@ -923,13 +894,7 @@ mod tests {
     async fn scaling_out_adds_redis_and_a_disruption_budget() {
         let (ctx, mut api) = context();
         let scenario = tokio::spawn(async move {
-            api.expect(
-                "GET",
-                "/api/v1/namespaces/team/secrets/demo-users",
-                200,
-                secret("demo-users", "users", "a:b"),
-            )
-            .await;
+            users_secret_found(&mut api).await;
             api.expect(
                 "GET",
                 "/api/v1/namespaces/team/secrets/redis",
@@ -970,13 +935,7 @@ mod tests {
     async fn missing_redis_secret_is_degraded_without_deployment_churn() {
         let (ctx, mut api) = context();
         let scenario = tokio::spawn(async move {
-            api.expect(
-                "GET",
-                "/api/v1/namespaces/team/secrets/demo-users",
-                200,
-                secret("demo-users", "users", "a:b"),
-            )
-            .await;
+            users_secret_found(&mut api).await;
             api.expect(
                 "GET",
                 "/api/v1/namespaces/team/secrets/redis",
@@ -1054,13 +1013,7 @@ mod tests {
         let old_pem = old.to_pem();
         let old_kid = old.kid().to_string();
         let scenario = tokio::spawn(async move {
-            api.expect(
-                "GET",
-                "/api/v1/namespaces/team/secrets/demo-users",
-                200,
-                secret("demo-users", "users", "a:b"),
-            )
-            .await;
+            users_secret_found(&mut api).await;
             api.expect(
                 "GET",
                 "/api/v1/namespaces/team/secrets/demo-signing-keys",
@@ -1094,13 +1047,7 @@ mod tests {
                 .as_str()
                 .unwrap();
             assert!(keys.ends_with(&format!(",{old_kid}")));
-            api.expect(
-                "DELETE",
-                "/apis/policy/v1/namespaces/team/poddisruptionbudgets/demo?",
-                404,
-                not_found("poddisruptionbudgets", "demo"),
-            )
-            .await;
+            no_pdb(&mut api).await;
             status(&mut api).await;
         });
         run(tp, ctx, scenario).await.unwrap();

@@ -371,11 +371,12 @@ pub fn deployment(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::crd::{RedisSpec, SecretKeyRef, TokenPolicySpec, UsersSpec};
 
-    pub fn policy(replicas: i32) -> TokenPolicy {
+    /// A TokenPolicy `team/demo` with a users Secret, and Redis above one replica.
+    pub(crate) fn policy(replicas: i32) -> TokenPolicy {
         let mut tp = TokenPolicy::new(
             "demo",
             TokenPolicySpec {
@@ -397,6 +398,7 @@ mod tests {
         );
         tp.metadata.namespace = Some("team".into());
         tp.metadata.uid = Some("uid-1".into());
+        tp.metadata.generation = Some(1);
         tp
     }
 
