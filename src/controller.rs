@@ -28,6 +28,7 @@ use serde::Serialize;
 use crate::crd::{SecretKeyRef, TokenPolicy, TokenPolicyStatus};
 use crate::policy::Policy;
 use crate::resources::{self, MANAGER};
+use crate::rotation::{self, KeyRing, Step};
 use crate::token::Key;
 
 #[derive(Debug, thiserror::Error)]
@@ -235,9 +236,6 @@ async fn blocker(
     tp: &TokenPolicy,
     secrets: &Api<Secret>,
 ) -> Result<Option<(&'static str, String)>, Error> {
-    if let Err(e) = Policy::from_spec(&tp.spec) {
-        return Ok(Some(("InvalidSpec", e.to_string())));
-    }
     let Some(users) = &tp.spec.users else {
         return Ok(Some((
             "UsersSecretMissing",
@@ -270,91 +268,142 @@ fn pem_of(secret: &Secret, key: &str) -> Option<String> {
         })
 }
 
-/// The signing keys: generated once and never overwritten; a changed
-/// rotate annotation makes a new key and keeps the old one verifying.
-/// Returns the kids (first signs) and whether a previous key exists.
+fn ring_of(secret: &Secret, name: &str) -> Result<KeyRing, Error> {
+    let signing = pem_of(secret, rotation::SIGNING)
+        .ok_or_else(|| Error::KeySecret(name.into(), format!("no {}", rotation::SIGNING)))?;
+    let ann = secret.annotations();
+    Ok(KeyRing {
+        signing,
+        next: pem_of(secret, rotation::NEXT),
+        previous: pem_of(secret, rotation::PREVIOUS),
+        rotated_for: ann.get(resources::ROTATED_FOR_ANNOTATION).cloned(),
+        promoted_at: ann
+            .get(resources::PROMOTED_AT_ANNOTATION)
+            .and_then(|t| t.parse().ok()),
+    })
+}
+
+/// The kids of the ring, first signs: the pod-template annotation.
+fn kids(ring: &KeyRing, name: &str) -> Result<String, Error> {
+    let kids: Result<Vec<_>, _> = rotation::in_order(ring)
+        .into_iter()
+        .map(|(file, pem)| {
+            Key::from_pem(pem, file)
+                .map(|k| k.kid().to_string())
+                .map_err(|e| Error::KeySecret(name.into(), e.to_string()))
+        })
+        .collect();
+    Ok(kids?.join(","))
+}
+
+fn post_params() -> PostParams {
+    PostParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    }
+}
+
+/// The signing keys: generated once and never overwritten, then rotated as
+/// `rotation::plan` says (adding and dropping here; promoting only after a
+/// complete rollout, in `reconcile_inner`).
 async fn signing_keys(
     tp: &TokenPolicy,
     ctx: &Context,
     secrets: &Api<Secret>,
-) -> Result<(String, bool), Error> {
+    policy: &Policy,
+    now: i64,
+) -> Result<(KeyRing, Option<String>), Error> {
     let name = resources::signing_secret_name(tp);
     let rotate = tp.annotations().get(resources::ROTATE_ANNOTATION).cloned();
-    let kid = |pem: &str| {
-        Key::from_pem(pem, &name)
-            .map(|k| k.kid().to_string())
-            .map_err(|e| Error::KeySecret(name.clone(), e.to_string()))
+    let Some(existing) = secrets.get_opt(&name).await? else {
+        let ring = KeyRing {
+            signing: Key::generate().to_pem(),
+            rotated_for: rotate,
+            ..Default::default()
+        };
+        secrets
+            .create(&post_params(), &resources::signing_secret(tp, &ring))
+            .await?;
+        let note = format!(
+            "generated signing key {} in Secret {name}",
+            kids(&ring, &name)?
+        );
+        publish(
+            ctx,
+            tp,
+            EventType::Normal,
+            "SigningKeyCreated",
+            "Create",
+            note,
+        )
+        .await;
+        return Ok((ring, None));
     };
-    match secrets.get_opt(&name).await? {
-        None => {
-            let key = Key::generate();
-            let secret = resources::signing_secret(tp, &key.to_pem(), None, rotate.as_deref());
-            secrets
-                .create(
-                    &PostParams {
-                        field_manager: Some(MANAGER.into()),
-                        ..Default::default()
-                    },
-                    &secret,
-                )
-                .await?;
-            publish(
-                ctx,
-                tp,
-                EventType::Normal,
-                "SigningKeyCreated",
-                "Create",
-                format!("generated signing key {} in Secret {name}", key.kid()),
-            )
-            .await;
-            Ok((key.kid().to_string(), false))
-        }
-        Some(existing) => {
-            let current = pem_of(&existing, resources::SIGNING_KEY).ok_or_else(|| {
-                Error::KeySecret(name.clone(), format!("no {}", resources::SIGNING_KEY))
-            })?;
-            let done_for = existing
-                .annotations()
-                .get(resources::ROTATED_FOR_ANNOTATION)
-                .cloned();
-            if rotate.is_some() && rotate != done_for {
-                let key = Key::generate();
-                let mut secret =
-                    resources::signing_secret(tp, &key.to_pem(), Some(&current), rotate.as_deref());
-                secret.metadata.resource_version = existing.metadata.resource_version.clone();
-                secrets
-                    .replace(
-                        &name,
-                        &PostParams {
-                            field_manager: Some(MANAGER.into()),
-                            ..Default::default()
-                        },
-                        &secret,
-                    )
-                    .await?;
-                publish(
-                    ctx,
-                    tp,
-                    EventType::Normal,
-                    "SigningKeyRotated",
-                    "Rotate",
-                    format!(
-                        "new signing key {}; {} verifies until the next rotation",
-                        key.kid(),
-                        kid(&current)?
-                    ),
-                )
-                .await;
-                return Ok((format!("{},{}", key.kid(), kid(&current)?), true));
-            }
-            let mut kids = kid(&current)?;
-            let previous = pem_of(&existing, resources::PREVIOUS_KEY);
-            if let Some(p) = &previous {
-                kids = format!("{kids},{}", kid(p)?);
-            }
-            Ok((kids, previous.is_some()))
-        }
-    }
+    let ring = ring_of(&existing, &name)?;
+    let step = rotation::plan(&ring, rotate.as_deref(), false, policy, now);
+    let (reason, note) = match step {
+        Step::AddNext => (
+            "SigningKeyAdded",
+            "new signing key added, verify-only until every replica has it",
+        ),
+        Step::DropPrevious => (
+            "SigningKeyRetired",
+            "previous signing key removed: no token it signed can still be used",
+        ),
+        Step::Keep | Step::Promote => return Ok((ring, existing.metadata.resource_version)),
+    };
+    let next = rotation::apply(
+        &ring,
+        step,
+        rotate.as_deref(),
+        || Key::generate().to_pem(),
+        now,
+    );
+    let version = replace_ring(tp, secrets, &next, existing.metadata.resource_version).await?;
+    publish(
+        ctx,
+        tp,
+        EventType::Normal,
+        reason,
+        "Rotate",
+        format!("{note}; keys now {}", kids(&next, &name)?),
+    )
+    .await;
+    Ok((next, version))
+}
+
+/// Replaces the key ring, guarded by the version we read (a concurrent
+/// writer makes this fail with a conflict, and the reconcile is retried).
+async fn replace_ring(
+    tp: &TokenPolicy,
+    secrets: &Api<Secret>,
+    ring: &KeyRing,
+    resource_version: Option<String>,
+) -> Result<Option<String>, Error> {
+    let mut secret = resources::signing_secret(tp, ring);
+    secret.metadata.resource_version = resource_version;
+    let written = secrets
+        .replace(&resources::signing_secret_name(tp), &post_params(), &secret)
+        .await?;
+    Ok(written.metadata.resource_version)
+}
+
+/// Every replica runs the pod template carrying `kids`.
+fn rolled_out(d: &Deployment, kids: &str, want: i32) -> bool {
+    let st = d.status.clone().unwrap_or_default();
+    let template_kids = d
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(resources::KEYS_ANNOTATION))
+        .map(String::as_str);
+    template_kids == Some(kids)
+        && st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0)
+        && st.updated_replicas.unwrap_or(0) == want
+        && st.available_replicas.unwrap_or(0) == want
+        && st.replicas.unwrap_or(0) == want
 }
 
 async fn publish(
@@ -418,7 +467,11 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let policies: Api<TokenPolicy> = Api::namespaced(client.clone(), &ns);
 
-    if let Some((reason, message)) = blocker(tp, &secrets).await? {
+    let blocked = match Policy::from_spec(&tp.spec) {
+        Err(e) => Some(("InvalidSpec", e.to_string())),
+        Ok(_) => blocker(tp, &secrets).await?,
+    };
+    if let Some((reason, message)) = blocked {
         // Nothing is applied: a missing Secret must not churn the Deployment.
         if degraded_reason(tp).as_deref() != Some(reason) {
             publish(
@@ -441,7 +494,12 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
 
-    let (kids, has_previous) = signing_keys(tp, ctx, &secrets).await?;
+    let policy =
+        Policy::from_spec(&tp.spec).map_err(|e| Error::KeySecret(ns.clone(), e.to_string()))?;
+    let now = Timestamp::now().as_second();
+    let key_name = resources::signing_secret_name(tp);
+    let (ring, ring_version) = signing_keys(tp, ctx, &secrets, &policy, now).await?;
+    let kids = kids(&ring, &key_name)?;
     apply(
         Api::<ServiceAccount>::namespaced(client.clone(), &ns),
         &resources::service_account(tp),
@@ -464,7 +522,7 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
     .await?;
     let deployment = apply(
         Api::<Deployment>::namespaced(client.clone(), &ns),
-        &resources::deployment(tp, &ctx.image, &kids, has_previous),
+        &resources::deployment(tp, &ctx.image, &kids),
     )
     .await?;
     let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
@@ -479,6 +537,25 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
     }
 
     let want = tp.spec.replicas;
+    let mut promoted = false;
+    if ring.next.is_some() && rolled_out(&deployment, &kids, want) {
+        let next = rotation::apply(&ring, Step::Promote, None, String::new, now);
+        replace_ring(tp, &secrets, &next, ring_version).await?;
+        let note = format!(
+            "every replica verifies the new key; it signs now (keys {})",
+            self::kids(&next, &key_name)?
+        );
+        publish(
+            ctx,
+            tp,
+            EventType::Normal,
+            "SigningKeyPromoted",
+            "Rotate",
+            note,
+        )
+        .await;
+        promoted = true;
+    }
     let st = deployment.status.clone().unwrap_or_default();
     let ready = st.ready_replicas.unwrap_or(0);
     let updated = st.updated_replicas.unwrap_or(0);
@@ -523,7 +600,12 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
         .await;
     }
     write_status(tp, &policies, &report).await?;
-    Ok(Action::requeue(Duration::from_secs(300)))
+    // After a promotion, come back at once to roll the pods to the new order.
+    Ok(Action::requeue(Duration::from_secs(if promoted {
+        1
+    } else {
+        300
+    })))
 }
 
 /// Backoff per object: 5 s, 10 s, 20 s … up to 5 min.
@@ -691,6 +773,12 @@ mod tests {
 
     /// The five applies of a healthy reconcile; returns the Deployment body.
     async fn applies(api: &mut ApiServer, ready: i32) -> Value {
+        applies_observed(api, ready, 1).await
+    }
+
+    /// As `applies`, with the Deployment's `observedGeneration` (0: the
+    /// deployment controller has not seen this template yet).
+    async fn applies_observed(api: &mut ApiServer, ready: i32, observed: i64) -> Value {
         let sa = api
             .apply(
                 &ns("/api/v1/namespaces/team/serviceaccounts/demo"),
@@ -721,7 +809,7 @@ mod tests {
         let dep = api
             .apply(
                 &ns("/apis/apps/v1/namespaces/team/deployments/demo"),
-                json!({"observedGeneration": 1, "replicas": ready, "updatedReplicas": ready, "readyReplicas": ready}),
+                json!({"observedGeneration": observed, "replicas": ready, "updatedReplicas": ready, "readyReplicas": ready, "availableReplicas": ready}),
             )
             .await;
         assert_eq!(dep["metadata"]["ownerReferences"][0]["uid"], "uid-1");
@@ -855,7 +943,7 @@ mod tests {
             }],
             ..Default::default()
         });
-        let first = resources::deployment(&tp, "tokenpolicy:test", "x", false);
+        let first = resources::deployment(&tp, "tokenpolicy:test", "x");
         let scenario = tokio::spawn(async move {
             users_secret_found(&mut api).await;
             // The key exists: no create, no event, nothing overwritten.
@@ -998,35 +1086,54 @@ mod tests {
         run(policy(1), ctx, scenario).await.unwrap();
     }
 
-    #[tokio::test]
-    async fn rotation_keeps_the_old_key_verifying() {
-        let (ctx, mut api) = context();
+    fn ring_secret(files: &[(&str, &str)], annotations: Value) -> Value {
+        use base64::Engine;
+        let data: serde_json::Map<String, Value> = files
+            .iter()
+            .map(|(f, pem)| {
+                (
+                    f.to_string(),
+                    json!(base64::engine::general_purpose::STANDARD.encode(pem)),
+                )
+            })
+            .collect();
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "demo-signing-keys", "namespace": "team", "resourceVersion": "7", "annotations": annotations},
+               "data": data})
+    }
+
+    fn rotating(value: &str) -> TokenPolicy {
         let mut tp = policy(1);
-        tp.metadata.annotations = Some(
-            [(
-                resources::ROTATE_ANNOTATION.to_string(),
-                "2026-11".to_string(),
-            )]
-            .into(),
-        );
+        tp.metadata.annotations =
+            Some([(resources::ROTATE_ANNOTATION.to_string(), value.to_string())].into());
+        tp
+    }
+
+    #[tokio::test]
+    async fn rotation_adds_the_new_key_verify_only_first() {
+        let (ctx, mut api) = context();
         let old = Key::generate();
-        let old_pem = old.to_pem();
-        let old_kid = old.kid().to_string();
+        let (old_pem, old_kid) = (old.to_pem(), old.kid().to_string());
         let scenario = tokio::spawn(async move {
             users_secret_found(&mut api).await;
             api.expect(
                 "GET",
                 "/api/v1/namespaces/team/secrets/demo-signing-keys",
                 200,
-                secret("demo-signing-keys", "signing.pem", &old_pem),
+                ring_secret(&[("signing.pem", &old_pem)], json!({})),
             )
             .await;
             let replaced = api
                 .expect("PUT", "/api/v1/namespaces/team/secrets/demo-signing-keys?&fieldManager=tokenpolicy-operator", 200, key_secret())
                 .await;
             assert_eq!(replaced["metadata"]["resourceVersion"], "7");
-            assert_eq!(replaced["stringData"]["previous.pem"], old_pem);
-            assert_ne!(replaced["stringData"]["signing.pem"], old_pem);
+            // The old key still signs; the new one only verifies for now.
+            assert_eq!(replaced["stringData"]["signing.pem"], old_pem);
+            let next = replaced["stringData"]["next.pem"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert_ne!(next, old_pem);
             assert_eq!(
                 replaced["metadata"]["annotations"][resources::ROTATED_FOR_ANNOTATION],
                 "2026-11"
@@ -1039,18 +1146,127 @@ mod tests {
                     json!({}),
                 )
                 .await;
-            assert_eq!(event["reason"], "SigningKeyRotated");
-            let dep = applies(&mut api, 1).await;
-            assert!(args(&dep).contains("--signing-key /etc/tokenpolicy/keys/previous.pem"));
-            let keys = dep["spec"]["template"]["metadata"]["annotations"]
-                [resources::KEYS_ANNOTATION]
-                .as_str()
-                .unwrap();
-            assert!(keys.ends_with(&format!(",{old_kid}")));
+            assert_eq!(event["reason"], "SigningKeyAdded");
+            let dep = applies_observed(&mut api, 1, 0).await;
+            let next_kid = Key::from_pem(&next, "next").unwrap().kid().to_string();
+            assert_eq!(
+                dep["spec"]["template"]["metadata"]["annotations"][resources::KEYS_ANNOTATION],
+                format!("{old_kid},{next_kid}")
+            );
+            assert!(args(&dep).contains("--signing-keys-dir /etc/tokenpolicy/keys"));
+            // The applied template is not rolled out yet: no promotion in this pass.
             no_pdb(&mut api).await;
             status(&mut api).await;
         });
-        run(tp, ctx, scenario).await.unwrap();
+        run(rotating("2026-11"), ctx, scenario).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn rotation_promotes_once_every_replica_has_the_new_key() {
+        let (ctx, mut api) = context();
+        let (old, new) = (Key::generate(), Key::generate());
+        let (old_pem, new_pem) = (old.to_pem(), new.to_pem());
+        let kids = format!("{},{}", old.kid(), new.kid());
+        let scenario = tokio::spawn(async move {
+            users_secret_found(&mut api).await;
+            let ring = ring_secret(
+                &[("signing.pem", &old_pem), ("next.pem", &new_pem)],
+                json!({resources::ROTATED_FOR_ANNOTATION: "2026-11"}),
+            );
+            api.expect(
+                "GET",
+                "/api/v1/namespaces/team/secrets/demo-signing-keys",
+                200,
+                ring,
+            )
+            .await;
+            // applies() answers with a rolled-out status for this template.
+            let dep = applies(&mut api, 1).await;
+            assert_eq!(
+                dep["spec"]["template"]["metadata"]["annotations"][resources::KEYS_ANNOTATION],
+                kids
+            );
+            no_pdb(&mut api).await;
+            let promoted = api
+                .expect("PUT", "/api/v1/namespaces/team/secrets/demo-signing-keys?&fieldManager=tokenpolicy-operator", 200, key_secret())
+                .await;
+            assert_eq!(promoted["stringData"]["signing.pem"], new_pem);
+            assert_eq!(promoted["stringData"]["previous.pem"], old_pem);
+            assert!(promoted["stringData"].get("next.pem").is_none());
+            assert!(
+                promoted["metadata"]["annotations"][resources::PROMOTED_AT_ANNOTATION]
+                    .as_str()
+                    .unwrap()
+                    .parse::<i64>()
+                    .is_ok()
+            );
+            let event = api
+                .expect(
+                    "POST",
+                    "/apis/events.k8s.io/v1/namespaces/team/events?",
+                    201,
+                    json!({}),
+                )
+                .await;
+            assert_eq!(event["reason"], "SigningKeyPromoted");
+            status(&mut api).await;
+        });
+        let action = run(rotating("2026-11"), ctx, scenario).await.unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(1)));
+    }
+
+    #[tokio::test]
+    async fn rotation_retires_the_previous_key_when_no_token_needs_it() {
+        let (old, new) = (Key::generate(), Key::generate());
+        let (old_pem, new_pem) = (old.to_pem(), new.to_pem());
+        // Promoted 31 minutes ago; the default policy's tokens live 30m + 10m renew limit.
+        let recent = (Timestamp::now().as_second() - 31 * 60).to_string();
+        let long_ago = (Timestamp::now().as_second() - 41 * 60).to_string();
+        for (promoted_at, retire) in [(recent, false), (long_ago, true)] {
+            let (ctx, mut api) = context();
+            let (old_pem, new_pem, new_kid) =
+                (old_pem.clone(), new_pem.clone(), new.kid().to_string());
+            let scenario = tokio::spawn(async move {
+                users_secret_found(&mut api).await;
+                let ring = ring_secret(
+                    &[("signing.pem", &new_pem), ("previous.pem", &old_pem)],
+                    json!({resources::ROTATED_FOR_ANNOTATION: "2026-11", resources::PROMOTED_AT_ANNOTATION: promoted_at}),
+                );
+                api.expect(
+                    "GET",
+                    "/api/v1/namespaces/team/secrets/demo-signing-keys",
+                    200,
+                    ring,
+                )
+                .await;
+                if retire {
+                    let written = api
+                        .expect("PUT", "/api/v1/namespaces/team/secrets/demo-signing-keys?&fieldManager=tokenpolicy-operator", 200, key_secret())
+                        .await;
+                    assert_eq!(written["stringData"]["signing.pem"], new_pem);
+                    assert!(written["stringData"].get("previous.pem").is_none());
+                    let event = api
+                        .expect(
+                            "POST",
+                            "/apis/events.k8s.io/v1/namespaces/team/events?",
+                            201,
+                            json!({}),
+                        )
+                        .await;
+                    assert_eq!(event["reason"], "SigningKeyRetired");
+                }
+                let dep = applies(&mut api, 1).await;
+                let keys = dep["spec"]["template"]["metadata"]["annotations"]
+                    [resources::KEYS_ANNOTATION]
+                    .as_str()
+                    .unwrap();
+                assert_eq!(keys.split(',').count(), if retire { 1 } else { 2 });
+                assert!(keys.starts_with(&new_kid));
+                no_pdb(&mut api).await;
+                status(&mut api).await;
+            });
+            run(rotating("2026-11"), ctx, scenario).await.unwrap();
+        }
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod operator;
 pub mod policy;
 pub mod resources;
+pub mod rotation;
 pub mod rules;
 pub mod serve;
 pub mod service;

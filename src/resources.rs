@@ -20,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::TokenPolicy;
+use crate::rotation::{self, KeyRing};
 
 /// The one field manager for everything the operator applies.
 pub const MANAGER: &str = "tokenpolicy-operator";
@@ -29,10 +30,10 @@ pub const PORT: i32 = 8080;
 pub const ROTATE_ANNOTATION: &str = "auth.tokenpolicy.io/rotate-signing-key";
 /// On the signing-key Secret: the rotate value it was last made for.
 pub const ROTATED_FOR_ANNOTATION: &str = "auth.tokenpolicy.io/rotated-for";
+/// On the signing-key Secret: when the signing key was promoted (Unix seconds).
+pub const PROMOTED_AT_ANNOTATION: &str = "auth.tokenpolicy.io/promoted-at";
 /// On the pod template: the signing keys' kids, so a rotation rolls the pods.
 pub const KEYS_ANNOTATION: &str = "auth.tokenpolicy.io/signing-keys";
-pub const SIGNING_KEY: &str = "signing.pem";
-pub const PREVIOUS_KEY: &str = "previous.pem";
 const KEYS_DIR: &str = "/etc/tokenpolicy/keys";
 const USERS_DIR: &str = "/etc/tokenpolicy/users";
 
@@ -79,24 +80,21 @@ pub fn endpoint(tp: &TokenPolicy) -> String {
     )
 }
 
-/// The signing-key Secret, created once with a fresh key.
-pub fn signing_secret(
-    tp: &TokenPolicy,
-    signing_pem: &str,
-    previous_pem: Option<&str>,
-    rotated_for: Option<&str>,
-) -> Secret {
-    let mut data = BTreeMap::from([(SIGNING_KEY.to_string(), signing_pem.to_string())]);
-    if let Some(p) = previous_pem {
-        data.insert(PREVIOUS_KEY.to_string(), p.to_string());
+/// The signing-key Secret holding the key ring (see `rotation.rs`).
+pub fn signing_secret(tp: &TokenPolicy, ring: &KeyRing) -> Secret {
+    let data = rotation::in_order(ring)
+        .into_iter()
+        .map(|(file, pem)| (file.to_string(), pem.to_string()))
+        .collect();
+    let mut annotations = BTreeMap::new();
+    if let Some(r) = &ring.rotated_for {
+        annotations.insert(ROTATED_FOR_ANNOTATION.to_string(), r.clone());
+    }
+    if let Some(t) = ring.promoted_at {
+        annotations.insert(PROMOTED_AT_ANNOTATION.to_string(), t.to_string());
     }
     let mut m = meta(tp, signing_secret_name(tp));
-    if let Some(r) = rotated_for {
-        m.annotations = Some(BTreeMap::from([(
-            ROTATED_FOR_ANNOTATION.to_string(),
-            r.to_string(),
-        )]));
-    }
+    m.annotations = (!annotations.is_empty()).then_some(annotations);
     Secret {
         metadata: m,
         type_: Some("Opaque".into()),
@@ -203,14 +201,9 @@ fn probe(path: &str, period: i32) -> Probe {
     }
 }
 
-/// The token service. `keys` are the kids in the signing-key Secret (first
-/// signs); `has_previous` says whether it holds a previous key too.
-pub fn deployment(
-    tp: &TokenPolicy,
-    default_image: &str,
-    keys: &str,
-    has_previous: bool,
-) -> Deployment {
+/// The token service. `keys` names the kids in the signing-key Secret (first
+/// signs): a change rolls the pods, which read their keys when they start.
+pub fn deployment(tp: &TokenPolicy, default_image: &str, keys: &str) -> Deployment {
     let spec = &tp.spec;
     let namespace = tp.namespace().unwrap_or_else(|| "default".into());
     let mut args = vec![
@@ -222,12 +215,9 @@ pub fn deployment(
         "--log-format".into(),
         "json".into(),
         "--trust-forwarded-for".into(),
-        "--signing-key".into(),
-        format!("{KEYS_DIR}/{SIGNING_KEY}"),
+        "--signing-keys-dir".into(),
+        KEYS_DIR.into(),
     ];
-    if has_previous {
-        args.extend(["--signing-key".into(), format!("{KEYS_DIR}/{PREVIOUS_KEY}")]);
-    }
     let mut env = Vec::new();
     let mut volumes = vec![Volume {
         name: "signing-keys".into(),
@@ -404,7 +394,7 @@ pub(crate) mod tests {
 
     #[test]
     fn deployment_runs_serve_for_this_policy_hardened() {
-        let d = deployment(&policy(3), "img:1", "kid-a", false);
+        let d = deployment(&policy(3), "img:1", "kid-a");
         let spec = d.spec;
         assert_eq!(spec.replicas, Some(3));
         let pod = spec.template.spec.unwrap();
@@ -416,8 +406,7 @@ pub(crate) mod tests {
             args.starts_with("serve --policy-ref team/demo --listen 0.0.0.0:8080"),
             "{args}"
         );
-        assert!(args.contains("--signing-key /etc/tokenpolicy/keys/signing.pem"));
-        assert!(!args.contains("previous.pem"));
+        assert!(args.contains("--signing-keys-dir /etc/tokenpolicy/keys"));
         assert!(args.contains("--users /etc/tokenpolicy/users/users"));
         let env = c.env.clone().unwrap();
         let redis = env.iter().find(|e| e.name == "TOKENPOLICY_REDIS").unwrap();
@@ -468,27 +457,35 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn rotation_adds_the_previous_key_and_rolls_pods() {
-        let before = deployment(&policy(1), "img", "kid-a", false);
-        let after = deployment(&policy(1), "img", "kid-b,kid-a", true);
-        let args = after.spec.template.spec.as_ref().unwrap().containers[0]
-            .args
-            .clone()
-            .unwrap();
-        assert!(args.join(" ").ends_with(
-            "--signing-key /etc/tokenpolicy/keys/previous.pem --users /etc/tokenpolicy/users/users"
-        ));
-        let ann = |d: &Deployment| {
-            d.spec
-                .template
-                .metadata
-                .as_ref()
-                .unwrap()
-                .annotations
-                .clone()
-                .unwrap()
-        };
+    fn a_new_key_ring_rolls_the_pods_but_not_the_arguments() {
+        let before = deployment(&policy(1), "img", "kid-a");
+        let after = deployment(&policy(1), "img", "kid-a,kid-b");
+        let pod = |d: &Deployment| d.spec.template.clone();
+        let args = |d: &Deployment| pod(d).spec.unwrap().containers[0].args.clone();
+        // Arguments stay: a pod restarting mid-rotation reads whatever ring is mounted.
+        assert_eq!(args(&before), args(&after));
+        let ann = |d: &Deployment| pod(d).metadata.unwrap().annotations.unwrap();
         assert_ne!(ann(&before), ann(&after));
+    }
+
+    #[test]
+    fn signing_secret_holds_the_ring_in_order() {
+        let ring = KeyRing {
+            signing: "S".into(),
+            next: Some("N".into()),
+            previous: None,
+            rotated_for: Some("v1".into()),
+            promoted_at: None,
+        };
+        let s = signing_secret(&policy(1), &ring);
+        let data = s.string_data.unwrap();
+        assert_eq!(data.keys().collect::<Vec<_>>(), ["next.pem", "signing.pem"]);
+        let ann = s.metadata.annotations.unwrap();
+        assert_eq!(
+            ann.get(ROTATED_FOR_ANNOTATION).map(String::as_str),
+            Some("v1")
+        );
+        assert!(!ann.contains_key(PROMOTED_AT_ANNOTATION));
     }
 
     #[test]

@@ -40,6 +40,14 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub signing_keys: Vec<PathBuf>,
+    /// A directory holding the key ring the operator writes: `signing.pem`
+    /// signs; `next.pem` and `previous.pem`, when present, verify.
+    #[arg(
+        long,
+        env = "TOKENPOLICY_SIGNING_KEYS_DIR",
+        conflicts_with = "signing_keys"
+    )]
+    pub signing_keys_dir: Option<PathBuf>,
     /// `iss` of issued tokens (default: the policy's, else `tokenpolicy`).
     #[arg(long, env = "TOKENPOLICY_ISSUER")]
     pub issuer: Option<String>,
@@ -156,13 +164,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if users.is_empty() {
         tracing::warn!("no users: nobody can log in (see --users and `tokenpolicy hash-password`)");
     }
-    let keys = if args.signing_keys.is_empty() {
+    let key_files: Vec<PathBuf> = match &args.signing_keys_dir {
+        Some(dir) => {
+            let mut files = vec![dir.join(crate::rotation::SIGNING)];
+            for optional in [crate::rotation::NEXT, crate::rotation::PREVIOUS] {
+                let path = dir.join(optional);
+                if path.exists() {
+                    files.push(path);
+                }
+            }
+            files
+        }
+        None => args.signing_keys.clone(),
+    };
+    let keys = if key_files.is_empty() {
         tracing::warn!(
             "no --signing-key: generated a key in memory; tokens die with this process and other replicas cannot verify them"
         );
         vec![Key::generate()]
     } else {
-        KeySet::load(&args.signing_keys)?
+        KeySet::load(&key_files)?
     };
     let issuer = args
         .issuer
@@ -204,7 +225,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         policy = %policy.summary(),
         store = %store.describe(),
         signing_key = %keys.signing_key().kid(),
-        verify_keys = args.signing_keys.len().max(1),
+        verify_keys = key_files.len().max(1),
         users = users.len(),
         "starting token service"
     );

@@ -321,13 +321,15 @@ class Env:
 
     def start_server(self, name: str, redis_url: Optional[str], policy: Optional[dict] = None,
                      extra_args: list[str] = (), wait: bool = True,
-                     users_file: Optional[Path] = None) -> Server:
+                     users_file: Optional[Path] = None,
+                     key_files: Optional[list[Path]] = None) -> Server:
         pol = dict(SHORT_POLICY)
         pol.update(policy or {})
         self._counter[0] += 1
         pfile = self.workdir / f"policy-{name}-{self._counter[0]}.yaml"
         pfile.write_text(policy_yaml(**pol))
-        srv = Server(name, self.workdir, pfile, users_file or self.users_file, [self.key_file], redis_url,
+        keys = [self.key_file] if key_files is None else key_files
+        srv = Server(name, self.workdir, pfile, users_file or self.users_file, keys, redis_url,
                      extra_args)
         srv.start()
         if wait:
@@ -469,9 +471,10 @@ def start_server(env):
     started = []
 
     def _start(name: str, redis_url: Optional[str], policy: Optional[dict] = None,
-               extra_args: list[str] = (), wait: bool = True, users_file: Optional[Path] = None) -> Server:
+               extra_args: list[str] = (), wait: bool = True, users_file: Optional[Path] = None,
+               key_files: Optional[list[Path]] = None) -> Server:
         srv = env.start_server(name, redis_url, policy=policy, extra_args=extra_args, wait=wait,
-                               users_file=users_file)
+                               users_file=users_file, key_files=key_files)
         started.append(srv)
         return srv
 

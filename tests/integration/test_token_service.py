@@ -1032,3 +1032,43 @@ def test_issuer_and_audience_flags(env, start_server):
     for change in ({"iss": ISSUER}, {"aud": AUDIENCE}):
         forged = make_jwt({"alg": "EdDSA", "typ": "JWT", "kid": kid}, dict(c, **change), env.private_key.sign)
         assert_error(verify(srv, forged), 401, "INVALID_TOKEN")
+
+
+def _pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def test_signing_keys_dir_follows_the_operators_key_ring(env, start_server, tmp_path):
+    """`--signing-keys-dir`: signing.pem signs; next.pem and previous.pem only verify."""
+    new = Ed25519PrivateKey.generate()
+    before = start_server("ring-before", None)  # signs with the current key
+    r = login(before, "alice", env.users["alice"])
+    assert r.status_code == 200, describe(r)
+    tok_old = r.json()["access_token"]
+    old_kid = unverified_header(tok_old)["kid"]
+
+    # Phase 1: the new key is added verify-only. Tokens it signs verify; it signs nothing.
+    phase1 = tmp_path / "phase1"
+    phase1.mkdir()
+    (phase1 / "signing.pem").write_bytes(env.key_file.read_bytes())
+    (phase1 / "next.pem").write_bytes(_pem(new))
+    mid = start_server("ring-mid", None, extra_args=["--signing-keys-dir", str(phase1)], key_files=[])
+    r = login(mid, "alice", env.users["alice"])
+    assert unverified_header(r.json()["access_token"])["kid"] == old_kid
+    assert len(requests.get(mid.url + "/.well-known/jwks.json", timeout=HTTP_TIMEOUT).json()["keys"]) == 2
+
+    # Phase 2: promoted. The new key signs; the old one still verifies.
+    phase2 = tmp_path / "phase2"
+    phase2.mkdir()
+    (phase2 / "signing.pem").write_bytes(_pem(new))
+    (phase2 / "previous.pem").write_bytes(env.key_file.read_bytes())
+    after = start_server("ring-after", None, extra_args=["--signing-keys-dir", str(phase2)], key_files=[])
+    assert_verified(verify(after, tok_old), "alice", jwt.decode(tok_old, options={"verify_signature": False})["sid"])
+    r = login(after, "alice", env.users["alice"])
+    tok_new = r.json()["access_token"]
+    assert unverified_header(tok_new)["kid"] != old_kid
+    # A phase-1 replica already verifies what a promoted replica signs...
+    assert verify(mid, tok_new).status_code == 200
+    # ...which a replica that never got the new key cannot: the reason for phase 1.
+    assert_error(verify(before, tok_new), 401, "INVALID_TOKEN")

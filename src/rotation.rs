@@ -1,0 +1,184 @@
+//! Signing-key rotation for a TokenPolicy, as a plan over the key ring kept
+//! in its Secret (no I/O here).
+//!
+//! Replicas read their keys when they start, so a new key must reach every
+//! replica as a verifying key before any replica signs with it:
+//!
+//! 1. **add**: a changed rotate annotation adds `next.pem`, verify-only. The
+//!    pods roll out with it.
+//! 2. **promote**: once that rollout is complete, `next` becomes the signing
+//!    key and the old signing key becomes `previous.pem`. The pods roll out
+//!    again; old pods already verify the new key.
+//! 3. **drop**: `previous` is removed once no token it signed can still be
+//!    used: `tokenExpirationTime + expiredTokenRenewLimit` after promotion.
+//!
+//! A rotation asked for while a `previous` key is still needed waits for
+//! step 3, so the ring never holds more than three keys.
+
+use crate::policy::Policy;
+
+pub const SIGNING: &str = "signing.pem";
+pub const NEXT: &str = "next.pem";
+pub const PREVIOUS: &str = "previous.pem";
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeyRing {
+    pub signing: String,
+    pub next: Option<String>,
+    pub previous: Option<String>,
+    /// The rotate annotation value last acted on.
+    pub rotated_for: Option<String>,
+    /// When the signing key was promoted (Unix seconds).
+    pub promoted_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Keep,
+    AddNext,
+    Promote,
+    DropPrevious,
+}
+
+/// What to do now. `rollout_done` tells whether every replica runs with the
+/// ring as it is (so that a pending `next` is known everywhere).
+pub fn plan(
+    ring: &KeyRing,
+    rotate: Option<&str>,
+    rollout_done: bool,
+    policy: &Policy,
+    now: i64,
+) -> Step {
+    if ring.next.is_some() {
+        return if rollout_done {
+            Step::Promote
+        } else {
+            Step::Keep
+        };
+    }
+    if ring.previous.is_some() {
+        // Without a promotion time we cannot tell when it is safe: keep it.
+        let dead = ring
+            .promoted_at
+            .is_some_and(|t| now >= t.saturating_add((policy.token + policy.renew_limit) as i64));
+        return if dead { Step::DropPrevious } else { Step::Keep };
+    }
+    if rotate.is_some() && rotate != ring.rotated_for.as_deref() {
+        return Step::AddNext;
+    }
+    Step::Keep
+}
+
+/// The ring after `step`; `fresh` makes a new private key (PEM).
+pub fn apply(
+    ring: &KeyRing,
+    step: Step,
+    rotate: Option<&str>,
+    fresh: impl FnOnce() -> String,
+    now: i64,
+) -> KeyRing {
+    let mut r = ring.clone();
+    match step {
+        Step::Keep => {}
+        Step::AddNext => {
+            r.next = Some(fresh());
+            r.rotated_for = rotate.map(str::to_string);
+        }
+        Step::Promote => {
+            if let Some(next) = r.next.take() {
+                r.previous = Some(std::mem::replace(&mut r.signing, next));
+                r.promoted_at = Some(now);
+            }
+        }
+        Step::DropPrevious => r.previous = None,
+    }
+    r
+}
+
+/// The ring's keys in the order `serve` uses them: the first signs.
+pub fn in_order(ring: &KeyRing) -> Vec<(&'static str, &str)> {
+    let mut v = vec![(SIGNING, ring.signing.as_str())];
+    if let Some(n) = &ring.next {
+        v.push((NEXT, n.as_str()));
+    }
+    if let Some(p) = &ring.previous {
+        v.push((PREVIOUS, p.as_str()));
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            token: 600,
+            renew_limit: 300,
+            ..Policy::default()
+        }
+    }
+
+    fn ring() -> KeyRing {
+        KeyRing {
+            signing: "A".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_full_rotation_adds_then_promotes_then_drops() {
+        let p = policy();
+        let r0 = ring();
+        assert_eq!(plan(&r0, None, true, &p, 0), Step::Keep);
+        assert_eq!(plan(&r0, Some("v1"), true, &p, 0), Step::AddNext);
+        let r1 = apply(&r0, Step::AddNext, Some("v1"), || "B".into(), 0);
+        assert_eq!(in_order(&r1), [(SIGNING, "A"), (NEXT, "B")]);
+        // B is not promoted while a replica may not know it yet.
+        assert_eq!(plan(&r1, Some("v1"), false, &p, 10), Step::Keep);
+        assert_eq!(plan(&r1, Some("v1"), true, &p, 10), Step::Promote);
+        let r2 = apply(&r1, Step::Promote, Some("v1"), || unreachable!(), 100);
+        assert_eq!(in_order(&r2), [(SIGNING, "B"), (PREVIOUS, "A")]);
+        // A verifies until the longest token it signed is dead: token + renew limit.
+        assert_eq!(plan(&r2, Some("v1"), true, &p, 100 + 899), Step::Keep);
+        assert_eq!(
+            plan(&r2, Some("v1"), true, &p, 100 + 900),
+            Step::DropPrevious
+        );
+        let r3 = apply(
+            &r2,
+            Step::DropPrevious,
+            Some("v1"),
+            || unreachable!(),
+            1_000,
+        );
+        assert_eq!(in_order(&r3), [(SIGNING, "B")]);
+        assert_eq!(plan(&r3, Some("v1"), true, &p, 2_000), Step::Keep);
+    }
+
+    #[test]
+    fn a_rotation_waits_while_the_previous_key_is_needed() {
+        let p = policy();
+        let r = KeyRing {
+            signing: "B".into(),
+            previous: Some("A".into()),
+            rotated_for: Some("v1".into()),
+            promoted_at: Some(100),
+            ..Default::default()
+        };
+        assert_eq!(plan(&r, Some("v2"), true, &p, 200), Step::Keep);
+        assert_eq!(plan(&r, Some("v2"), true, &p, 1_000), Step::DropPrevious);
+        let r = apply(&r, Step::DropPrevious, Some("v2"), || unreachable!(), 1_000);
+        assert_eq!(plan(&r, Some("v2"), true, &p, 1_000), Step::AddNext);
+    }
+
+    #[test]
+    fn a_previous_key_without_promotion_time_is_kept() {
+        let r = KeyRing {
+            signing: "B".into(),
+            previous: Some("A".into()),
+            ..Default::default()
+        };
+        assert_eq!(plan(&r, None, true, &policy(), i64::MAX), Step::Keep);
+    }
+}
