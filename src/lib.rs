@@ -10,6 +10,7 @@ pub mod http;
 pub mod metrics;
 pub mod operator;
 pub mod policy;
+pub mod policy_watch;
 pub mod resources;
 pub mod rotation;
 pub mod rules;

@@ -21,6 +21,10 @@ pub struct ServeArgs {
     /// TokenPolicy YAML (the cluster schema). Without it: the recommended defaults.
     #[arg(long, env = "TOKENPOLICY_POLICY")]
     pub policy: Option<PathBuf>,
+    /// Follow a TokenPolicy in the cluster instead (`NAMESPACE/NAME`): a
+    /// change applies to the next request, without a restart.
+    #[arg(long, env = "TOKENPOLICY_POLICY_REF", conflicts_with = "policy")]
+    pub policy_ref: Option<String>,
     /// Users file: `name:hash` lines (bcrypt `$2y$` or argon2id).
     #[arg(long, env = "TOKENPOLICY_USERS")]
     pub users: Option<PathBuf>,
@@ -150,9 +154,22 @@ fn watch_files(service: Arc<TokenService>, policy: Option<PathBuf>, users: Optio
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let policy = match &args.policy {
-        Some(p) => load_policy(p)?,
-        None => {
+    let cluster = match &args.policy_ref {
+        Some(r) => {
+            let (ns, name) = crate::policy_watch::parse_ref(r).map_err(anyhow::Error::msg)?;
+            let client = kube::Client::try_default().await.context(
+                "--policy-ref needs a Kubernetes configuration (in-cluster or KUBECONFIG)",
+            )?;
+            Some((client, ns, name))
+        }
+        None => None,
+    };
+    let policy = match (&args.policy, &cluster) {
+        (_, Some((client, ns, name))) => {
+            crate::policy_watch::initial(client.clone(), ns, name).await?
+        }
+        (Some(p), None) => load_policy(p)?,
+        (None, None) => {
             tracing::warn!("no --policy given: using the recommended defaults");
             Policy::default()
         }
@@ -233,6 +250,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         policy, users, keys, store, leeway, throttle,
     ));
     watch_files(service.clone(), args.policy.clone(), args.users.clone());
+    if let Some((client, ns, name)) = cluster {
+        tokio::spawn(crate::policy_watch::follow(
+            client,
+            ns,
+            name,
+            service.clone(),
+        ));
+    }
     let app = Arc::new(App {
         service,
         config: HttpConfig {

@@ -1,0 +1,291 @@
+//! `serve --policy-ref NAMESPACE/NAME`: the token service follows its
+//! TokenPolicy in the cluster, so that a changed duration applies to the
+//! next request, without a restart and without dropping a session.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use futures_util::StreamExt;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+
+use crate::crd::TokenPolicy;
+use crate::policy::Policy;
+use crate::service::TokenService;
+
+/// `NAMESPACE/NAME`, each a DNS-1123 name.
+pub fn parse_ref(s: &str) -> Result<(String, String), String> {
+    let ok = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 253
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && part.as_bytes()[0].is_ascii_alphanumeric()
+            && part.as_bytes()[part.len() - 1].is_ascii_alphanumeric()
+    };
+    match s.split_once('/') {
+        Some((ns, name)) if ok(ns) && ok(name) => Ok((ns.to_string(), name.to_string())),
+        _ => Err(format!(
+            "--policy-ref {s:?}: expected NAMESPACE/NAME (lowercase DNS names)"
+        )),
+    }
+}
+
+/// Reads the TokenPolicy once at start: a missing or invalid one stops the
+/// service from starting rather than letting it run a policy nobody wrote.
+pub async fn initial(client: Client, ns: &str, name: &str) -> anyhow::Result<Policy> {
+    let api: Api<TokenPolicy> = Api::namespaced(client, ns);
+    let tp = api
+        .get_opt(name)
+        .await
+        .with_context(|| format!("reading TokenPolicy {ns}/{name}"))?
+        .with_context(|| format!("TokenPolicy {ns}/{name} not found"))?;
+    Policy::from_spec(&tp.spec).with_context(|| format!("TokenPolicy {ns}/{name}"))
+}
+
+/// Applies one observed version of the object to the running service.
+fn observe(service: &TokenService, tp: &TokenPolicy, key: &str) {
+    match Policy::from_spec(&tp.spec) {
+        Ok(next) if *service.policy() == next => {}
+        Ok(next) => {
+            let current = service.policy();
+            if next.issuer != current.issuer || next.audience != current.audience {
+                tracing::warn!(policy = %key, "issuer/audience changes apply at the next restart");
+            }
+            tracing::info!(policy = %key, summary = %next.summary(), "policy changed");
+            service.set_policy(next);
+        }
+        Err(e) => {
+            tracing::error!(policy = %key, error = %e, "policy change refused; keeping the previous policy")
+        }
+    }
+}
+
+/// Follows the TokenPolicy until the process ends. Watch errors are retried
+/// with backoff; a deleted object leaves the last policy in force.
+pub async fn follow(client: Client, ns: String, name: String, service: Arc<TokenService>) {
+    let key = format!("{ns}/{name}");
+    let api: Api<TokenPolicy> = Api::namespaced(client, &ns);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = watcher(api, config).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Apply(tp) | watcher::Event::InitApply(tp)) => {
+                observe(&service, &tp, &key)
+            }
+            Ok(watcher::Event::Delete(_)) => {
+                tracing::warn!(policy = %key, "TokenPolicy deleted; keeping the last policy")
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
+            Err(e) => {
+                tracing::warn!(policy = %key, error = %e, "watching the TokenPolicy failed; retrying")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::TokenPolicySpec;
+    use crate::rules::Millis;
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use std::time::Duration;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    const LIST: &str = "/apis/auth.tokenpolicy.io/v1alpha1/namespaces/team/tokenpolicies?&fieldSelector=metadata.name%3Ddemo&limit=500";
+    const WATCH: &str = "/apis/auth.tokenpolicy.io/v1alpha1/namespaces/team/tokenpolicies?&watch=true&timeoutSeconds=290&fieldSelector=metadata.name%3Ddemo&allowWatchBookmarks=true&resourceVersion=10";
+
+    fn object(session: &str, token: &str, rv: &str) -> Value {
+        let mut tp = TokenPolicy::new(
+            "demo",
+            TokenPolicySpec {
+                session_expiration_time: session.into(),
+                token_expiration_time: token.into(),
+                expired_token_renew_limit: "0s".into(),
+                ..Default::default()
+            },
+        );
+        tp.metadata.namespace = Some("team".into());
+        tp.metadata.resource_version = Some(rv.into());
+        serde_json::to_value(tp).unwrap()
+    }
+
+    fn respond(send: tower_test::mock::SendResponse<Response<Body>>, status: u16, body: Vec<u8>) {
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(body))
+                .unwrap(),
+        );
+    }
+
+    /// Plays the API server for the watcher: the list, then one watch whose
+    /// stream carries `events` (newline-delimited, as the API server sends).
+    /// `consumed` fires when the watcher comes back for more, i.e. after it
+    /// has read every event of the stream.
+    async fn serve_watch(
+        mut handle: Handle,
+        initial: Value,
+        events: Vec<Value>,
+        consumed: tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (req, send) = handle.next_request().await.expect("list");
+        assert_eq!(req.method(), "GET");
+        assert_eq!(req.uri().to_string(), LIST);
+        let list = json!({"apiVersion": "auth.tokenpolicy.io/v1alpha1", "kind": "TokenPolicyList",
+                          "metadata": {"resourceVersion": "10"}, "items": [initial]});
+        respond(send, 200, serde_json::to_vec(&list).unwrap());
+        let (req, send) = handle.next_request().await.expect("watch");
+        assert_eq!(req.uri().to_string(), WATCH);
+        let mut body = Vec::new();
+        for e in events {
+            body.extend(serde_json::to_vec(&e).unwrap());
+            body.push(b'\n');
+        }
+        respond(send, 200, body);
+        // The watcher watches again when the stream ends; leave that one open.
+        let _again = handle.next_request().await;
+        let _ = consumed.send(());
+        std::future::pending::<()>().await;
+    }
+
+    fn service() -> Arc<TokenService> {
+        let users =
+            crate::users::Users::parse(&format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap()), "t")
+                .unwrap();
+        let s = crate::service::tests_support::service();
+        s.set_users(users);
+        Arc::new(s)
+    }
+
+    async fn until(mut cond: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !cond() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the service never saw the change"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    const T0: Millis = 1_800_000_000_000;
+
+    #[tokio::test]
+    async fn a_changed_policy_changes_the_running_services_decisions() {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "default");
+        let service = service();
+        let token = service
+            .login("alice", "pw", None, || T0)
+            .await
+            .unwrap()
+            .token;
+        let (consumed, _) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(serve_watch(
+            handle,
+            object("8h", "30m", "11"),
+            vec![json!({"type": "MODIFIED", "object": object("1m", "1m", "12")})],
+            consumed,
+        ));
+        let follower = tokio::spawn(follow(
+            client,
+            "team".into(),
+            "demo".into(),
+            service.clone(),
+        ));
+        // 90 s after login: valid under 8h/30m ...
+        let at = T0 + 90_000;
+        until(|| service.policy().session == 60).await;
+        // ... the new policy (session 1m) ended that session at T0 + 60 s.
+        let err = service.verify(&token, false, at).await.unwrap_err();
+        assert_eq!(err.code.as_str(), "EXPIRED_SESSION");
+        assert!(service.verify(&token, false, T0 + 30_000).await.is_ok());
+        follower.abort();
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn the_initial_list_applies_and_an_invalid_change_is_refused() {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "default");
+        let service = service();
+        let (consumed, done) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(serve_watch(
+            handle,
+            object("2h", "15m", "11"),
+            // token longer than session: refused.
+            vec![json!({"type": "MODIFIED", "object": object("1h", "2h", "12")})],
+            consumed,
+        ));
+        let follower = tokio::spawn(follow(
+            client,
+            "team".into(),
+            "demo".into(),
+            service.clone(),
+        ));
+        tokio::time::timeout(Duration::from_secs(2), done)
+            .await
+            .unwrap()
+            .unwrap();
+        // The listed 2h/15m policy replaced the service's 8h/30m, and stays.
+        assert_eq!(
+            (service.policy().session, service.policy().token),
+            (7_200, 900)
+        );
+        follower.abort();
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn initial_read_names_what_is_wrong() {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "default");
+        let server = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.unwrap();
+            assert_eq!(
+                req.uri().to_string(),
+                "/apis/auth.tokenpolicy.io/v1alpha1/namespaces/team/tokenpolicies/demo"
+            );
+            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                "message": "not found", "reason": "NotFound", "code": 404});
+            respond(send, 404, serde_json::to_vec(&status).unwrap());
+            let (_, send) = handle.next_request().await.unwrap();
+            respond(
+                send,
+                200,
+                serde_json::to_vec(&object("1h", "2h", "1")).unwrap(),
+            );
+        });
+        let err = initial(client.clone(), "team", "demo").await.unwrap_err();
+        assert_eq!(format!("{err:#}"), "TokenPolicy team/demo not found");
+        let err = initial(client, "team", "demo").await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("tokenExpirationTime: must not be longer"),
+            "{err:#}"
+        );
+        server.await.unwrap();
+    }
+
+    #[test]
+    fn policy_refs() {
+        assert_eq!(parse_ref("team/demo"), Ok(("team".into(), "demo".into())));
+        assert_eq!(parse_ref("a-1/b.c"), Ok(("a-1".into(), "b.c".into())));
+        for bad in [
+            "demo",
+            "/demo",
+            "team/",
+            "Team/demo",
+            "team/demo/x",
+            "team/-demo",
+            "a b/c",
+        ] {
+            assert!(parse_ref(bad).is_err(), "{bad}");
+        }
+    }
+}
