@@ -7,6 +7,7 @@ pub mod crd;
 pub mod duration;
 pub mod error;
 pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod operator;
 pub mod policy;

@@ -8,6 +8,7 @@ use axum::Router;
 use axum::routing::get;
 
 use crate::controller::{self, Context, OperatorMetrics};
+use crate::leader::{self, LeaseConfig};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct OperatorArgs {
@@ -21,6 +22,12 @@ pub struct OperatorArgs {
         default_value = "0.0.0.0:8081"
     )]
     pub metrics_listen: SocketAddr,
+    /// Reconcile without taking the Lease (only ever with one replica).
+    #[arg(long, env = "TOKENPOLICY_NO_LEADER_ELECTION")]
+    pub no_leader_election: bool,
+    /// Namespace of the `tokenpolicy-operator` Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
 }
 
 pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
@@ -49,5 +56,9 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         }
     });
     tracing::info!(image = %args.image, metrics = %args.metrics_listen, "starting operator");
-    controller::run(ctx).await
+    if args.no_leader_election {
+        return controller::run(ctx).await;
+    }
+    let lease = LeaseConfig::new(args.lease_namespace.clone(), leader::identity());
+    leader::run_as_leader(ctx.client.clone(), lease, controller::run(ctx)).await
 }

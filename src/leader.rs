@@ -1,0 +1,400 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, as client-go does
+//! it, so that two operator replicas never both reconcile. (The published
+//! crates for this depend on kube 4 and do not build with our kube 5.)
+
+use std::future::Future;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::Client;
+use kube::api::{Api, PostParams};
+
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    pub name: String,
+    pub identity: String,
+    pub lease_duration: Duration,
+    pub renew_every: Duration,
+}
+
+impl LeaseConfig {
+    pub fn new(namespace: String, identity: String) -> Self {
+        LeaseConfig {
+            namespace,
+            name: "tokenpolicy-operator".into(),
+            identity,
+            lease_duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `POD_NAME` (or the host name) plus a random suffix, so that a restarted
+/// pod with the same name is a new candidate.
+pub fn identity() -> String {
+    let base = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "tokenpolicy-operator".into());
+    let mut suffix = [0u8; 4];
+    let _ = getrandom::fill(&mut suffix);
+    format!(
+        "{base}-{}",
+        suffix
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
+}
+
+fn conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+fn lease(cfg: &LeaseConfig, spec: LeaseSpec, resource_version: Option<String>) -> Lease {
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(cfg.name.clone()),
+            namespace: Some(cfg.namespace.clone()),
+            resource_version,
+            ..Default::default()
+        },
+        spec: Some(spec),
+    }
+}
+
+/// One round: takes the lease if it is free or expired, renews it if ours.
+/// `Ok(true)`: we lead until `now + lease_duration`.
+pub async fn try_acquire_or_renew(
+    api: &Api<Lease>,
+    cfg: &LeaseConfig,
+    now: Timestamp,
+) -> Result<bool, kube::Error> {
+    let duration = i32::try_from(cfg.lease_duration.as_secs()).unwrap_or(i32::MAX);
+    let pp = PostParams::default();
+    let Some(current) = api.get_opt(&cfg.name).await? else {
+        let spec = LeaseSpec {
+            holder_identity: Some(cfg.identity.clone()),
+            lease_duration_seconds: Some(duration),
+            acquire_time: Some(MicroTime(now)),
+            renew_time: Some(MicroTime(now)),
+            lease_transitions: Some(0),
+            ..Default::default()
+        };
+        return match api.create(&pp, &lease(cfg, spec, None)).await {
+            Ok(_) => Ok(true),
+            Err(e) if conflict(&e) => Ok(false),
+            Err(e) => Err(e),
+        };
+    };
+    let spec = current.spec.clone().unwrap_or_default();
+    let holder = spec.holder_identity.clone().unwrap_or_default();
+    let mut next = spec.clone();
+    if holder == cfg.identity {
+        next.renew_time = Some(MicroTime(now));
+        next.lease_duration_seconds = Some(duration);
+    } else {
+        let held_for = SignedDuration::from_secs(spec.lease_duration_seconds.unwrap_or(0).into());
+        let live = !holder.is_empty()
+            && spec
+                .renew_time
+                .as_ref()
+                .is_some_and(|t| t.0.checked_add(held_for).is_ok_and(|end| end > now));
+        if live {
+            return Ok(false);
+        }
+        next.holder_identity = Some(cfg.identity.clone());
+        next.lease_duration_seconds = Some(duration);
+        next.acquire_time = Some(MicroTime(now));
+        next.renew_time = Some(MicroTime(now));
+        next.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
+    }
+    match api
+        .replace(
+            &cfg.name,
+            &pp,
+            &lease(cfg, next, current.metadata.resource_version.clone()),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if conflict(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Gives the lease up at a clean shutdown, so the next leader need not wait
+/// for it to expire (best effort).
+async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
+    let Ok(Some(current)) = api.get_opt(&cfg.name).await else {
+        return;
+    };
+    let mut spec = current.spec.clone().unwrap_or_default();
+    if spec.holder_identity.as_deref() != Some(cfg.identity.as_str()) {
+        return;
+    }
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    let _ = api
+        .replace(
+            &cfg.name,
+            &PostParams::default(),
+            &lease(cfg, spec, current.metadata.resource_version.clone()),
+        )
+        .await;
+}
+
+/// Waits to lead, then runs `work` while renewing the lease. Returns an
+/// error when leadership is lost, so the process exits and restarts clean:
+/// two leaders never act at once.
+pub async fn run_as_leader<F>(client: Client, cfg: LeaseConfig, work: F) -> anyhow::Result<()>
+where
+    F: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    let mut waiting_logged = false;
+    loop {
+        match try_acquire_or_renew(&api, &cfg, Timestamp::now()).await {
+            Ok(true) => break,
+            Ok(false) if !waiting_logged => {
+                tracing::info!(lease = %cfg.name, "another replica leads; waiting");
+                waiting_logged = true;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the lease"),
+        }
+        tokio::time::sleep(cfg.renew_every).await;
+    }
+    tracing::info!(identity = %cfg.identity, lease = %cfg.name, "leading");
+    let mut work = tokio::spawn(work);
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            done = &mut work => {
+                release(&api, &cfg).await;
+                return done?;
+            }
+            _ = tokio::time::sleep(cfg.renew_every) => {
+                match try_acquire_or_renew(&api, &cfg, Timestamp::now()).await {
+                    Ok(true) => renewed = tokio::time::Instant::now(),
+                    Ok(false) => {
+                        work.abort();
+                        anyhow::bail!("lost leadership to another replica");
+                    }
+                    Err(e) if renewed.elapsed() < cfg.lease_duration => {
+                        tracing::warn!(error = %e, "lease renewal failed; retrying");
+                    }
+                    Err(e) => {
+                        work.abort();
+                        anyhow::bail!("could not renew the lease for {:?}: {e}", cfg.lease_duration);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+    const URI: &str = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/tokenpolicy-operator";
+
+    fn cfg() -> LeaseConfig {
+        LeaseConfig::new("ops".into(), "me".into())
+    }
+
+    fn now() -> Timestamp {
+        "2026-11-22T12:00:00Z".parse().unwrap()
+    }
+
+    fn held(by: &str, renewed: &str, transitions: i32) -> Value {
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "tokenpolicy-operator", "namespace": "ops", "resourceVersion": "42"},
+               "spec": {"holderIdentity": by, "leaseDurationSeconds": 15, "renewTime": renewed,
+                        "acquireTime": "2026-11-22T11:00:00Z", "leaseTransitions": transitions}})
+    }
+
+    fn status(code: u16, reason: &str) -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": reason, "reason": reason, "code": code})
+    }
+
+    async fn answer(h: &mut Handle, method: &str, uri: &str, code: u16, body: Value) -> Value {
+        let (req, send) = h.next_request().await.expect("no further call");
+        assert_eq!(req.method().as_str(), method);
+        assert_eq!(req.uri().to_string(), uri);
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let sent = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        send.send_response(
+            Response::builder()
+                .status(code)
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+        sent
+    }
+
+    /// Runs one round against a scripted API server; asserts no extra call.
+    async fn round<S, Fut>(script: S) -> bool
+    where
+        S: FnOnce(Handle) -> Fut + Send + 'static,
+        Fut: Future<Output = Handle> + Send,
+    {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api: Api<Lease> = Api::namespaced(Client::new(svc, "default"), "ops");
+        let server = tokio::spawn(async move {
+            let mut h = script(handle).await;
+            if let Ok(Some((req, _))) =
+                tokio::time::timeout(Duration::from_millis(100), h.next_request()).await
+            {
+                panic!("unexpected call {} {}", req.method(), req.uri());
+            }
+        });
+        let led = try_acquire_or_renew(&api, &cfg(), now()).await.unwrap();
+        drop(api);
+        tokio::time::timeout(Duration::from_secs(1), server)
+            .await
+            .expect("missing call")
+            .unwrap();
+        led
+    }
+
+    #[tokio::test]
+    async fn no_lease_creates_it_and_leads() {
+        let led = round(|mut h| async move {
+            answer(&mut h, "GET", URI, 404, status(404, "NotFound")).await;
+            let sent = answer(
+                &mut h,
+                "POST",
+                "/apis/coordination.k8s.io/v1/namespaces/ops/leases?",
+                201,
+                held("me", "2026-11-22T12:00:00Z", 0),
+            )
+            .await;
+            assert_eq!(sent["spec"]["holderIdentity"], "me");
+            assert_eq!(sent["spec"]["leaseDurationSeconds"], 15);
+            assert_eq!(sent["spec"]["leaseTransitions"], 0);
+            assert_eq!(sent["spec"]["renewTime"], "2026-11-22T12:00:00.000000Z");
+            h
+        })
+        .await;
+        assert!(led);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_lease_of_another_is_left_alone() {
+        // Renewed 10 s ago, held for 15 s: still theirs. No write at all.
+        let led = round(|mut h| async move {
+            answer(
+                &mut h,
+                "GET",
+                URI,
+                200,
+                held("other", "2026-11-22T11:59:50Z", 3),
+            )
+            .await;
+            h
+        })
+        .await;
+        assert!(!led);
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_taken_over() {
+        let led = round(|mut h| async move {
+            answer(
+                &mut h,
+                "GET",
+                URI,
+                200,
+                held("other", "2026-11-22T11:59:40Z", 3),
+            )
+            .await;
+            let sent = answer(
+                &mut h,
+                "PUT",
+                &format!("{URI}?"),
+                200,
+                held("me", "2026-11-22T12:00:00Z", 4),
+            )
+            .await;
+            assert_eq!(sent["metadata"]["resourceVersion"], "42");
+            assert_eq!(sent["spec"]["holderIdentity"], "me");
+            assert_eq!(sent["spec"]["leaseTransitions"], 4);
+            assert_eq!(sent["spec"]["acquireTime"], "2026-11-22T12:00:00.000000Z");
+            h
+        })
+        .await;
+        assert!(led);
+    }
+
+    #[tokio::test]
+    async fn our_lease_is_renewed() {
+        let led = round(|mut h| async move {
+            answer(
+                &mut h,
+                "GET",
+                URI,
+                200,
+                held("me", "2026-11-22T11:59:55Z", 2),
+            )
+            .await;
+            let sent = answer(
+                &mut h,
+                "PUT",
+                &format!("{URI}?"),
+                200,
+                held("me", "2026-11-22T12:00:00Z", 2),
+            )
+            .await;
+            assert_eq!(sent["spec"]["renewTime"], "2026-11-22T12:00:00.000000Z");
+            // A renewal is not a transition, and keeps the acquire time.
+            assert_eq!(sent["spec"]["leaseTransitions"], 2);
+            assert_eq!(sent["spec"]["acquireTime"], "2026-11-22T11:00:00.000000Z");
+            h
+        })
+        .await;
+        assert!(led);
+    }
+
+    #[tokio::test]
+    async fn losing_the_race_is_not_leading() {
+        let led = round(|mut h| async move {
+            answer(
+                &mut h,
+                "GET",
+                URI,
+                200,
+                held("other", "2026-11-22T11:00:00Z", 3),
+            )
+            .await;
+            answer(
+                &mut h,
+                "PUT",
+                &format!("{URI}?"),
+                409,
+                status(409, "Conflict"),
+            )
+            .await;
+            h
+        })
+        .await;
+        assert!(!led);
+    }
+
+    #[test]
+    fn identities_differ_per_start() {
+        assert_ne!(identity(), identity());
+    }
+}
