@@ -50,6 +50,7 @@ fn selector(tp: &TokenPolicy) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".into(), "tokenpolicy".into()),
         ("app.kubernetes.io/instance".into(), tp.name_any()),
+        ("app.kubernetes.io/component".into(), "token-service".into()),
     ])
 }
 
@@ -343,6 +344,9 @@ pub fn deployment(tp: &TokenPolicy, default_image: &str, keys: &str) -> Deployme
                     service_account_name: Some(tp.name_any()),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
+                        // Secret volumes are root-owned: the group makes the
+                        // 0440 key and users files readable by uid 65532.
+                        fs_group: Some(65532),
                         seccomp_profile: Some(SeccompProfile {
                             type_: "RuntimeDefault".into(),
                             ..Default::default()
@@ -418,6 +422,12 @@ pub(crate) mod tests {
             .as_ref()
             .unwrap();
         assert_eq!((sel.name.as_str(), sel.key.as_str()), ("redis", "url"));
+        let pod_sc = pod.security_context.as_ref().unwrap();
+        assert_eq!(pod_sc.fs_group, Some(65532));
+        assert_eq!(
+            c.security_context.as_ref().unwrap().run_as_group,
+            Some(65532)
+        );
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.run_as_non_root, Some(true));
         assert_eq!(sc.read_only_root_filesystem, Some(true));
@@ -510,12 +520,14 @@ pub(crate) mod tests {
         );
         let s = service(&policy(1)).spec.unwrap();
         assert_eq!(s.ports.unwrap()[0].port, 8080);
+        let sel = s.selector.unwrap();
         assert_eq!(
-            s.selector
-                .unwrap()
-                .get("app.kubernetes.io/instance")
-                .map(String::as_str),
+            sel.get("app.kubernetes.io/instance").map(String::as_str),
             Some("demo")
+        );
+        assert_eq!(
+            sel.get("app.kubernetes.io/component").map(String::as_str),
+            Some("token-service")
         );
     }
 }
