@@ -28,6 +28,9 @@ fi
 step "python test tools"
 python3 -m pip install -q --disable-pip-version-check -r tests/requirements.txt
 
+step "helm chart, examples and Dockerfile (offline: Helm library, kubernetes-validate, hadolint)"
+python3 -m pytest -q -p no:cacheprovider tests/chart
+
 step "rust components"
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
