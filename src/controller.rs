@@ -457,6 +457,36 @@ fn key_of(tp: &TokenPolicy) -> String {
     format!("{}/{}", tp.namespace().unwrap_or_default(), tp.name_any())
 }
 
+/// Reports what stops the service and applies nothing, so that a missing
+/// Secret or an invalid spec does not churn the running Deployment.
+async fn degrade(
+    tp: &TokenPolicy,
+    ctx: &Context,
+    policies: &Api<TokenPolicy>,
+    reason: &'static str,
+    message: String,
+) -> Result<Action, Error> {
+    if degraded_reason(tp).as_deref() != Some(reason) {
+        publish(
+            ctx,
+            tp,
+            EventType::Warning,
+            reason,
+            "Reconcile",
+            message.clone(),
+        )
+        .await;
+    }
+    let report = Report {
+        ready: (false, reason, message.clone()),
+        progressing: (false, reason, "waiting for the problem to be fixed".into()),
+        degraded: (true, reason, message),
+        ready_replicas: tp.status.as_ref().and_then(|s| s.ready_replicas),
+    };
+    write_status(tp, policies, &report).await?;
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
 async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Error> {
     if tp.metadata.deletion_timestamp.is_some() {
         // Everything we made carries an ownerReference: the garbage collector removes it.
@@ -467,35 +497,14 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let policies: Api<TokenPolicy> = Api::namespaced(client.clone(), &ns);
 
-    let blocked = match Policy::from_spec(&tp.spec) {
-        Err(e) => Some(("InvalidSpec", e.to_string())),
-        Ok(_) => blocker(tp, &secrets).await?,
+    let policy = match Policy::from_spec(&tp.spec) {
+        Ok(p) => p,
+        Err(e) => return degrade(tp, ctx, &policies, "InvalidSpec", e.to_string()).await,
     };
-    if let Some((reason, message)) = blocked {
-        // Nothing is applied: a missing Secret must not churn the Deployment.
-        if degraded_reason(tp).as_deref() != Some(reason) {
-            publish(
-                ctx,
-                tp,
-                EventType::Warning,
-                reason,
-                "Reconcile",
-                message.clone(),
-            )
-            .await;
-        }
-        let report = Report {
-            ready: (false, reason, message.clone()),
-            progressing: (false, reason, "waiting for the problem to be fixed".into()),
-            degraded: (true, reason, message),
-            ready_replicas: tp.status.as_ref().and_then(|s| s.ready_replicas),
-        };
-        write_status(tp, &policies, &report).await?;
-        return Ok(Action::requeue(Duration::from_secs(30)));
+    if let Some((reason, message)) = blocker(tp, &secrets).await? {
+        return degrade(tp, ctx, &policies, reason, message).await;
     }
 
-    let policy =
-        Policy::from_spec(&tp.spec).map_err(|e| Error::KeySecret(ns.clone(), e.to_string()))?;
     let now = Timestamp::now().as_second();
     let key_name = resources::signing_secret_name(tp);
     let (ring, ring_version) = signing_keys(tp, ctx, &secrets, &policy, now).await?;
