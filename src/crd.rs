@@ -100,7 +100,7 @@ fn default_replicas() -> i32 {
     validation = Rule::new(RENEW_WITHIN_SESSION).message("expiredTokenRenewLimit must not be longer than sessionExpirationTime"),
     validation = Rule::new("self.replicas <= 1 || has(self.redis)").message("replicas above 1 need redis: the one-time refresh state must be shared")
 )]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct TokenPolicySpec {
     /// Longest a login lasts (1s..365d); refreshing never extends it.
     #[serde(default = "default_session")]
@@ -204,7 +204,7 @@ impl Default for TokenPolicySpec {
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct CookieSpec {
     /// Default `tokenpolicy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -228,7 +228,7 @@ pub struct CookieSpec {
 
 /// A key of a Secret in the TokenPolicy's namespace.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
@@ -237,14 +237,14 @@ pub struct SecretKeyRef {
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RedisSpec {
     /// The Secret key holding the Redis URL.
     pub url_secret_ref: SecretKeyRef,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct UsersSpec {
     /// The Secret key holding the users file.
     pub secret_ref: SecretKeyRef,

@@ -28,6 +28,8 @@ pub struct TokenPolicyDocument {
     pub metadata: serde_json::Value,
     #[serde(default)]
     pub spec: TokenPolicySpec,
+    #[serde(default)]
+    pub status: serde_json::Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -256,8 +258,24 @@ impl Policy {
 
     /// Parses a TokenPolicy YAML document and checks it.
     pub fn from_yaml(text: &str) -> Result<Policy, PolicyError> {
+        // A file is checked strictly: an unknown spec field is most likely a
+        // typo. (Objects read from the cluster are not: the API server's
+        // schema is the authority there, and it may be newer than we are.)
+        let mut unknown = Vec::new();
         let doc: TokenPolicyDocument =
-            serde_yaml::from_str(text).map_err(|e| PolicyError::Document(e.to_string()))?;
+            serde_ignored::deserialize(serde_yaml::Deserializer::from_str(text), |path| {
+                // `?` marks an Option layer in serde_ignored's paths.
+                let path = path.to_string().replace(".?", "");
+                if path.starts_with("spec") {
+                    unknown.push(path);
+                }
+            })
+            .map_err(|e| PolicyError::Document(e.to_string()))?;
+        if let Some(path) = unknown.first() {
+            return Err(PolicyError::Document(format!(
+                "unknown field {path} (see `tokenpolicy crd` for the schema)"
+            )));
+        }
         if doc.api_version != API_VERSION || doc.kind != KIND {
             return Err(PolicyError::Document(format!(
                 "expected apiVersion {API_VERSION} and kind {KIND}, got {} {}",
@@ -368,7 +386,22 @@ mod tests {
 
         let typo = ok.replace("tokenExpirationTime", "tokenExpiration");
         let err = Policy::from_yaml(&typo).unwrap_err().to_string();
-        assert!(err.contains("unknown field `tokenExpiration`"), "{err}");
+        assert_eq!(
+            err,
+            "unknown field spec.tokenExpiration (see `tokenpolicy crd` for the schema)"
+        );
+        let nested = ok.replace(
+            "spec:\n",
+            "spec:\n  cookie: {secure: false, sameSit: Lax}\n",
+        );
+        let err = Policy::from_yaml(&nested).unwrap_err().to_string();
+        assert!(
+            err.starts_with("unknown field spec.cookie.sameSit"),
+            "{err}"
+        );
+        // What the cluster adds around the spec is fine.
+        let listed = format!("{ok}status:\n  observedGeneration: 3\n");
+        assert!(Policy::from_yaml(&listed).is_ok());
 
         let wrong_kind = ok.replace("kind: TokenPolicy", "kind: ConfigMap");
         assert!(Policy::from_yaml(&wrong_kind).is_err());

@@ -36,11 +36,16 @@ pub fn parse_ref(s: &str) -> Result<(String, String), String> {
 /// service from starting rather than letting it run a policy nobody wrote.
 pub async fn initial(client: Client, ns: &str, name: &str) -> anyhow::Result<Policy> {
     let api: Api<TokenPolicy> = Api::namespaced(client, ns);
-    let tp = api
-        .get_opt(name)
-        .await
-        .with_context(|| format!("reading TokenPolicy {ns}/{name}"))?
-        .with_context(|| format!("TokenPolicy {ns}/{name} not found"))?;
+    let tp = match api.get_opt(name).await {
+        Ok(Some(tp)) => tp,
+        Ok(None) => {
+            anyhow::bail!("TokenPolicy {ns}/{name} not found: create it, or correct --policy-ref")
+        }
+        Err(kube::Error::Api(s)) if s.code == 403 => anyhow::bail!(
+            "not allowed to read TokenPolicy {ns}/{name}: the service account needs get, list and watch on tokenpolicies (the operator's Role grants them)"
+        ),
+        Err(e) => return Err(e).with_context(|| format!("reading TokenPolicy {ns}/{name}")),
+    };
     Policy::from_spec(&tp.spec).with_context(|| format!("TokenPolicy {ns}/{name}"))
 }
 
@@ -243,6 +248,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn fields_from_a_newer_crd_do_not_stop_the_service() {
+        // The CRD in the cluster may be newer than this image: a spec field we
+        // do not know is ignored, not a reason to stop following the policy.
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "default");
+        let service = service();
+        let mut newer = object("4h", "20m", "12");
+        newer["spec"]["someFutureField"] = json!({"enabled": true});
+        let (consumed, done) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(serve_watch(
+            handle,
+            object("2h", "15m", "11"),
+            vec![json!({"type": "MODIFIED", "object": newer})],
+            consumed,
+        ));
+        let follower = tokio::spawn(follow(
+            client,
+            "team".into(),
+            "demo".into(),
+            service.clone(),
+        ));
+        tokio::time::timeout(Duration::from_secs(2), done)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (service.policy().session, service.policy().token),
+            (14_400, 1_200)
+        );
+        follower.abort();
+        server.abort();
+    }
+
+    #[tokio::test]
     async fn initial_read_names_what_is_wrong() {
         let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(svc, "default");
@@ -263,7 +302,10 @@ mod tests {
             );
         });
         let err = initial(client.clone(), "team", "demo").await.unwrap_err();
-        assert_eq!(format!("{err:#}"), "TokenPolicy team/demo not found");
+        assert_eq!(
+            format!("{err:#}"),
+            "TokenPolicy team/demo not found: create it, or correct --policy-ref"
+        );
         let err = initial(client, "team", "demo").await.unwrap_err();
         assert!(
             format!("{err:#}").contains("tokenExpirationTime: must not be longer"),
