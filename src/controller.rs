@@ -674,75 +674,9 @@ mod tests {
     //! answers as the API server would. A missing call times out; an extra
     //! call finds no answer and fails the reconcile.
     use super::*;
+    use crate::fixtures::{ApiServer, mock_client, not_found};
     use crate::resources::tests::policy;
-    use http::{Request, Response};
-    use kube::client::Body;
     use serde_json::{Value, json};
-
-    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-
-    struct ApiServer(Handle);
-
-    impl ApiServer {
-        /// Takes the next request, checks it, answers with `status` and `body`,
-        /// and returns the request body as JSON (Null when empty).
-        async fn expect(&mut self, method: &str, uri: &str, status: u16, body: Value) -> Value {
-            let (req, send) = self
-                .0
-                .next_request()
-                .await
-                .expect("the reconciler made no further call");
-            assert_eq!(req.method().as_str(), method, "method of {}", req.uri());
-            assert_eq!(req.uri().to_string(), uri);
-            let bytes = req.into_body().collect_bytes().await.unwrap();
-            let sent = if bytes.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&bytes).unwrap()
-            };
-            send.send_response(
-                Response::builder()
-                    .status(status)
-                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
-                    .unwrap(),
-            );
-            sent
-        }
-
-        /// Answers a server-side apply with the applied object (plus `status`).
-        async fn apply(&mut self, uri: &str, status: Value) -> Value {
-            let (req, send) = self
-                .0
-                .next_request()
-                .await
-                .expect("the reconciler made no further call");
-            assert_eq!(req.method().as_str(), "PATCH", "method of {}", req.uri());
-            assert_eq!(req.uri().to_string(), uri);
-            assert_eq!(
-                req.headers().get("content-type").unwrap(),
-                "application/apply-patch+yaml"
-            );
-            let bytes = req.into_body().collect_bytes().await.unwrap();
-            let sent: Value = serde_json::from_slice(&bytes).unwrap();
-            let mut answer = sent.clone();
-            answer["metadata"]["generation"] = json!(1);
-            answer["metadata"]["resourceVersion"] = json!("1");
-            if !status.is_null() {
-                answer["status"] = status;
-            }
-            send.send_response(
-                Response::builder()
-                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
-                    .unwrap(),
-            );
-            sent
-        }
-    }
-
-    fn not_found(kind: &str, name: &str) -> Value {
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "message": format!("{kind} \"{name}\" not found"), "reason": "NotFound", "code": 404})
-    }
 
     fn secret(name: &str, key: &str, value: &str) -> Value {
         use base64::Engine;
@@ -751,14 +685,13 @@ mod tests {
     }
 
     fn context() -> (Arc<Context>, ApiServer) {
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(svc, "default");
+        let (client, api) = mock_client();
         let ctx = Context::new(
             client,
             "tokenpolicy:test".into(),
             Arc::new(OperatorMetrics::default()),
         );
-        (Arc::new(ctx), ApiServer(handle))
+        (Arc::new(ctx), api)
     }
 
     async fn run(
@@ -1286,11 +1219,7 @@ mod tests {
         // No call at all: every owned object carries an ownerReference (asserted
         // in the creation scenario) and the garbage collector removes them.
         let scenario = tokio::spawn(async move {
-            if let Ok(Some((req, _))) =
-                tokio::time::timeout(Duration::from_millis(200), api.0.next_request()).await
-            {
-                panic!("unexpected call {} {}", req.method(), req.uri());
-            }
+            api.no_more_calls(200).await;
         });
         let action = run(tp, ctx, scenario).await.unwrap();
         assert_eq!(action, Action::await_change());

@@ -199,11 +199,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{Request, Response};
-    use kube::client::Body;
+    use crate::fixtures::{ApiServer, api_status, mock_client};
     use serde_json::{Value, json};
-
-    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
     const URI: &str = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/tokenpolicy-operator";
 
     fn cfg() -> LeaseConfig {
@@ -222,45 +219,18 @@ mod tests {
     }
 
     fn status(code: u16, reason: &str) -> Value {
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "message": reason, "reason": reason, "code": code})
-    }
-
-    async fn answer(h: &mut Handle, method: &str, uri: &str, code: u16, body: Value) -> Value {
-        let (req, send) = h.next_request().await.expect("no further call");
-        assert_eq!(req.method().as_str(), method);
-        assert_eq!(req.uri().to_string(), uri);
-        let bytes = req.into_body().collect_bytes().await.unwrap();
-        let sent = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        send.send_response(
-            Response::builder()
-                .status(code)
-                .body(Body::from(serde_json::to_vec(&body).unwrap()))
-                .unwrap(),
-        );
-        sent
+        api_status(code, reason, reason)
     }
 
     /// Runs one round against a scripted API server; asserts no extra call.
     async fn round<S, Fut>(script: S) -> bool
     where
-        S: FnOnce(Handle) -> Fut + Send + 'static,
-        Fut: Future<Output = Handle> + Send,
+        S: FnOnce(ApiServer) -> Fut + Send + 'static,
+        Fut: Future<Output = ApiServer> + Send,
     {
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let api: Api<Lease> = Api::namespaced(Client::new(svc, "default"), "ops");
-        let server = tokio::spawn(async move {
-            let mut h = script(handle).await;
-            if let Ok(Some((req, _))) =
-                tokio::time::timeout(Duration::from_millis(100), h.next_request()).await
-            {
-                panic!("unexpected call {} {}", req.method(), req.uri());
-            }
-        });
+        let (client, server) = mock_client();
+        let api: Api<Lease> = Api::namespaced(client, "ops");
+        let server = tokio::spawn(async move { script(server).await.no_more_calls(100).await });
         let led = try_acquire_or_renew(&api, &cfg(), now()).await.unwrap();
         drop(api);
         tokio::time::timeout(Duration::from_secs(1), server)
@@ -273,15 +243,15 @@ mod tests {
     #[tokio::test]
     async fn no_lease_creates_it_and_leads() {
         let led = round(|mut h| async move {
-            answer(&mut h, "GET", URI, 404, status(404, "NotFound")).await;
-            let sent = answer(
-                &mut h,
-                "POST",
-                "/apis/coordination.k8s.io/v1/namespaces/ops/leases?",
-                201,
-                held("me", "2026-11-22T12:00:00Z", 0),
-            )
-            .await;
+            h.expect("GET", URI, 404, status(404, "NotFound")).await;
+            let sent = h
+                .expect(
+                    "POST",
+                    "/apis/coordination.k8s.io/v1/namespaces/ops/leases?",
+                    201,
+                    held("me", "2026-11-22T12:00:00Z", 0),
+                )
+                .await;
             assert_eq!(sent["spec"]["holderIdentity"], "me");
             assert_eq!(sent["spec"]["leaseDurationSeconds"], 15);
             assert_eq!(sent["spec"]["leaseTransitions"], 0);
@@ -296,14 +266,8 @@ mod tests {
     async fn a_fresh_lease_of_another_is_left_alone() {
         // Renewed 10 s ago, held for 15 s: still theirs. No write at all.
         let led = round(|mut h| async move {
-            answer(
-                &mut h,
-                "GET",
-                URI,
-                200,
-                held("other", "2026-11-22T11:59:50Z", 3),
-            )
-            .await;
+            h.expect("GET", URI, 200, held("other", "2026-11-22T11:59:50Z", 3))
+                .await;
             h
         })
         .await;
@@ -313,22 +277,16 @@ mod tests {
     #[tokio::test]
     async fn an_expired_lease_is_taken_over() {
         let led = round(|mut h| async move {
-            answer(
-                &mut h,
-                "GET",
-                URI,
-                200,
-                held("other", "2026-11-22T11:59:40Z", 3),
-            )
-            .await;
-            let sent = answer(
-                &mut h,
-                "PUT",
-                &format!("{URI}?"),
-                200,
-                held("me", "2026-11-22T12:00:00Z", 4),
-            )
-            .await;
+            h.expect("GET", URI, 200, held("other", "2026-11-22T11:59:40Z", 3))
+                .await;
+            let sent = h
+                .expect(
+                    "PUT",
+                    &format!("{URI}?"),
+                    200,
+                    held("me", "2026-11-22T12:00:00Z", 4),
+                )
+                .await;
             assert_eq!(sent["metadata"]["resourceVersion"], "42");
             assert_eq!(sent["spec"]["holderIdentity"], "me");
             assert_eq!(sent["spec"]["leaseTransitions"], 4);
@@ -342,22 +300,16 @@ mod tests {
     #[tokio::test]
     async fn our_lease_is_renewed() {
         let led = round(|mut h| async move {
-            answer(
-                &mut h,
-                "GET",
-                URI,
-                200,
-                held("me", "2026-11-22T11:59:55Z", 2),
-            )
-            .await;
-            let sent = answer(
-                &mut h,
-                "PUT",
-                &format!("{URI}?"),
-                200,
-                held("me", "2026-11-22T12:00:00Z", 2),
-            )
-            .await;
+            h.expect("GET", URI, 200, held("me", "2026-11-22T11:59:55Z", 2))
+                .await;
+            let sent = h
+                .expect(
+                    "PUT",
+                    &format!("{URI}?"),
+                    200,
+                    held("me", "2026-11-22T12:00:00Z", 2),
+                )
+                .await;
             assert_eq!(sent["spec"]["renewTime"], "2026-11-22T12:00:00.000000Z");
             // A renewal is not a transition, and keeps the acquire time.
             assert_eq!(sent["spec"]["leaseTransitions"], 2);
@@ -371,22 +323,10 @@ mod tests {
     #[tokio::test]
     async fn losing_the_race_is_not_leading() {
         let led = round(|mut h| async move {
-            answer(
-                &mut h,
-                "GET",
-                URI,
-                200,
-                held("other", "2026-11-22T11:00:00Z", 3),
-            )
-            .await;
-            answer(
-                &mut h,
-                "PUT",
-                &format!("{URI}?"),
-                409,
-                status(409, "Conflict"),
-            )
-            .await;
+            h.expect("GET", URI, 200, held("other", "2026-11-22T11:00:00Z", 3))
+                .await;
+            h.expect("PUT", &format!("{URI}?"), 409, status(409, "Conflict"))
+                .await;
             h
         })
         .await;

@@ -6,6 +6,8 @@ pub mod controller;
 pub mod crd;
 pub mod duration;
 pub mod error;
+#[cfg(test)]
+pub(crate) mod fixtures;
 pub mod http;
 pub mod leader;
 pub mod metrics;

@@ -94,13 +94,13 @@ pub async fn follow(client: Client, ns: String, name: String, service: Arc<Token
 mod tests {
     use super::*;
     use crate::crd::TokenPolicySpec;
+    use crate::fixtures::{ApiServer, mock_client, not_found};
     use crate::rules::Millis;
-    use http::{Request, Response};
+    use http::Response;
     use kube::client::Body;
     use serde_json::{Value, json};
     use std::time::Duration;
-
-    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+    use tokio::sync::oneshot;
 
     const LIST: &str = "/apis/auth.tokenpolicy.io/v1alpha1/namespaces/team/tokenpolicies?&fieldSelector=metadata.name%3Ddemo&limit=500";
     const WATCH: &str = "/apis/auth.tokenpolicy.io/v1alpha1/namespaces/team/tokenpolicies?&watch=true&timeoutSeconds=290&fieldSelector=metadata.name%3Ddemo&allowWatchBookmarks=true&resourceVersion=10";
@@ -120,43 +120,78 @@ mod tests {
         serde_json::to_value(tp).unwrap()
     }
 
-    fn respond(send: tower_test::mock::SendResponse<Response<Body>>, status: u16, body: Vec<u8>) {
-        send.send_response(
-            Response::builder()
-                .status(status)
-                .body(Body::from(body))
-                .unwrap(),
-        );
-    }
-
     /// Plays the API server for the watcher: the list, then one watch whose
     /// stream carries `events` (newline-delimited, as the API server sends).
     /// `consumed` fires when the watcher comes back for more, i.e. after it
     /// has read every event of the stream.
     async fn serve_watch(
-        mut handle: Handle,
+        mut server: ApiServer,
         initial: Value,
         events: Vec<Value>,
-        consumed: tokio::sync::oneshot::Sender<()>,
+        consumed: oneshot::Sender<()>,
     ) {
-        let (req, send) = handle.next_request().await.expect("list");
-        assert_eq!(req.method(), "GET");
-        assert_eq!(req.uri().to_string(), LIST);
         let list = json!({"apiVersion": "auth.tokenpolicy.io/v1alpha1", "kind": "TokenPolicyList",
                           "metadata": {"resourceVersion": "10"}, "items": [initial]});
-        respond(send, 200, serde_json::to_vec(&list).unwrap());
-        let (req, send) = handle.next_request().await.expect("watch");
+        server.expect("GET", LIST, 200, list).await;
+        let (req, send) = server.0.next_request().await.expect("watch");
         assert_eq!(req.uri().to_string(), WATCH);
         let mut body = Vec::new();
         for e in events {
             body.extend(serde_json::to_vec(&e).unwrap());
             body.push(b'\n');
         }
-        respond(send, 200, body);
+        send.send_response(Response::builder().body(Body::from(body)).unwrap());
         // The watcher watches again when the stream ends; leave that one open.
-        let _again = handle.next_request().await;
+        let _again = server.0.next_request().await;
         let _ = consumed.send(());
         std::future::pending::<()>().await;
+    }
+
+    /// A service following a mock TokenPolicy; the tasks stop when dropped.
+    struct Following {
+        service: Arc<TokenService>,
+        consumed: oneshot::Receiver<()>,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+    }
+
+    impl Following {
+        fn start(service: Arc<TokenService>, initial: Value, events: Vec<Value>) -> Self {
+            let (client, server) = mock_client();
+            let (tx, consumed) = oneshot::channel();
+            let tasks = vec![
+                tokio::spawn(serve_watch(server, initial, events, tx)),
+                tokio::spawn(follow(
+                    client,
+                    "team".into(),
+                    "demo".into(),
+                    service.clone(),
+                )),
+            ];
+            Following {
+                service,
+                consumed,
+                tasks,
+            }
+        }
+
+        /// Waits until the watcher has read every event.
+        async fn consumed(&mut self) {
+            tokio::time::timeout(Duration::from_secs(2), &mut self.consumed)
+                .await
+                .expect("the watcher did not read the stream")
+                .unwrap();
+        }
+
+        fn times(&self) -> (u64, u64) {
+            let p = self.service.policy();
+            (p.session, p.token)
+        }
+    }
+
+    impl Drop for Following {
+        fn drop(&mut self) {
+            self.tasks.iter().for_each(|t| t.abort());
+        }
     }
 
     fn service() -> Arc<TokenService> {
@@ -168,138 +203,60 @@ mod tests {
         Arc::new(s)
     }
 
-    async fn until(mut cond: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while !cond() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the service never saw the change"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
     const T0: Millis = 1_800_000_000_000;
 
     #[tokio::test]
     async fn a_changed_policy_changes_the_running_services_decisions() {
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(svc, "default");
         let service = service();
         let token = service
             .login("alice", "pw", None, || T0)
             .await
             .unwrap()
             .token;
-        let (consumed, _) = tokio::sync::oneshot::channel();
-        let server = tokio::spawn(serve_watch(
-            handle,
-            object("8h", "30m", "11"),
-            vec![json!({"type": "MODIFIED", "object": object("1m", "1m", "12")})],
-            consumed,
-        ));
-        let follower = tokio::spawn(follow(
-            client,
-            "team".into(),
-            "demo".into(),
-            service.clone(),
-        ));
-        // 90 s after login: valid under 8h/30m ...
-        let at = T0 + 90_000;
-        until(|| service.policy().session == 60).await;
-        // ... the new policy (session 1m) ended that session at T0 + 60 s.
-        let err = service.verify(&token, false, at).await.unwrap_err();
+        let modified = json!({"type": "MODIFIED", "object": object("1m", "1m", "12")});
+        let mut f = Following::start(service.clone(), object("8h", "30m", "11"), vec![modified]);
+        f.consumed().await;
+        assert_eq!(f.times(), (60, 60));
+        // 90 s after login: valid under 8h/30m, but the new policy (session 1m)
+        // ended that session at T0 + 60 s.
+        let err = service
+            .verify(&token, false, T0 + 90_000)
+            .await
+            .unwrap_err();
         assert_eq!(err.code.as_str(), "EXPIRED_SESSION");
         assert!(service.verify(&token, false, T0 + 30_000).await.is_ok());
-        follower.abort();
-        server.abort();
     }
 
     #[tokio::test]
     async fn the_initial_list_applies_and_an_invalid_change_is_refused() {
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(svc, "default");
-        let service = service();
-        let (consumed, done) = tokio::sync::oneshot::channel();
-        let server = tokio::spawn(serve_watch(
-            handle,
-            object("2h", "15m", "11"),
-            // token longer than session: refused.
-            vec![json!({"type": "MODIFIED", "object": object("1h", "2h", "12")})],
-            consumed,
-        ));
-        let follower = tokio::spawn(follow(
-            client,
-            "team".into(),
-            "demo".into(),
-            service.clone(),
-        ));
-        tokio::time::timeout(Duration::from_secs(2), done)
-            .await
-            .unwrap()
-            .unwrap();
+        // Token longer than session: refused.
+        let invalid = json!({"type": "MODIFIED", "object": object("1h", "2h", "12")});
+        let mut f = Following::start(service(), object("2h", "15m", "11"), vec![invalid]);
+        f.consumed().await;
         // The listed 2h/15m policy replaced the service's 8h/30m, and stays.
-        assert_eq!(
-            (service.policy().session, service.policy().token),
-            (7_200, 900)
-        );
-        follower.abort();
-        server.abort();
+        assert_eq!(f.times(), (7_200, 900));
     }
 
     #[tokio::test]
     async fn fields_from_a_newer_crd_do_not_stop_the_service() {
         // The CRD in the cluster may be newer than this image: a spec field we
         // do not know is ignored, not a reason to stop following the policy.
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(svc, "default");
-        let service = service();
         let mut newer = object("4h", "20m", "12");
         newer["spec"]["someFutureField"] = json!({"enabled": true});
-        let (consumed, done) = tokio::sync::oneshot::channel();
-        let server = tokio::spawn(serve_watch(
-            handle,
-            object("2h", "15m", "11"),
-            vec![json!({"type": "MODIFIED", "object": newer})],
-            consumed,
-        ));
-        let follower = tokio::spawn(follow(
-            client,
-            "team".into(),
-            "demo".into(),
-            service.clone(),
-        ));
-        tokio::time::timeout(Duration::from_secs(2), done)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (service.policy().session, service.policy().token),
-            (14_400, 1_200)
-        );
-        follower.abort();
-        server.abort();
+        let modified = json!({"type": "MODIFIED", "object": newer});
+        let mut f = Following::start(service(), object("2h", "15m", "11"), vec![modified]);
+        f.consumed().await;
+        assert_eq!(f.times(), (14_400, 1_200));
     }
 
     #[tokio::test]
     async fn initial_read_names_what_is_wrong() {
-        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(svc, "default");
+        let (client, mut api) = mock_client();
         let server = tokio::spawn(async move {
-            let (req, send) = handle.next_request().await.unwrap();
-            assert_eq!(
-                req.uri().to_string(),
-                "/apis/auth.tokenpolicy.io/v1alpha1/namespaces/team/tokenpolicies/demo"
-            );
-            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                                "message": "not found", "reason": "NotFound", "code": 404});
-            respond(send, 404, serde_json::to_vec(&status).unwrap());
-            let (_, send) = handle.next_request().await.unwrap();
-            respond(
-                send,
-                200,
-                serde_json::to_vec(&object("1h", "2h", "1")).unwrap(),
-            );
+            let uri = "/apis/auth.tokenpolicy.io/v1alpha1/namespaces/team/tokenpolicies/demo";
+            api.expect("GET", uri, 404, not_found("tokenpolicies", "demo"))
+                .await;
+            api.expect("GET", uri, 200, object("1h", "2h", "1")).await;
         });
         let err = initial(client.clone(), "team", "demo").await.unwrap_err();
         assert_eq!(
