@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Optional
 
 import requests
+
+from conftest import binary_path, free_port
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE.parent / "nginx" / "ingress-nginx.conf.template"
@@ -45,22 +46,12 @@ POLICY = dict(session=8, token=2, renew=3, grace=1)
 READY_TIMEOUT = 15.0
 
 
-def binary_path() -> Path:
-    env = os.environ.get("TOKENPOLICY_BIN")
-    if env:
-        return Path(env)
-    target = os.environ.get("CARGO_TARGET_DIR") or "/var/tmp/tokenpolicy-target"
-    return Path(target) / "debug" / "tokenpolicy"
 
 
 def nginx_path() -> str:
     return os.environ.get("NGINX") or shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def child_env() -> dict:
