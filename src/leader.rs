@@ -21,6 +21,12 @@ pub struct LeaseConfig {
 }
 
 impl LeaseConfig {
+    /// How long a leader goes on without a successful renewal: ⅔ of the
+    /// lease, so it has stopped before anyone may take the lease over.
+    pub fn renew_deadline(&self) -> Duration {
+        self.lease_duration * 2 / 3
+    }
+
     pub fn new(namespace: String, identity: String) -> Self {
         LeaseConfig {
             namespace,
@@ -146,18 +152,43 @@ async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
         .await;
 }
 
+/// One acquire-or-renew round that gives up after `limit`: a hung request
+/// must not keep a leader acting past its deadline.
+async fn round_within(
+    api: &Api<Lease>,
+    cfg: &LeaseConfig,
+    limit: Duration,
+) -> Result<bool, String> {
+    match tokio::time::timeout(limit, try_acquire_or_renew(api, cfg, Timestamp::now())).await {
+        Ok(Ok(led)) => Ok(led),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {limit:?}")),
+    }
+}
+
 /// Waits to lead, then runs `work` while renewing the lease. Returns an
-/// error when leadership is lost, so the process exits and restarts clean:
-/// two leaders never act at once.
+/// error when leadership is lost, so the process exits and restarts clean.
+///
+/// Two leaders never act at once: another replica may take the lease at
+/// `renewTime + lease_duration`, and we stop at the renew deadline, ⅔ of
+/// that, counted from when our last successful renewal *started* (as
+/// client-go does). Every request is bounded by the time left.
 pub async fn run_as_leader<F>(client: Client, cfg: LeaseConfig, work: F) -> anyhow::Result<()>
 where
     F: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    let deadline = cfg.renew_deadline();
+    let retry = cfg.renew_every.min(Duration::from_secs(1));
     let mut waiting_logged = false;
+    let mut valid_from;
     loop {
-        match try_acquire_or_renew(&api, &cfg, Timestamp::now()).await {
-            Ok(true) => break,
+        let started = tokio::time::Instant::now();
+        match round_within(&api, &cfg, deadline).await {
+            Ok(true) => {
+                valid_from = started;
+                break;
+            }
             Ok(false) if !waiting_logged => {
                 tracing::info!(lease = %cfg.name, "another replica leads; waiting");
                 waiting_logged = true;
@@ -169,27 +200,34 @@ where
     }
     tracing::info!(identity = %cfg.identity, lease = %cfg.name, "leading");
     let mut work = tokio::spawn(work);
-    let mut renewed = tokio::time::Instant::now();
+    let mut wait = cfg.renew_every;
     loop {
+        let left = deadline.saturating_sub(valid_from.elapsed());
         tokio::select! {
             done = &mut work => {
                 release(&api, &cfg).await;
                 return done?;
             }
-            _ = tokio::time::sleep(cfg.renew_every) => {
-                match try_acquire_or_renew(&api, &cfg, Timestamp::now()).await {
-                    Ok(true) => renewed = tokio::time::Instant::now(),
+            _ = tokio::time::sleep(wait.min(left)) => {
+                let started = tokio::time::Instant::now();
+                let left = deadline.saturating_sub(valid_from.elapsed());
+                match round_within(&api, &cfg, left).await {
+                    Ok(true) => {
+                        valid_from = started;
+                        wait = cfg.renew_every;
+                    }
                     Ok(false) => {
                         work.abort();
                         anyhow::bail!("lost leadership to another replica");
                     }
-                    Err(e) if renewed.elapsed() < cfg.lease_duration => {
-                        tracing::warn!(error = %e, "lease renewal failed; retrying");
-                    }
                     Err(e) => {
-                        work.abort();
-                        anyhow::bail!("could not renew the lease for {:?}: {e}", cfg.lease_duration);
+                        tracing::warn!(error = %e, "lease renewal failed; retrying");
+                        wait = retry;
                     }
+                }
+                if valid_from.elapsed() >= deadline {
+                    work.abort();
+                    anyhow::bail!("could not renew the lease within {deadline:?}; stopping before another replica may lead");
                 }
             }
         }
@@ -336,5 +374,121 @@ mod tests {
     #[test]
     fn identities_differ_per_start() {
         assert_ne!(identity(), identity());
+    }
+
+    fn quick() -> LeaseConfig {
+        LeaseConfig {
+            lease_duration: Duration::from_millis(1_500),
+            renew_every: Duration::from_millis(200),
+            ..cfg()
+        }
+    }
+
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/ops/leases?";
+
+    /// Answers the first acquisition (no lease, create), then hands the server on.
+    async fn acquired(mut api: ApiServer) -> ApiServer {
+        api.expect("GET", URI, 404, status(404, "NotFound")).await;
+        api.expect("POST", LEASES, 201, held("me", "2026-11-22T12:00:00Z", 0))
+            .await;
+        api
+    }
+
+    #[tokio::test]
+    async fn failing_renewals_stop_the_leader_before_the_lease_expires() {
+        let (client, api) = mock_client();
+        let server = tokio::spawn(async move {
+            let mut api = acquired(api).await;
+            while let Some((_, send)) = api.0.next_request().await {
+                crate::fixtures::respond(send, 500, &status(500, "InternalError"));
+            }
+        });
+        let started = std::time::Instant::now();
+        let err = run_as_leader(client, quick(), std::future::pending())
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(err.to_string().contains("could not renew"), "{err}");
+        // Stopped at the renew deadline (1 s), before another replica may lead (1.5 s).
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_millis(1_500),
+            "{took:?}"
+        );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_hung_renewal_does_not_extend_the_leadership() {
+        let (client, api) = mock_client();
+        let server = tokio::spawn(async move {
+            let mut api = acquired(api).await;
+            // Take every renewal and never answer it.
+            let mut held_open = Vec::new();
+            while let Some(pending) = api.0.next_request().await {
+                held_open.push(pending);
+            }
+        });
+        let started = std::time::Instant::now();
+        let err = run_as_leader(client, quick(), std::future::pending())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("could not renew"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_millis(1_500),
+            "{:?}",
+            started.elapsed()
+        );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn another_holder_seen_at_renewal_stops_the_work() {
+        let (client, api) = mock_client();
+        let server = tokio::spawn(async move {
+            let mut api = acquired(api).await;
+            // Renewed just now by another replica: a fresh lease, not ours.
+            let fresh = Timestamp::now().to_string();
+            api.expect("GET", URI, 200, held("other", &fresh, 1)).await;
+            api.no_more_calls(300).await;
+        });
+        let err = run_as_leader(client, quick(), std::future::pending())
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "lost leadership to another replica");
+        tokio::time::timeout(Duration::from_secs(2), server)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_clean_end_releases_the_lease() {
+        let (client, api) = mock_client();
+        let server = tokio::spawn(async move {
+            let mut api = acquired(api).await;
+            api.expect("GET", URI, 200, held("me", "2026-11-22T12:00:00Z", 0))
+                .await;
+            let sent = api
+                .expect(
+                    "PUT",
+                    &format!("{URI}?"),
+                    200,
+                    held("", "2026-11-22T12:00:00Z", 0),
+                )
+                .await;
+            assert!(
+                sent["spec"].get("holderIdentity").is_none_or(|h| h == ""),
+                "{sent}"
+            );
+            assert_eq!(sent["spec"]["leaseDurationSeconds"], 1);
+            api.no_more_calls(100).await;
+        });
+        run_as_leader(client, quick(), async { Ok(()) })
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(2), server)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }
