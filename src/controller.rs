@@ -217,17 +217,29 @@ fn degraded_reason(tp: &TokenPolicy) -> Option<String> {
         .map(|c| c.reason.clone())
 }
 
+/// A Secret's value for `key`, from `data` or (not yet converted) `stringData`.
+fn secret_value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.clone())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|s| s.clone().into_bytes())
+        })
+}
+
 /// A referenced Secret key that must exist before the service can run.
 async fn check_secret(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<Option<String>, Error> {
     match secrets.get_opt(&r.name).await? {
         None => Ok(Some(format!("Secret {} not found", r.name))),
-        Some(s) => {
-            let has = s.data.as_ref().is_some_and(|d| d.contains_key(&r.key))
-                || s.string_data
-                    .as_ref()
-                    .is_some_and(|d| d.contains_key(&r.key));
-            Ok((!has).then(|| format!("Secret {} has no key {}", r.name, r.key)))
-        }
+        Some(s) => Ok(secret_value(&s, &r.key)
+            .is_none()
+            .then(|| format!("Secret {} has no key {}", r.name, r.key))),
     }
 }
 
@@ -254,18 +266,7 @@ async fn blocker(
 }
 
 fn pem_of(secret: &Secret, key: &str) -> Option<String> {
-    secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(key))
-        .and_then(|b| String::from_utf8(b.0.clone()).ok())
-        .or_else(|| {
-            secret
-                .string_data
-                .as_ref()
-                .and_then(|d| d.get(key))
-                .cloned()
-        })
+    secret_value(secret, key).and_then(|b| String::from_utf8(b).ok())
 }
 
 fn ring_of(secret: &Secret, name: &str) -> Result<KeyRing, Error> {
@@ -388,22 +389,49 @@ async fn replace_ring(
     Ok(written.metadata.resource_version)
 }
 
-/// Every replica runs the pod template carrying `kids`.
-fn rolled_out(d: &Deployment, kids: &str, want: i32) -> bool {
-    let st = d.status.clone().unwrap_or_default();
-    let template_kids = d
-        .spec
-        .template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.annotations.as_ref())
-        .and_then(|a| a.get(resources::KEYS_ANNOTATION))
-        .map(String::as_str);
-    template_kids == Some(kids)
-        && st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0)
-        && st.updated_replicas.unwrap_or(0) == want
-        && st.available_replicas.unwrap_or(0) == want
-        && st.replicas.unwrap_or(0) == want
+/// Where the Deployment's rollout stands, as the applied object reports it.
+struct Rollout {
+    /// The deployment controller has seen the current template.
+    current: bool,
+    ready: i32,
+    updated: i32,
+    available: i32,
+    replicas: i32,
+    template_kids: Option<String>,
+}
+
+impl Rollout {
+    fn of(d: &Deployment) -> Rollout {
+        let st = d.status.clone().unwrap_or_default();
+        Rollout {
+            current: st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0),
+            ready: st.ready_replicas.unwrap_or(0),
+            updated: st.updated_replicas.unwrap_or(0),
+            available: st.available_replicas.unwrap_or(0),
+            replicas: st.replicas.unwrap_or(0),
+            template_kids: d
+                .spec
+                .template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get(resources::KEYS_ANNOTATION))
+                .cloned(),
+        }
+    }
+
+    fn in_progress(&self, want: i32) -> bool {
+        !self.current || self.updated < want || self.replicas > want
+    }
+
+    /// Every replica runs the pod template carrying `kids`.
+    fn complete_with(&self, kids: &str, want: i32) -> bool {
+        self.template_kids.as_deref() == Some(kids)
+            && self.current
+            && self.updated == want
+            && self.available == want
+            && self.replicas == want
+    }
 }
 
 async fn publish(
@@ -508,7 +536,7 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
     let now = Timestamp::now().as_second();
     let key_name = resources::signing_secret_name(tp);
     let (ring, ring_version) = signing_keys(tp, ctx, &secrets, &policy, now).await?;
-    let kids = kids(&ring, &key_name)?;
+    let key_ids = kids(&ring, &key_name)?;
     apply(
         Api::<ServiceAccount>::namespaced(client.clone(), &ns),
         &resources::service_account(tp),
@@ -531,7 +559,7 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
     .await?;
     let deployment = apply(
         Api::<Deployment>::namespaced(client.clone(), &ns),
-        &resources::deployment(tp, &ctx.image, &kids),
+        &resources::deployment(tp, &ctx.image, &key_ids),
     )
     .await?;
     let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
@@ -546,13 +574,14 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
     }
 
     let want = tp.spec.replicas;
+    let rollout = Rollout::of(&deployment);
     let mut promoted = false;
-    if ring.next.is_some() && rolled_out(&deployment, &kids, want) {
+    if ring.next.is_some() && rollout.complete_with(&key_ids, want) {
         let next = rotation::apply(&ring, Step::Promote, None, String::new, now);
         replace_ring(tp, &secrets, &next, ring_version).await?;
         let note = format!(
             "every replica verifies the new key; it signs now (keys {})",
-            self::kids(&next, &key_name)?
+            kids(&next, &key_name)?
         );
         publish(
             ctx,
@@ -565,12 +594,7 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
         .await;
         promoted = true;
     }
-    let st = deployment.status.clone().unwrap_or_default();
-    let ready = st.ready_replicas.unwrap_or(0);
-    let updated = st.updated_replicas.unwrap_or(0);
-    let current_gen =
-        st.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
-    let rolling = !current_gen || updated < want || st.replicas.unwrap_or(0) > want;
+    let Rollout { ready, updated, .. } = rollout;
     let report = Report {
         ready: if ready >= 1 {
             (
@@ -585,7 +609,7 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
                 format!("0/{want} replicas ready"),
             )
         },
-        progressing: if rolling {
+        progressing: if rollout.in_progress(want) {
             (
                 true,
                 "RollingOut",
