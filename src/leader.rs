@@ -205,7 +205,9 @@ where
         let left = deadline.saturating_sub(valid_from.elapsed());
         tokio::select! {
             done = &mut work => {
-                release(&api, &cfg).await;
+                // Bounded like every other lease request: a hung API server
+                // must not hold up the exit.
+                let _ = tokio::time::timeout(deadline, release(&api, &cfg)).await;
                 return done?;
             }
             _ = tokio::time::sleep(wait.min(left)) => {
@@ -490,5 +492,27 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_release_does_not_hold_up_the_exit() {
+        let (client, api) = mock_client();
+        let server = tokio::spawn(async move {
+            let mut api = acquired(api).await;
+            // Take the release's GET and never answer it.
+            let _pending = api.0.next_request().await;
+            std::future::pending::<()>().await;
+        });
+        let started = std::time::Instant::now();
+        run_as_leader(client, quick(), async { Ok(()) })
+            .await
+            .unwrap();
+        // Done within the renew deadline (1 s), not kube's 295 s read timeout.
+        assert!(
+            started.elapsed() < Duration::from_millis(1_500),
+            "{:?}",
+            started.elapsed()
+        );
+        server.abort();
     }
 }
