@@ -1,0 +1,6 @@
+# Pinned versions of the components that tests/e2e/cluster.sh builds from the
+# Go module proxy. Changing one changes the cache directory they land in.
+K8S_VERSION=v1.36.3     # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl
+ETCD_VERSION=v3.7.3     # go.etcd.io/etcd/server/v3
+KWOK_VERSION=v0.8.0     # sigs.k8s.io/kwok
+HELM_VERSION=v4.3.2     # helm.sh/helm/v4
