@@ -90,3 +90,12 @@ impl ApiServer {
         }
     }
 }
+
+/// A header map from name/value pairs (repeated names are appended).
+pub fn headers(pairs: &[(&'static str, &str)]) -> axum::http::HeaderMap {
+    let mut h = axum::http::HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(*k, axum::http::HeaderValue::from_str(v).unwrap());
+    }
+    h
+}

@@ -1,24 +1,19 @@
 //! tokenpolicy: a token service that enforces a TokenPolicy (session
 //! validity, token validity, a one-time expired-token refresh window), and
 //! the operator that runs it on Kubernetes.
+//!
+//! - [`service`]: the token service (`tokenpolicy serve`): rules, tokens,
+//!   the one-time store, users and the HTTP API.
+//! - [`operator`]: the operator (`tokenpolicy operator`): TokenPolicy to
+//!   Deployment, signing keys and their rotation, leader election.
+//! - Shared by both: the [`crd`], the [`policy`] it describes, [`duration`]s
+//!   and the [`clock`].
 
-pub mod controller;
+pub mod clock;
 pub mod crd;
 pub mod duration;
-pub mod error;
 #[cfg(test)]
 pub(crate) mod fixtures;
-pub mod http;
-pub mod leader;
-pub mod metrics;
 pub mod operator;
 pub mod policy;
-pub mod policy_watch;
-pub mod resources;
-pub mod rotation;
-pub mod rules;
-pub mod serve;
 pub mod service;
-pub mod store;
-pub mod token;
-pub mod users;

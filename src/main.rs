@@ -2,7 +2,7 @@ use std::io::Read as _;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tokenpolicy::serve::{ServeArgs, run};
+use tokenpolicy::service::serve::{ServeArgs, run};
 
 /// A token service that enforces a TokenPolicy, and its Kubernetes operator.
 #[derive(Parser)]
@@ -53,15 +53,15 @@ fn hash_password() -> anyhow::Result<()> {
     if password.is_empty() {
         anyhow::bail!("empty password on stdin");
     }
-    if password.len() > tokenpolicy::users::MAX_PASSWORD_LEN {
+    if password.len() > tokenpolicy::service::users::MAX_PASSWORD_LEN {
         anyhow::bail!(
             "password longer than {} bytes",
-            tokenpolicy::users::MAX_PASSWORD_LEN
+            tokenpolicy::service::users::MAX_PASSWORD_LEN
         );
     }
     println!(
         "{}",
-        tokenpolicy::users::hash_password(password).map_err(anyhow::Error::msg)?
+        tokenpolicy::service::users::hash_password(password).map_err(anyhow::Error::msg)?
     );
     Ok(())
 }

@@ -12,7 +12,7 @@ pub const KIND: &str = "TokenPolicy";
 const MINUTE: u64 = 60;
 const DAY: u64 = 86_400;
 
-/// Bounds of DESIGN.md §1, `(min, max)` in seconds.
+/// Bounds of each duration (README, "The policy"), `(min, max)` in seconds.
 pub const SESSION_BOUNDS: (u64, u64) = (1, 365 * DAY);
 pub const TOKEN_BOUNDS: (u64, u64) = (1, 7 * DAY);
 pub const RENEW_LIMIT_BOUNDS: (u64, u64) = (0, 7 * DAY);

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
 
-use crate::token::password_version;
+use crate::service::token::password_version;
 
 pub const MAX_NAME_LEN: usize = 256;
 pub const MAX_PASSWORD_LEN: usize = 1_024;

@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::rules::Millis;
+use crate::clock::Millis;
 
 pub mod memory;
 pub mod redis;
@@ -15,7 +15,7 @@ pub use memory::MemoryStore;
 pub use redis::RedisStore;
 
 /// What the winner of a refresh claim wrote: enough to re-sign the very same
-/// new token for requests that raced with it (DESIGN.md rule 5), and nothing
+/// new token for requests that raced with it (rule 5 in the README), and nothing
 /// that is itself a usable credential.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefreshRecord {
@@ -69,7 +69,7 @@ pub trait OneTimeStore: Send + Sync + 'static {
     async fn revoke_session(&self, sid: &str, ttl: Millis) -> Result<(), StoreError>;
 
     /// Whether a session is revoked. Implementations answer sessions they
-    /// have already seen without a network round trip (DESIGN.md §6).
+    /// have already seen without a network round trip.
     async fn is_revoked(&self, sid: &str) -> Result<bool, StoreError>;
 
     async fn failures(&self, key: &str) -> Result<Attempts, StoreError>;

@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::TokenPolicy;
-use crate::rotation::{self, KeyRing};
+use crate::operator::rotation::{self, KeyRing};
 
 /// The one field manager for everything the operator applies.
 pub const MANAGER: &str = "tokenpolicy-operator";

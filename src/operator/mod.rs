@@ -7,8 +7,17 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::routing::get;
 
-use crate::controller::{self, Context, OperatorMetrics};
-use crate::leader::{self, LeaseConfig};
+pub mod keys;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod resources;
+pub mod rotation;
+pub mod status;
+
+use leader::LeaseConfig;
+use metrics::OperatorMetrics;
+use reconcile::Context;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct OperatorArgs {
@@ -57,8 +66,8 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     });
     tracing::info!(image = %args.image, metrics = %args.metrics_listen, "starting operator");
     if args.no_leader_election {
-        return controller::run(ctx).await;
+        return reconcile::run(ctx).await;
     }
     let lease = LeaseConfig::new(args.lease_namespace.clone(), leader::identity());
-    leader::run_as_leader(ctx.client.clone(), lease, controller::run(ctx)).await
+    leader::run_as_leader(ctx.client.clone(), lease, reconcile::run(ctx)).await
 }

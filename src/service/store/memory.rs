@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{Attempts, Claim, OneTimeStore, RefreshRecord, StoreError};
-use crate::rules::Millis;
+use crate::clock::Millis;
 
 #[derive(Default)]
 struct Maps {
@@ -135,7 +135,7 @@ impl OneTimeStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::contract;
+    use crate::service::store::contract;
 
     #[tokio::test]
     async fn memory_store_keeps_the_contract() {

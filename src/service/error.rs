@@ -78,8 +78,8 @@ impl std::fmt::Display for ApiError {
     }
 }
 
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
+impl From<crate::service::store::StoreError> for ApiError {
+    fn from(e: crate::service::store::StoreError) -> Self {
         tracing::warn!(error = %e, "store error");
         ApiError::new(
             Code::StoreUnavailable,

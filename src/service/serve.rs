@@ -9,12 +9,12 @@ use anyhow::Context as _;
 use axum::http::HeaderName;
 
 use crate::duration::parse_seconds;
-use crate::http::{App, HttpConfig, router};
 use crate::policy::Policy;
-use crate::service::{Throttle, TokenService};
-use crate::store::{MemoryStore, OneTimeStore, RedisStore};
-use crate::token::{Key, KeySet};
-use crate::users::Users;
+use crate::service::http::{App, HttpConfig, router};
+use crate::service::store::{MemoryStore, OneTimeStore, RedisStore};
+use crate::service::token::{Key, KeySet};
+use crate::service::tokens::{Throttle, TokenService};
+use crate::service::users::Users;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -156,7 +156,8 @@ fn watch_files(service: Arc<TokenService>, policy: Option<PathBuf>, users: Optio
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cluster = match &args.policy_ref {
         Some(r) => {
-            let (ns, name) = crate::policy_watch::parse_ref(r).map_err(anyhow::Error::msg)?;
+            let (ns, name) =
+                crate::service::policy_watch::parse_ref(r).map_err(anyhow::Error::msg)?;
             let client = kube::Client::try_default().await.context(
                 "--policy-ref needs a Kubernetes configuration (in-cluster or KUBECONFIG)",
             )?;
@@ -166,7 +167,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let policy = match (&args.policy, &cluster) {
         (_, Some((client, ns, name))) => {
-            crate::policy_watch::initial(client.clone(), ns, name).await?
+            crate::service::policy_watch::initial(client.clone(), ns, name).await?
         }
         (Some(p), None) => load_policy(p)?,
         (None, None) => {
@@ -183,8 +184,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let key_files: Vec<PathBuf> = match &args.signing_keys_dir {
         Some(dir) => {
-            let mut files = vec![dir.join(crate::rotation::SIGNING)];
-            for optional in [crate::rotation::NEXT, crate::rotation::PREVIOUS] {
+            let mut files = vec![dir.join(crate::operator::rotation::SIGNING)];
+            for optional in [
+                crate::operator::rotation::NEXT,
+                crate::operator::rotation::PREVIOUS,
+            ] {
                 let path = dir.join(optional);
                 if path.exists() {
                     files.push(path);
@@ -251,7 +255,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     ));
     watch_files(service.clone(), args.policy.clone(), args.users.clone());
     if let Some((client, ns, name)) = cluster {
-        tokio::spawn(crate::policy_watch::follow(
+        tokio::spawn(crate::service::policy_watch::follow(
             client,
             ns,
             name,

@@ -11,7 +11,7 @@ use kube::{Api, Client};
 
 use crate::crd::TokenPolicy;
 use crate::policy::Policy;
-use crate::service::TokenService;
+use crate::service::tokens::TokenService;
 
 /// `NAMESPACE/NAME`, each a DNS-1123 name.
 pub fn parse_ref(s: &str) -> Result<(String, String), String> {
@@ -93,9 +93,9 @@ pub async fn follow(client: Client, ns: String, name: String, service: Arc<Token
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::Millis;
     use crate::crd::TokenPolicySpec;
     use crate::fixtures::{ApiServer, mock_client, not_found};
-    use crate::rules::Millis;
     use http::Response;
     use kube::client::Body;
     use serde_json::{Value, json};
@@ -195,10 +195,12 @@ mod tests {
     }
 
     fn service() -> Arc<TokenService> {
-        let users =
-            crate::users::Users::parse(&format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap()), "t")
-                .unwrap();
-        let s = crate::service::tests_support::service();
+        let users = crate::service::users::Users::parse(
+            &format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap()),
+            "t",
+        )
+        .unwrap();
+        let s = crate::service::tokens::tests_support::service();
         s.set_users(users);
         Arc::new(s)
     }

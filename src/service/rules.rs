@@ -1,4 +1,4 @@
-//! DESIGN.md §1, rules 1-7, as pure functions of (claims, policy, now).
+//! The rules 1-7 of the README's "The policy" section, as pure functions of (claims, policy, now).
 //!
 //! No I/O here. Token timestamps are whole seconds (JWT NumericDate); `now`
 //! is milliseconds since the Unix epoch, so that "at `exp`" is exact.
@@ -6,10 +6,9 @@
 //! what a claim's outcome means.
 
 use crate::policy::Policy;
-use crate::token::Claims;
+use crate::service::token::Claims;
 
-/// Milliseconds since the Unix epoch.
-pub type Millis = i64;
+pub use crate::clock::Millis;
 
 fn ms(secs: i64) -> Millis {
     secs.saturating_mul(1_000)

@@ -4,18 +4,17 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
-use crate::error::{ApiError, Code};
-use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::rules::{self, LateRefresh, Millis, Standing};
-use crate::store::{Claim, OneTimeStore, RefreshRecord};
-use crate::token::{Claims, KeySet, TokenError};
-use crate::users::{MAX_NAME_LEN, MAX_PASSWORD_LEN, User, Users};
+use crate::service::error::{ApiError, Code};
+use crate::service::metrics::Metrics;
+use crate::service::rules::{self, LateRefresh, Millis, Standing};
+use crate::service::store::{Claim, OneTimeStore, RefreshRecord};
+use crate::service::token::{Claims, KeySet, TokenError};
+use crate::service::users::{MAX_NAME_LEN, MAX_PASSWORD_LEN, User, Users};
 
 /// Failed-login throttling: at most `max_per_user` failures per user name and
 /// `max_per_address` per client address within `window`.
@@ -61,13 +60,6 @@ pub struct TokenService {
     /// Password hashing is slow on purpose; cap how much of it runs at once.
     hashing: Semaphore,
     pub metrics: Metrics,
-}
-
-pub fn now_millis() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as Millis)
-        .unwrap_or(0)
 }
 
 fn invalid(e: TokenError) -> ApiError {
@@ -422,8 +414,8 @@ impl TokenService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MemoryStore;
-    use crate::token::Key;
+    use crate::service::store::MemoryStore;
+    use crate::service::token::Key;
 
     const T0: Millis = 1_800_000_000_000;
 
@@ -600,7 +592,7 @@ pub(crate) mod tests_support {
     /// A service with no users, the default policy and an in-process store.
     pub fn service() -> TokenService {
         let keys = KeySet::new(
-            vec![crate::token::Key::generate()],
+            vec![crate::service::token::Key::generate()],
             "tokenpolicy",
             "tokenpolicy",
         )
@@ -609,7 +601,7 @@ pub(crate) mod tests_support {
             Policy::default(),
             Users::default(),
             keys,
-            Arc::new(crate::store::MemoryStore::new()),
+            Arc::new(crate::service::store::MemoryStore::new()),
             0,
             Throttle::default(),
         )

@@ -22,7 +22,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sha2::{Digest, Sha256};
 
 use super::{Attempts, Claim, OneTimeStore, RefreshRecord, StoreError};
-use crate::rules::Millis;
+use crate::clock::Millis;
 
 /// Longest wait for one Redis command before answering STORE_UNAVAILABLE.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -400,9 +400,9 @@ mod tests {
         };
         let prefix = format!("contract-{}", uuid::Uuid::new_v4());
         let s = RedisStore::new(&url, &prefix).unwrap();
-        crate::store::contract::claim_is_once(&s).await;
-        crate::store::contract::revocation_sticks(&s).await;
-        crate::store::contract::failures_count_and_clear(&s).await;
-        crate::store::contract::entries_expire(&s).await;
+        crate::service::store::contract::claim_is_once(&s).await;
+        crate::service::store::contract::revocation_sticks(&s).await;
+        crate::service::store::contract::failures_count_and_clear(&s).await;
+        crate::service::store::contract::entries_expire(&s).await;
     }
 }

@@ -1,0 +1,154 @@
+//! The signing-key ring in its Secret: generated once and never overwritten,
+//! then rotated one step at a time as [`rotation::plan`] says.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::{Api, PostParams};
+use kube::runtime::events::EventType;
+
+use crate::crd::TokenPolicy;
+use crate::operator::reconcile::{Context, Error, publish};
+use crate::operator::resources::{self, MANAGER};
+use crate::operator::rotation::{self, KeyRing, Step};
+use crate::policy::Policy;
+use crate::service::token::Key;
+
+/// A Secret's value for `key`, from `data` or (not yet converted) `stringData`.
+pub(crate) fn secret_value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.clone())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|s| s.clone().into_bytes())
+        })
+}
+
+fn pem_of(secret: &Secret, key: &str) -> Option<String> {
+    secret_value(secret, key).and_then(|b| String::from_utf8(b).ok())
+}
+
+fn ring_of(secret: &Secret, name: &str) -> Result<KeyRing, Error> {
+    let signing = pem_of(secret, rotation::SIGNING)
+        .ok_or_else(|| Error::KeySecret(name.into(), format!("no {}", rotation::SIGNING)))?;
+    let ann = secret.annotations();
+    Ok(KeyRing {
+        signing,
+        next: pem_of(secret, rotation::NEXT),
+        previous: pem_of(secret, rotation::PREVIOUS),
+        rotated_for: ann.get(resources::ROTATED_FOR_ANNOTATION).cloned(),
+        promoted_at: ann
+            .get(resources::PROMOTED_AT_ANNOTATION)
+            .and_then(|t| t.parse().ok()),
+    })
+}
+
+/// The kids of the ring, first signs: the pod-template annotation.
+pub(crate) fn kids(ring: &KeyRing, name: &str) -> Result<String, Error> {
+    let kids: Result<Vec<_>, _> = rotation::in_order(ring)
+        .into_iter()
+        .map(|(file, pem)| {
+            Key::from_pem(pem, file)
+                .map(|k| k.kid().to_string())
+                .map_err(|e| Error::KeySecret(name.into(), e.to_string()))
+        })
+        .collect();
+    Ok(kids?.join(","))
+}
+
+fn post_params() -> PostParams {
+    PostParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    }
+}
+
+/// The signing keys: generated once and never overwritten, then rotated as
+/// `rotation::plan` says (adding and dropping here; promoting only after a
+/// complete rollout, in `reconcile_inner`).
+pub(crate) async fn signing_keys(
+    tp: &TokenPolicy,
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    policy: &Policy,
+    now: i64,
+) -> Result<(KeyRing, Option<String>), Error> {
+    let name = resources::signing_secret_name(tp);
+    let rotate = tp.annotations().get(resources::ROTATE_ANNOTATION).cloned();
+    let Some(existing) = secrets.get_opt(&name).await? else {
+        let ring = KeyRing {
+            signing: Key::generate().to_pem(),
+            rotated_for: rotate,
+            ..Default::default()
+        };
+        secrets
+            .create(&post_params(), &resources::signing_secret(tp, &ring))
+            .await?;
+        let note = format!(
+            "generated signing key {} in Secret {name}",
+            kids(&ring, &name)?
+        );
+        publish(
+            ctx,
+            tp,
+            EventType::Normal,
+            "SigningKeyCreated",
+            "Create",
+            note,
+        )
+        .await;
+        return Ok((ring, None));
+    };
+    let ring = ring_of(&existing, &name)?;
+    let step = rotation::plan(&ring, rotate.as_deref(), false, policy, now);
+    let (reason, note) = match step {
+        Step::AddNext => (
+            "SigningKeyAdded",
+            "new signing key added, verify-only until every replica has it",
+        ),
+        Step::DropPrevious => (
+            "SigningKeyRetired",
+            "previous signing key removed: no token it signed can still be used",
+        ),
+        Step::Keep | Step::Promote => return Ok((ring, existing.metadata.resource_version)),
+    };
+    let next = rotation::apply(
+        &ring,
+        step,
+        rotate.as_deref(),
+        || Key::generate().to_pem(),
+        now,
+    );
+    let version = replace_ring(tp, secrets, &next, existing.metadata.resource_version).await?;
+    publish(
+        ctx,
+        tp,
+        EventType::Normal,
+        reason,
+        "Rotate",
+        format!("{note}; keys now {}", kids(&next, &name)?),
+    )
+    .await;
+    Ok((next, version))
+}
+
+/// Replaces the key ring, guarded by the version we read (a concurrent
+/// writer makes this fail with a conflict, and the reconcile is retried).
+pub(crate) async fn replace_ring(
+    tp: &TokenPolicy,
+    secrets: &Api<Secret>,
+    ring: &KeyRing,
+    resource_version: Option<String>,
+) -> Result<Option<String>, Error> {
+    let mut secret = resources::signing_secret(tp, ring);
+    secret.metadata.resource_version = resource_version;
+    let written = secrets
+        .replace(&resources::signing_secret_name(tp), &post_params(), &secret)
+        .await?;
+    Ok(written.metadata.resource_version)
+}

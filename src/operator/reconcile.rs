@@ -1,0 +1,418 @@
+//! `tokenpolicy operator`: the controller that turns each TokenPolicy into a
+//! running token service (README: "Run on Kubernetes"). The objects themselves
+//! are built in `resources.rs`; this module decides what to apply.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+
+use crate::crd::{SecretKeyRef, TokenPolicy};
+use crate::operator::keys::{kids, replace_ring, secret_value, signing_keys};
+pub use crate::operator::metrics::{OperatorMetrics, Reason};
+use crate::operator::resources::{self, MANAGER};
+use crate::operator::rotation::{self, Step};
+use crate::operator::status::{Report, degraded_reason, write_status};
+use crate::policy::Policy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("TokenPolicy has no namespace")]
+    NoNamespace,
+    #[error("signing-key Secret {0} is unusable: {1}")]
+    KeySecret(String, String),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(_)) => "api_error",
+            Error::Kube(_) => "kube_client",
+            Error::NoNamespace => "no_namespace",
+            Error::KeySecret(..) => "key_secret",
+        }
+    }
+}
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    /// The token service image when a TokenPolicy does not name one.
+    pub image: String,
+    pub metrics: Arc<OperatorMetrics>,
+    /// Consecutive failures per object, for the backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, image: String, metrics: Arc<OperatorMetrics>) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
+        Context {
+            client,
+            recorder,
+            image,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A referenced Secret key that must exist before the service can run.
+async fn check_secret(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<Option<String>, Error> {
+    match secrets.get_opt(&r.name).await? {
+        None => Ok(Some(format!("Secret {} not found", r.name))),
+        Some(s) => Ok(secret_value(&s, &r.key)
+            .is_none()
+            .then(|| format!("Secret {} has no key {}", r.name, r.key))),
+    }
+}
+
+/// What stops the service from running, if anything: (reason, message).
+async fn blocker(
+    tp: &TokenPolicy,
+    secrets: &Api<Secret>,
+) -> Result<Option<(&'static str, String)>, Error> {
+    let Some(users) = &tp.spec.users else {
+        return Ok(Some((
+            "UsersSecretMissing",
+            "spec.users is not set: nobody could log in".into(),
+        )));
+    };
+    if let Some(m) = check_secret(secrets, &users.secret_ref).await? {
+        return Ok(Some(("UsersSecretMissing", m)));
+    }
+    if let Some(redis) = &tp.spec.redis
+        && let Some(m) = check_secret(secrets, &redis.url_secret_ref).await?
+    {
+        return Ok(Some(("RedisSecretMissing", m)));
+    }
+    Ok(None)
+}
+
+/// Where the Deployment's rollout stands, as the applied object reports it.
+struct Rollout {
+    /// The deployment controller has seen the current template.
+    current: bool,
+    ready: i32,
+    updated: i32,
+    available: i32,
+    replicas: i32,
+    template_kids: Option<String>,
+}
+
+impl Rollout {
+    fn of(d: &Deployment) -> Rollout {
+        let st = d.status.clone().unwrap_or_default();
+        Rollout {
+            current: st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0),
+            ready: st.ready_replicas.unwrap_or(0),
+            updated: st.updated_replicas.unwrap_or(0),
+            available: st.available_replicas.unwrap_or(0),
+            replicas: st.replicas.unwrap_or(0),
+            template_kids: d
+                .spec
+                .template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get(resources::KEYS_ANNOTATION))
+                .cloned(),
+        }
+    }
+
+    fn in_progress(&self, want: i32) -> bool {
+        !self.current || self.updated < want || self.replicas > want
+    }
+
+    /// Every replica runs the pod template carrying `kids`.
+    fn complete_with(&self, kids: &str, want: i32) -> bool {
+        self.template_kids.as_deref() == Some(kids)
+            && self.current
+            && self.updated == want
+            && self.available == want
+            && self.replicas == want
+    }
+}
+
+pub(crate) async fn publish(
+    ctx: &Context,
+    tp: &TokenPolicy,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &tp.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish event");
+    }
+}
+
+async fn apply<K>(api: Api<K>, obj: &K) -> Result<K, Error>
+where
+    K: Resource + Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    Ok(api
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(obj),
+        )
+        .await?)
+}
+
+pub async fn reconcile(tp: Arc<TokenPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let result = reconcile_inner(&tp, &ctx).await;
+    ctx.metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.failures().remove(&key_of(&tp));
+    }
+    result
+}
+
+fn key_of(tp: &TokenPolicy) -> String {
+    format!("{}/{}", tp.namespace().unwrap_or_default(), tp.name_any())
+}
+
+/// Reports what stops the service and applies nothing, so that a missing
+/// Secret or an invalid spec does not churn the running Deployment.
+async fn degrade(
+    tp: &TokenPolicy,
+    ctx: &Context,
+    policies: &Api<TokenPolicy>,
+    reason: &'static str,
+    message: String,
+) -> Result<Action, Error> {
+    if degraded_reason(tp).as_deref() != Some(reason) {
+        publish(
+            ctx,
+            tp,
+            EventType::Warning,
+            reason,
+            "Reconcile",
+            message.clone(),
+        )
+        .await;
+    }
+    let report = Report {
+        ready: (false, reason, message.clone()),
+        progressing: (false, reason, "waiting for the problem to be fixed".into()),
+        degraded: (true, reason, message),
+        ready_replicas: tp.status.as_ref().and_then(|s| s.ready_replicas),
+    };
+    write_status(tp, policies, &report).await?;
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Error> {
+    if tp.metadata.deletion_timestamp.is_some() {
+        // Everything we made carries an ownerReference: the garbage collector removes it.
+        return Ok(Action::await_change());
+    }
+    let ns = tp.namespace().ok_or(Error::NoNamespace)?;
+    let client = ctx.client.clone();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let policies: Api<TokenPolicy> = Api::namespaced(client.clone(), &ns);
+
+    let policy = match Policy::from_spec(&tp.spec) {
+        Ok(p) => p,
+        Err(e) => return degrade(tp, ctx, &policies, "InvalidSpec", e.to_string()).await,
+    };
+    if let Some((reason, message)) = blocker(tp, &secrets).await? {
+        return degrade(tp, ctx, &policies, reason, message).await;
+    }
+
+    let now = Timestamp::now().as_second();
+    let key_name = resources::signing_secret_name(tp);
+    let (ring, ring_version) = signing_keys(tp, ctx, &secrets, &policy, now).await?;
+    let key_ids = kids(&ring, &key_name)?;
+    apply(
+        Api::<ServiceAccount>::namespaced(client.clone(), &ns),
+        &resources::service_account(tp),
+    )
+    .await?;
+    apply(
+        Api::<Role>::namespaced(client.clone(), &ns),
+        &resources::role(tp),
+    )
+    .await?;
+    apply(
+        Api::<RoleBinding>::namespaced(client.clone(), &ns),
+        &resources::role_binding(tp),
+    )
+    .await?;
+    apply(
+        Api::<Service>::namespaced(client.clone(), &ns),
+        &resources::service(tp),
+    )
+    .await?;
+    let deployment = apply(
+        Api::<Deployment>::namespaced(client.clone(), &ns),
+        &resources::deployment(tp, &ctx.image, &key_ids),
+    )
+    .await?;
+    let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
+    if tp.spec.replicas > 1 {
+        apply(pdbs, &resources::pdb(tp)).await?;
+    } else {
+        match pdbs.delete(&tp.name_any(), &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+
+    let want = tp.spec.replicas;
+    let rollout = Rollout::of(&deployment);
+    let mut promoted = false;
+    if ring.next.is_some() && rollout.complete_with(&key_ids, want) {
+        let next = rotation::apply(&ring, Step::Promote, None, String::new, now);
+        replace_ring(tp, &secrets, &next, ring_version).await?;
+        let note = format!(
+            "every replica verifies the new key; it signs now (keys {})",
+            kids(&next, &key_name)?
+        );
+        publish(
+            ctx,
+            tp,
+            EventType::Normal,
+            "SigningKeyPromoted",
+            "Rotate",
+            note,
+        )
+        .await;
+        promoted = true;
+    }
+    let Rollout { ready, updated, .. } = rollout;
+    let report = Report {
+        ready: if ready >= 1 {
+            (
+                true,
+                "DeploymentAvailable",
+                format!("{ready}/{want} replicas ready"),
+            )
+        } else {
+            (
+                false,
+                "DeploymentUnavailable",
+                format!("0/{want} replicas ready"),
+            )
+        },
+        progressing: if rollout.in_progress(want) {
+            (
+                true,
+                "RollingOut",
+                format!("{updated}/{want} replicas updated"),
+            )
+        } else {
+            (false, "Stable", "all replicas run the current spec".into())
+        },
+        degraded: (false, "AsExpected", "no problem found".into()),
+        ready_replicas: Some(ready),
+    };
+    if degraded_reason(tp).is_some() {
+        publish(
+            ctx,
+            tp,
+            EventType::Normal,
+            "Recovered",
+            "Reconcile",
+            "the problem is fixed; the token service is being applied".into(),
+        )
+        .await;
+    }
+    write_status(tp, &policies, &report).await?;
+    // After a promotion, come back at once to roll the pods to the new order.
+    Ok(Action::requeue(Duration::from_secs(if promoted {
+        1
+    } else {
+        300
+    })))
+}
+
+/// Backoff per object: 5 s, 10 s, 20 s … up to 5 min.
+pub fn error_policy(tp: Arc<TokenPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .failures
+        .get_or_create(&Reason {
+            reason: error.metric_label().into(),
+        })
+        .inc();
+    let n = {
+        let mut f = ctx.failures();
+        let n = f.entry(key_of(&tp)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = Duration::from_secs((5u64 << (n - 1).min(6)).min(300));
+    tracing::warn!(policy = %key_of(&tp), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Runs the controller until a shutdown signal.
+pub async fn run(ctx: Arc<Context>) -> anyhow::Result<()> {
+    let client = ctx.client.clone();
+    let policies = Api::<TokenPolicy>::all(client.clone());
+    if let Err(e) = policies
+        .list(&kube::api::ListParams::default().limit(1))
+        .await
+    {
+        anyhow::bail!(
+            "cannot list TokenPolicies ({e}); is the CRD installed? (`tokenpolicy crd | kubectl apply -f -`)"
+        );
+    }
+    let owned =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+    Controller::new(policies, watcher::Config::default().any_semantic())
+        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        .owns(Api::<Secret>::all(client.clone()), owned)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(policy = %obj.name, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

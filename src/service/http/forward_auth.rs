@@ -1,0 +1,171 @@
+//! `/v1/verify`: forward-auth for ingress controllers, with renewal on the
+//! fly and, for proxies that pass our answer through, the sign-in redirect.
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::extract::token_of;
+use super::{Shared, set_cookie};
+use crate::clock::now_millis;
+
+/// Streams (SSE, WebSocket) are never renewed on the fly: a long-lived
+/// connection must not spend the token's one refresh behind the page's back.
+fn is_stream(headers: &HeaderMap) -> bool {
+    let has = |name: HeaderName, needle: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.to_ascii_lowercase().contains(needle))
+    };
+    has(header::ACCEPT, "text/event-stream") || has(header::UPGRADE, "websocket")
+}
+
+/// A browser navigation (gets the sign-in redirect in redirect mode), as
+/// opposed to an API client (keeps the 401).
+fn is_browser(headers: &HeaderMap) -> bool {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    !headers.contains_key(header::AUTHORIZATION)
+        && accept.contains("text/html")
+        && !accept.contains("application/json")
+}
+
+/// The URL the client asked for, from whichever proxy convention is present:
+/// ingress-nginx `X-Original-URL`, Traefik `X-Forwarded-Proto/Host/Uri`, or
+/// the path after `/v1/verify` (Envoy ext_authz with a path prefix).
+fn original_url(headers: &HeaderMap, path: &str) -> Option<String> {
+    let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    if let Some(u) = get("x-original-url") {
+        return Some(u.to_string());
+    }
+    let host = get("x-forwarded-host").or_else(|| get("host"))?;
+    let proto = get("x-forwarded-proto").unwrap_or("http");
+    let uri = get("x-forwarded-uri")
+        .map(str::to_string)
+        .or_else(|| {
+            path.strip_prefix("/v1/verify")
+                .filter(|p| p.starts_with('/'))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "/".into());
+    Some(format!("{proto}://{host}{uri}"))
+}
+
+/// `/v1/verify` (any method, any sub-path): forward-auth.
+pub(super) async fn verify(State(app): Shared, req: Request) -> Response {
+    let headers = req.headers();
+    let policy = app.service.policy();
+    let now = now_millis();
+    let decision = match token_of(&app, headers, &policy.cookie.name) {
+        Ok(token) => {
+            let may_renew = app.config.renew_on_verify && !is_stream(headers);
+            app.service.verify(token, may_renew, now).await
+        }
+        Err(e) => Err(e),
+    };
+    match decision {
+        Ok(id) => {
+            let mut resp = StatusCode::OK.into_response();
+            let h = resp.headers_mut();
+            let c = &id.claims;
+            let mut put = |name: &'static str, value: &str| {
+                if let Ok(v) = HeaderValue::from_str(value) {
+                    h.insert(name, v);
+                }
+            };
+            put("x-auth-request-user", &c.sub);
+            put("remote-user", &c.sub);
+            put("x-auth-request-session", &c.sid);
+            if c.sub.contains('@') {
+                put("x-auth-request-email", &c.sub);
+            }
+            if let Some(issued) = &id.renewed {
+                put("x-new-token", &issued.token);
+                put("authorization", &format!("Bearer {}", issued.token));
+                h.insert(
+                    header::SET_COOKIE,
+                    set_cookie(
+                        &policy.cookie,
+                        &issued.token,
+                        issued.session_end - now / 1_000,
+                    ),
+                );
+            }
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            resp
+        }
+        Err(e) => {
+            // nginx auth_request (ingress-nginx) takes only 2xx/401/403 and
+            // does its own sign-in redirect (auth-signin): never a 302 there.
+            let behind_nginx = headers.contains_key("x-original-url");
+            if let (Some(signin), StatusCode::UNAUTHORIZED, true, false) = (
+                &app.config.signin_url,
+                e.code.status(),
+                is_browser(headers),
+                behind_nginx,
+            ) {
+                let rd = original_url(headers, req.uri().path()).unwrap_or_else(|| "/".into());
+                let sep = if signin.contains('?') { '&' } else { '?' };
+                let location = format!("{signin}{sep}rd={}", url_encode(&rd));
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    return (StatusCode::FOUND, [(header::LOCATION, v)]).into_response();
+                }
+            }
+            e.into_response()
+        }
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::headers;
+
+    #[test]
+    fn streams_and_browsers() {
+        assert!(is_stream(&headers(&[("accept", "text/event-stream")])));
+        assert!(is_stream(&headers(&[("upgrade", "WebSocket")])));
+        assert!(!is_stream(&headers(&[("accept", "text/html")])));
+        assert!(is_browser(&headers(&[(
+            "accept",
+            "text/html,application/xhtml+xml"
+        )])));
+        assert!(!is_browser(&headers(&[("accept", "application/json")])));
+        assert!(!is_browser(&headers(&[
+            ("accept", "text/html"),
+            ("authorization", "Bearer x")
+        ])));
+    }
+
+    #[test]
+    fn original_url_from_each_proxy() {
+        let nginx = headers(&[("x-original-url", "https://app.example.com/a?b=1")]);
+        assert_eq!(
+            original_url(&nginx, "/v1/verify").unwrap(),
+            "https://app.example.com/a?b=1"
+        );
+        let traefik = headers(&[
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "app.example.com"),
+            ("x-forwarded-uri", "/x"),
+        ]);
+        assert_eq!(
+            original_url(&traefik, "/v1/verify").unwrap(),
+            "https://app.example.com/x"
+        );
+        let envoy = headers(&[("host", "app.example.com")]);
+        assert_eq!(
+            original_url(&envoy, "/v1/verify/api/items").unwrap(),
+            "http://app.example.com/api/items"
+        );
+    }
+}

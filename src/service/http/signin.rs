@@ -1,0 +1,242 @@
+//! Signing in: `POST /v1/login` (JSON or the form), the sign-in page, and
+//! the redirect after it, which never leaves this site or an allowed domain.
+
+use std::net::SocketAddr;
+
+use axum::Extension;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use serde::Deserialize;
+
+use super::extract::{Credentials, client_ip, is_form};
+use super::{HttpConfig, MAX_BODY, Shared, issued_response};
+use crate::clock::now_millis;
+use crate::service::error::{ApiError, Code};
+
+/// `POST /v1/login`: JSON `{username,password}` from API clients, or the
+/// sign-in form (which then redirects to `rd`).
+pub(super) async fn login(
+    State(app): Shared,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return ApiError::new(
+                Code::PayloadTooLarge,
+                format!("request body over {MAX_BODY} bytes"),
+            )
+            .into_response();
+        }
+        Err(e) => return ApiError::new(Code::InvalidRequest, e.body_text()).into_response(),
+    };
+    let form = is_form(&headers);
+    let creds: Credentials = match if form {
+        serde_urlencoded::from_bytes(&body).map_err(|e| e.to_string())
+    } else {
+        serde_json::from_slice(&body).map_err(|e| e.to_string())
+    } {
+        Ok(c) => c,
+        Err(e) => {
+            return ApiError::new(
+                Code::InvalidRequest,
+                format!("expected {{\"username\",\"password\"}}: {e}"),
+            )
+            .into_response();
+        }
+    };
+    let target = match &creds.rd {
+        Some(rd) if form => match safe_redirect(&app.config, &headers, rd) {
+            Some(t) => Some(t),
+            None => {
+                return ApiError::new(
+                    Code::InvalidRedirect,
+                    "rd must point to this site or an allowed domain",
+                )
+                .into_response();
+            }
+        },
+        _ => None,
+    };
+    let ip = client_ip(&app, &headers, peer.map(|c| c.0.0));
+    match app
+        .service
+        .login(&creds.username, &creds.password, ip, now_millis)
+        .await
+    {
+        Ok(issued) => {
+            let mut resp = issued_response(&app, &issued, issued.claims.iat);
+            if form {
+                *resp.status_mut() = StatusCode::SEE_OTHER;
+                let location = target.unwrap_or_else(|| "/".into());
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                }
+            }
+            resp
+        }
+        Err(e) if form => {
+            let page = signin_html(creds.rd.as_deref(), Some(&e.message));
+            (e.code.status(), Html(page)).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct SigninQuery {
+    pub rd: Option<String>,
+}
+
+/// `GET /v1/login`: the sign-in form, for ingress `auth-signin`.
+pub(super) async fn signin_page(
+    State(app): Shared,
+    headers: HeaderMap,
+    Query(q): Query<SigninQuery>,
+) -> Response {
+    if let Some(rd) = &q.rd
+        && safe_redirect(&app.config, &headers, rd).is_none()
+    {
+        return ApiError::new(
+            Code::InvalidRedirect,
+            "rd must point to this site or an allowed domain",
+        )
+        .into_response();
+    }
+    let mut resp = Html(signin_html(q.rd.as_deref(), None)).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"),
+    );
+    resp
+}
+
+fn escape(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '&' => "&amp;".into(),
+            '<' => "&lt;".into(),
+            '>' => "&gt;".into(),
+            '"' => "&quot;".into(),
+            '\'' => "&#39;".into(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+fn signin_html(rd: Option<&str>, error: Option<&str>) -> String {
+    let rd_field = rd
+        .map(|r| format!(r#"<input type="hidden" name="rd" value="{}">"#, escape(r)))
+        .unwrap_or_default();
+    let err = error
+        .map(|e| format!(r#"<p class="err">{}</p>"#, escape(e)))
+        .unwrap_or_default();
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>Sign in</title>
+<style>body{{font-family:sans-serif;max-width:22rem;margin:4rem auto}}label,input,button{{display:block;width:100%;margin:.4rem 0}}.err{{color:#b00}}</style>
+</head><body><h1>Sign in</h1>{err}
+<form method="post" action="login">{rd_field}
+<label>User name <input name="username" autocomplete="username" required autofocus></label>
+<label>Password <input name="password" type="password" autocomplete="current-password" required></label>
+<button type="submit">Sign in</button></form></body></html>
+"#
+    )
+}
+
+/// The host the client used, as the proxy reports it.
+fn request_host(headers: &HeaderMap) -> Option<String> {
+    let h = headers
+        .get("x-forwarded-host")
+        .or_else(|| headers.get(header::HOST))?
+        .to_str()
+        .ok()?;
+    let h = h.split(',').next()?.trim();
+    Some(
+        h.rsplit_once(':')
+            .map_or(h, |(host, port)| {
+                if port.chars().all(|c| c.is_ascii_digit()) {
+                    host
+                } else {
+                    h
+                }
+            })
+            .to_ascii_lowercase(),
+    )
+}
+
+/// `rd` is followed only to this site (a relative path, or an absolute URL
+/// on the request's host) or to an allow-listed domain: never an open redirect.
+pub fn safe_redirect(config: &HttpConfig, headers: &HeaderMap, rd: &str) -> Option<String> {
+    if rd.is_empty() || rd.len() > 4_096 || rd.contains('\\') || rd.chars().any(|c| c.is_control())
+    {
+        return None;
+    }
+    if rd.starts_with('/') {
+        return (!rd.starts_with("//")).then(|| rd.to_string());
+    }
+    let url = url::Url::parse(rd).ok()?;
+    if !matches!(url.scheme(), "http" | "https")
+        || !url.username().is_empty()
+        || url.password().is_some()
+    {
+        return None;
+    }
+    let host = url.host_str()?.to_ascii_lowercase();
+    let allowed = request_host(headers).as_deref() == Some(host.as_str())
+        || config.redirect_domains.iter().any(|d| {
+            let d = d.to_ascii_lowercase();
+            match d.strip_prefix('.') {
+                Some(parent) => host == parent || host.ends_with(&d),
+                None => host == d,
+            }
+        });
+    allowed.then(|| url.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::headers;
+
+    #[test]
+    fn redirects_stay_on_site_or_allowed_domains() {
+        let cfg = HttpConfig {
+            redirect_domains: vec![".example.com".into(), "other.org".into()],
+            ..Default::default()
+        };
+        let h = headers(&[("host", "auth.example.net:8443")]);
+        let ok = |rd: &str| safe_redirect(&cfg, &h, rd).is_some();
+        assert!(ok("/app?x=1"));
+        assert!(ok("https://auth.example.net/app"));
+        assert!(ok("https://app.example.com/x"));
+        assert!(ok("https://example.com/"));
+        assert!(ok("http://other.org/"));
+        assert!(!ok("https://evil.org/"));
+        assert!(!ok("https://example.com.evil.org/"));
+        assert!(!ok("https://evilexample.com/"));
+        assert!(!ok("//evil.org/"));
+        assert!(!ok("/\\evil.org"));
+        assert!(!ok("https://user@evil.org/"));
+        assert!(!ok("javascript:alert(1)"));
+        assert!(!ok("https://app.example.com@evil.org/"));
+        assert!(!ok(""));
+    }
+
+    #[test]
+    fn signin_page_escapes_rd() {
+        let page = signin_html(Some("/\"><script>"), Some("<b>"));
+        assert!(!page.contains("<script>"));
+        assert!(page.contains("&quot;&gt;&lt;script&gt;"));
+        assert!(page.contains("&lt;b&gt;"));
+    }
+}
