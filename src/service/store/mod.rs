@@ -10,6 +10,8 @@ use crate::clock::Millis;
 
 pub mod memory;
 pub mod redis;
+pub mod redis_conn;
+pub mod redis_url;
 
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
