@@ -13,6 +13,9 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+# Sentinel and Cluster tests (tests/integration/test_redis_ha.py).
+[ -x /usr/bin/redis-sentinel ] || missing+=(redis-sentinel)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing+=(nginx)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"

@@ -38,7 +38,9 @@ use tokio::sync::Mutex;
 use super::redis_url::{Auth, Node, RedisTarget};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Below the store's own 2 s bound, so that a master that stopped
+/// answering is noticed here (and looked up again) before the caller gives up.
+const RESPONSE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 #[derive(Clone)]
 pub enum RedisConn {
