@@ -168,8 +168,13 @@ pub struct TokenPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 
-    /// Redis shared by the replicas: a Secret key holding the URL
-    /// (`redis://[:password@]host:6379/0`).
+    /// Redis shared by the replicas: a Secret key holding the URL, one of
+    /// `redis://[:password@]host:6379/0` (one server; `rediss://` for TLS),
+    /// `redis+sentinel://[:password@]host:26379[,host:port...]/MASTER_NAME`
+    /// (Sentinels and the master's name; `?sentinel_password=...` when the
+    /// Sentinels have their own; `rediss+sentinel://` for TLS) or
+    /// `redis+cluster://[:password@]host:6379[,host:port...]` (Redis Cluster
+    /// seed nodes; `rediss+cluster://` for TLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSpec>,
 
@@ -239,7 +244,8 @@ pub struct SecretKeyRef {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RedisSpec {
-    /// The Secret key holding the Redis URL.
+    /// The Secret key holding the Redis URL: `redis://`, `redis+sentinel://`
+    /// or `redis+cluster://` (`rediss...` for TLS).
     pub url_secret_ref: SecretKeyRef,
 }
 

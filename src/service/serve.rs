@@ -30,7 +30,9 @@ pub struct ServeArgs {
     pub users: Option<PathBuf>,
     #[arg(long, env = "TOKENPOLICY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Redis URL shared by all replicas (`redis://[:password@]host:port/db`).
+    /// Redis URL shared by all replicas: `redis://[:password@]host:port[/db]`,
+    /// `redis+sentinel://[:password@]host:port[,host:port...]/MASTER_NAME` or
+    /// `redis+cluster://[:password@]host:port[,host:port...]` (`rediss` for TLS).
     /// Without it: an in-process store, for one replica only.
     #[arg(long, env = "TOKENPOLICY_REDIS", hide_env_values = true)]
     pub redis: Option<String>,

@@ -158,6 +158,24 @@ def test_secret_references_resolve():
     assert re.fullmatch(r"rediss?://(:[^@]+@)?[a-z0-9.-]+:\d+/\d+", redis_url)
 
 
+NODES = r"[a-z0-9.-]+:\d+(,[a-z0-9.-]+:\d+)*"
+REDIS_FORMS = {
+    "redis-url": rf"rediss?://(:[^@]+@)?[a-z0-9.-]+:\d+/\d+",
+    "redis-sentinel-url": rf"rediss?\+sentinel://(:[^@]+@)?{NODES}/[A-Za-z0-9_-]+(\?sentinel_password=[^&]+)?",
+    "redis-cluster-url": rf"rediss?\+cluster://(:[^@]+@)?{NODES}",
+}
+
+
+def test_one_redis_url_example_per_form():
+    """One Secret under examples/ for each Redis form the token service reads
+    (one server, Sentinel, Cluster), each URL in its form."""
+    secrets = {doc["metadata"]["name"]: doc for _, doc in all_documents() if doc["kind"] == "Secret"}
+    for name, form in REDIS_FORMS.items():
+        assert name in secrets, f"no example Secret {name}"
+        url = secrets[name]["stringData"]["url"]
+        assert re.fullmatch(form, url), (name, url)
+
+
 def test_ingress_uses_a_policy_endpoint():
     policies = token_policies()
     ingresses = [doc for _, doc in all_documents() if doc["kind"] == "Ingress"]
