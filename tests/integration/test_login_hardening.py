@@ -240,12 +240,8 @@ def test_unknown_names_cost_what_known_names_cost(env, start_server):
 # ==========================================================================
 
 
-def test_empty_and_overlong_bcrypt_passwords_never_log_in(env, start_server):
-    long_pw = "L" * 72
-    users = users_file(env, "pw", [
-        f"blank:{_bcrypt_2y('')}",
-        f"longpw:{_bcrypt_2y(long_pw)}",
-    ])
+def test_empty_password_never_logs_in(env, start_server):
+    users = users_file(env, "pw", [f"blank:{_bcrypt_2y('')}"])
     srv = start_server("passwords", None, users_file=users,
                        extra_args=["--max-failed-logins-per-address", "100000"])
     # An empty password: refused alike for a user whose hash is of "" and
@@ -254,6 +250,13 @@ def test_empty_and_overlong_bcrypt_passwords_never_log_in(env, start_server):
     r_unknown = login(srv.url, "nobody-blank", "")
     assert r_known.status_code in (400, 401), r_known.text[:200]
     assert (r_known.status_code, r_known.text) == (r_unknown.status_code, r_unknown.text)
+
+
+def test_bcrypt_password_past_72_bytes_never_logs_in(env, start_server):
+    long_pw = "L" * 72
+    users = users_file(env, "pw72", [f"longpw:{_bcrypt_2y(long_pw)}"])
+    srv = start_server("passwords-72", None, users_file=users,
+                       extra_args=["--max-failed-logins-per-address", "100000"])
     # bcrypt reads only 72 bytes: a longer password must not match on its prefix.
     assert login(srv.url, "longpw", long_pw).status_code == 200
     r = login(srv.url, "longpw", long_pw + "-anything-after-72-bytes")
