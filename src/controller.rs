@@ -475,8 +475,31 @@ pub async fn reconcile(tp: Arc<TokenPolicy>, ctx: Arc<Context>) -> Result<Action
     ctx.metrics
         .duration
         .observe(started.elapsed().as_secs_f64());
-    if result.is_ok() {
-        ctx.failures().remove(&key_of(&tp));
+    match &result {
+        Ok(_) => {
+            ctx.failures().remove(&key_of(&tp));
+        }
+        // Visible on the TokenPolicy (`kubectl describe`), not only in the
+        // operator's log: e.g. a verb missing from the operator's RBAC.
+        Err(e) => {
+            let mut note = e.to_string();
+            if note.len() > 1000 {
+                let mut end = 1000;
+                while !note.is_char_boundary(end) {
+                    end -= 1;
+                }
+                note.truncate(end);
+            }
+            publish(
+                &ctx,
+                &tp,
+                EventType::Warning,
+                "ReconcileFailed",
+                "Reconcile",
+                note,
+            )
+            .await;
+        }
     }
     result
 }
@@ -633,11 +656,12 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
         .await;
     }
     write_status(tp, &policies, &report).await?;
-    // After a promotion, come back at once to roll the pods to the new order.
+    // After a promotion, come back at once to roll the pods to the new order;
+    // while a previous key is kept, come back when it may be retired.
     Ok(Action::requeue(Duration::from_secs(if promoted {
         1
     } else {
-        300
+        rotation::recheck_in(&ring, &policy, now).unwrap_or(300)
     })))
 }
 
