@@ -76,24 +76,25 @@ wait_for() {
 certs() {
   mkdir -p "$pki"
   cd "$pki"
-  openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 30 \
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.crt -days 30 \
     -subj "/CN=tokenpolicy-e2e-ca" 2>/dev/null
   # apiserver serving certificate: 127.0.0.1 and localhost (and the
   # in-cluster names, never dialled here).
-  openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr \
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout apiserver.key -out apiserver.csr \
     -subj "/CN=kube-apiserver" 2>/dev/null
   printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:10.96.0.1\nextendedKeyUsage=serverAuth\n' >apiserver.ext
   openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
     -out apiserver.crt -days 30 -extfile apiserver.ext 2>/dev/null
   # The admin client: group system:masters.
-  openssl req -newkey rsa:2048 -nodes -keyout admin.key -out admin.csr \
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout admin.key -out admin.csr \
     -subj "/O=system:masters/CN=kubernetes-admin" 2>/dev/null
   printf 'extendedKeyUsage=clientAuth\n' >client.ext
   openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
     -out admin.crt -days 30 -extfile client.ext 2>/dev/null
-  # Service-account token signing key pair.
-  openssl genrsa -out sa.key 2048 2>/dev/null
-  openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+  # Service-account token signing key pair (ES256). EC keys throughout:
+  # generated in milliseconds.
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out sa.key 2>/dev/null
+  openssl pkey -in sa.key -pubout -out sa.pub 2>/dev/null
   cd - >/dev/null
 }
 
@@ -218,9 +219,11 @@ status:
 EOF
   # kwok: heartbeats for the node, Running/Ready for its pods. Pod IPs come
   # from 198.18.0.0/15 (reserved for benchmarks, routed nowhere here); the
-  # node's own address is 127.0.0.1. HOME keeps it off any ~/.kwok config.
+  # node's own address is 127.0.0.1. The stages come from the kwok module
+  # (build.sh); HOME keeps it off any ~/.kwok config.
   start kwok env HOME="$state" "$bin/kwok" \
     --kubeconfig "$admin" \
+    --config "$bin/kwok-stages.yaml" \
     --manage-all-nodes=false \
     --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
     --node-ip 127.0.0.1 \
@@ -228,6 +231,9 @@ EOF
     --server-address "127.0.0.1:$kwok_port"
   wait_for kube-controller-manager 60 "$bin/kubectl" --kubeconfig "$admin" -n default get serviceaccount default
   wait_for kwok 60 sh -c "'$bin/kubectl' --kubeconfig '$admin' get node kwok-node-0 -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
+  # The API server taints a new Node not-ready (admission); the node
+  # lifecycle controller, which is not run here, would lift it.
+  "$bin/kubectl" --kubeconfig "$admin" taint nodes kwok-node-0 node.kubernetes.io/not-ready:NoSchedule- >/dev/null 2>&1 || true
   log "up in $((SECONDS - t0))s"
   echo "KUBECONFIG=$admin"
   echo "K8S_BIN=$bin"

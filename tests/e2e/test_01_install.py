@@ -31,6 +31,7 @@ def test_helm_installs_the_crd_and_the_operator(kube, release):
 
 def test_every_example_is_accepted(kube, release):
     kube.namespace("auth")
+    kube.namespace("apps")  # the example Ingress' application
     policies = 0
     for path in EXAMPLES:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
