@@ -449,9 +449,19 @@ async fn publish(
         action: action.into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &tp.object_ref(&())).await {
-        tracing::warn!(error = %e, "could not publish event");
+    match ctx.recorder.publish(&event, &tp.object_ref(&())).await {
+        Ok(()) => {}
+        Err(e) if namespace_terminating(&e) => {}
+        Err(e) => tracing::warn!(error = %e, "could not publish event"),
     }
+}
+
+/// The API server refuses anything new in a namespace being deleted (403,
+/// cause `NamespaceTerminating`): the namespace takes the TokenPolicy and
+/// everything made for it along, so there is nothing to reconcile or report.
+fn namespace_terminating(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 403
+        && s.details.as_ref().is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating")))
 }
 
 async fn apply<K>(api: Api<K>, obj: &K) -> Result<K, Error>
@@ -471,7 +481,13 @@ where
 pub async fn reconcile(tp: Arc<TokenPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
-    let result = reconcile_inner(&tp, &ctx).await;
+    let result = match reconcile_inner(&tp, &ctx).await {
+        Err(Error::Kube(e)) if namespace_terminating(&e) => {
+            tracing::debug!(policy = %key_of(&tp), "namespace is being deleted; nothing to do");
+            Ok(Action::await_change())
+        }
+        other => other,
+    };
     ctx.metrics
         .duration
         .observe(started.elapsed().as_secs_f64());
@@ -1203,6 +1219,29 @@ mod tests {
         });
         let action = run(rotating("2026-11"), ctx, scenario).await.unwrap();
         assert_eq!(action, Action::requeue(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_terminating_namespace_is_recognised_by_its_cause() {
+        // As kube-apiserver answers a create in a namespace being deleted.
+        let refused = |code: u16, cause: &str| {
+            let status: kube::core::Status = serde_json::from_value(json!({
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
+                "reason": "Forbidden",
+                "message": "deployments.apps \"demo\" is forbidden: unable to create new content in namespace team because it is being terminated",
+                "details": {"name": "demo", "group": "apps", "kind": "deployments",
+                            "causes": [{"reason": cause, "message": "namespace team is being terminated", "field": "metadata.namespace"}]}
+            }))
+            .unwrap();
+            kube::Error::Api(status.boxed())
+        };
+        assert!(namespace_terminating(&refused(403, "NamespaceTerminating")));
+        // An RBAC refusal is a real failure.
+        assert!(!namespace_terminating(&refused(403, "")));
+        assert!(!namespace_terminating(&refused(
+            409,
+            "NamespaceTerminating"
+        )));
     }
 
     #[tokio::test]

@@ -106,3 +106,17 @@ def test_deleting_the_policy_lets_the_garbage_collector_remove_everything(kube, 
     wait_until("owned objects removed", gone, 60, 0.5)
     # The Secrets the user made are the user's: kept.
     assert kube.get("secret", "users", ns) and kube.get("secret", "redis", ns)
+
+
+def test_deleting_a_namespace_with_its_policy_leaves_the_operator_quiet(kube, operators, operator):
+    """The namespace controller deletes the token service's objects while the
+    TokenPolicy still exists; the operator must not fight it (re-creating
+    them is refused: NamespaceTerminating) nor report that as a failure."""
+    ns = "e2e-missing"
+    assert kube.get("tp", "late", ns)
+    start = operators.log.stat().st_size
+    kube("delete", "namespace", ns, "--timeout=120s")
+    with open(operators.log, "rb") as f:
+        f.seek(start)
+        tail = f.read().decode(errors="replace")
+    assert "being terminated" not in tail and "reconcile failed" not in tail, tail[-3000:]
