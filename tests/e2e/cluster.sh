@@ -42,8 +42,13 @@ binaries() {
   bash "$here/build.sh" | tail -n 1
 }
 
-free_port() {
-  python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'
+# N distinct free ports on 127.0.0.1 (one interpreter start: they are slow
+# on a busy machine).
+free_ports() {
+  python3 -c 'import socket,sys
+ss=[socket.socket() for _ in range(int(sys.argv[1]))]
+for s in ss: s.bind(("127.0.0.1",0))
+print(" ".join(str(s.getsockname()[1]) for s in ss))' "$1"
 }
 
 # start NAME CMD...: in its own process group, output to logs/NAME.log.
@@ -122,20 +127,22 @@ EOF
 
 down() {
   [ -d "$pids" ] || return 0
-  local name pid
-  # Reverse start order: kwok first, etcd last.
+  local name pid live=()
   for name in $(tac "$state/order" 2>/dev/null); do
     pid=$(cat "$pids/$name.pid" 2>/dev/null) || continue
-    if kill -0 "$pid" 2>/dev/null; then
-      # Each was started as the leader of its own process group.
-      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$pids/$name.pid"
+    # Each was started as the leader of its own process group.
+    kill -0 "$pid" 2>/dev/null && live+=("$pid") &&
+      { kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true; }
   done
-  rm -f "$state/order"
-  log "stopped"
+  for _ in $(seq 50); do
+    local any=0
+    for pid in "${live[@]}"; do kill -0 "$pid" 2>/dev/null && any=1; done
+    [ $any = 0 ] && break
+    sleep 0.1
+  done
+  for pid in "${live[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; done
+  rm -f "$pids"/*.pid "$state/order"
+  [ ${#live[@]} -gt 0 ] && log "stopped" || true
 }
 
 up() {
@@ -150,8 +157,7 @@ up() {
   certs
 
   local etcd_port etcd_peer api_port kcm_port sched_port kwok_port
-  etcd_port=$(free_port); etcd_peer=$(free_port); api_port=$(free_port)
-  kcm_port=$(free_port); sched_port=$(free_port); kwok_port=$(free_port)
+  read -r etcd_port etcd_peer api_port kcm_port sched_port kwok_port <<<"$(free_ports 6)"
   local server="https://127.0.0.1:$api_port"
   local admin="$state/admin.kubeconfig"
   kubeconfig "$server" "$admin"
