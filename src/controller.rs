@@ -700,6 +700,9 @@ pub fn error_policy(tp: Arc<TokenPolicy>, error: &Error, ctx: Arc<Context>) -> A
     Action::requeue(delay)
 }
 
+/// TokenPolicies reconciled at once (each makes up to about ten requests).
+const RECONCILE_CONCURRENCY: u16 = 8;
+
 /// Runs the controller until a shutdown signal.
 pub async fn run(ctx: Arc<Context>) -> anyhow::Result<()> {
     let client = ctx.client.clone();
@@ -718,6 +721,12 @@ pub async fn run(ctx: Arc<Context>) -> anyhow::Result<()> {
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<Secret>::all(client.clone()), owned)
+        // Bounded: with 1,000 TokenPolicies at once and no bound, the API
+        // server queued the operator's own requests (504s) until even its
+        // Lease renewal missed the deadline and the leader stopped.
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
