@@ -7,19 +7,24 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-/// CEL: the duration a policy string stands for. Kubernetes' `duration()`
-/// takes Go's syntax, which has no days, so a leading `Nd` becomes `N*24h`.
-macro_rules! cel_duration {
+/// CEL: the whole seconds a policy duration string stands for. Kubernetes'
+/// `duration()` takes Go's syntax, which has no days, so a leading `Nd`
+/// counts `N * 86400` and the rest goes to `duration()`. Everything is an int
+/// or a substring of the field (at most 32 characters): a string built from
+/// an int (`string(int(…))`) has no size bound, and the API server's cost
+/// estimator then refuses the whole CRD.
+macro_rules! cel_seconds {
     ($($x:literal),+) => {
         concat!(
-            "(", $($x),+, ".matches('^[0-9]+d') ? duration(string(int(", $($x),+,
-            ".find('^[0-9]+')) * 24) + 'h') + duration(", $($x),+, ".matches('^[0-9]+d$') ? '0s' : ",
-            $($x),+, ".replace(", $($x),+, ".find('^[0-9]+d'), '')) : duration(", $($x),+, "))"
+            "(", $($x),+, ".matches('^[0-9]+d') ? int(", $($x),+,
+            ".find('^[0-9]+')) * 86400 + (", $($x),+, ".matches('^[0-9]+d$') ? 0 : duration(",
+            $($x),+, ".replace(", $($x),+, ".find('^[0-9]+d'), '')).getSeconds()) : duration(",
+            $($x),+, ").getSeconds())"
         )
     };
 }
 
-/// CEL: a spec field's duration, or its default when the field is absent
+/// CEL: a spec field's seconds, or its default's when the field is absent
 /// (the API server fills defaults before it validates; offline checks may not).
 macro_rules! cel_field {
     ($field:literal, $default:literal) => {
@@ -27,38 +32,38 @@ macro_rules! cel_field {
             "(has(self.",
             $field,
             ") ? ",
-            cel_duration!("self.", $field),
-            " : duration('",
+            cel_seconds!("self.", $field),
+            " : ",
             $default,
-            "'))"
+            ")"
         )
     };
 }
 
 const TOKEN_WITHIN_SESSION: &str = concat!(
-    cel_field!("tokenExpirationTime", "30m"),
+    cel_field!("tokenExpirationTime", "1800"),
     " <= ",
-    cel_field!("sessionExpirationTime", "8h")
+    cel_field!("sessionExpirationTime", "28800")
 );
 const RENEW_WITHIN_SESSION: &str = concat!(
-    cel_field!("expiredTokenRenewLimit", "10m"),
+    cel_field!("expiredTokenRenewLimit", "600"),
     " <= ",
-    cel_field!("sessionExpirationTime", "8h")
+    cel_field!("sessionExpirationTime", "28800")
 );
 const SESSION_BOUNDS: &str = concat!(
-    cel_duration!("self"),
-    " >= duration('1s') && ",
-    cel_duration!("self"),
-    " <= duration('8760h')"
+    cel_seconds!("self"),
+    " >= 1 && ",
+    cel_seconds!("self"),
+    " <= 31536000"
 );
 const TOKEN_BOUNDS: &str = concat!(
-    cel_duration!("self"),
-    " >= duration('1s') && ",
-    cel_duration!("self"),
-    " <= duration('168h')"
+    cel_seconds!("self"),
+    " >= 1 && ",
+    cel_seconds!("self"),
+    " <= 604800"
 );
-const RENEW_BOUNDS: &str = concat!(cel_duration!("self"), " <= duration('168h')");
-const GRACE_BOUNDS: &str = concat!(cel_duration!("self"), " <= duration('60s')");
+const RENEW_BOUNDS: &str = concat!(cel_seconds!("self"), " <= 604800");
+const GRACE_BOUNDS: &str = concat!(cel_seconds!("self"), " <= 60");
 
 fn default_session() -> String {
     "8h".into()

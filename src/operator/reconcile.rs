@@ -173,9 +173,19 @@ pub(crate) async fn publish(
         action: action.into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &tp.object_ref(&())).await {
-        tracing::warn!(error = %e, "could not publish event");
+    match ctx.recorder.publish(&event, &tp.object_ref(&())).await {
+        Ok(()) => {}
+        Err(e) if namespace_terminating(&e) => {}
+        Err(e) => tracing::warn!(error = %e, "could not publish event"),
     }
+}
+
+/// The API server refuses anything new in a namespace being deleted (403,
+/// cause `NamespaceTerminating`): the namespace takes the TokenPolicy and
+/// everything made for it along, so there is nothing to reconcile or report.
+fn namespace_terminating(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 403
+        && s.details.as_ref().is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating")))
 }
 
 async fn apply<K>(api: Api<K>, obj: &K) -> Result<K, Error>
@@ -195,12 +205,41 @@ where
 pub async fn reconcile(tp: Arc<TokenPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
-    let result = reconcile_inner(&tp, &ctx).await;
+    let result = match reconcile_inner(&tp, &ctx).await {
+        Err(Error::Kube(e)) if namespace_terminating(&e) => {
+            tracing::debug!(policy = %key_of(&tp), "namespace is being deleted; nothing to do");
+            Ok(Action::await_change())
+        }
+        other => other,
+    };
     ctx.metrics
         .duration
         .observe(started.elapsed().as_secs_f64());
-    if result.is_ok() {
-        ctx.failures().remove(&key_of(&tp));
+    match &result {
+        Ok(_) => {
+            ctx.failures().remove(&key_of(&tp));
+        }
+        // Visible on the TokenPolicy (`kubectl describe`), not only in the
+        // operator's log: e.g. a verb missing from the operator's RBAC.
+        Err(e) => {
+            let mut note = e.to_string();
+            if note.len() > 1000 {
+                let mut end = 1000;
+                while !note.is_char_boundary(end) {
+                    end -= 1;
+                }
+                note.truncate(end);
+            }
+            publish(
+                &ctx,
+                &tp,
+                EventType::Warning,
+                "ReconcileFailed",
+                "Reconcile",
+                note,
+            )
+            .await;
+        }
     }
     result
 }
@@ -357,11 +396,12 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
         .await;
     }
     write_status(tp, &policies, &report).await?;
-    // After a promotion, come back at once to roll the pods to the new order.
+    // After a promotion, come back at once to roll the pods to the new order;
+    // while a previous key is kept, come back when it may be retired.
     Ok(Action::requeue(Duration::from_secs(if promoted {
         1
     } else {
-        300
+        rotation::recheck_in(&ring, &policy, now).unwrap_or(300)
     })))
 }
 
@@ -384,6 +424,9 @@ pub fn error_policy(tp: Arc<TokenPolicy>, error: &Error, ctx: Arc<Context>) -> A
     Action::requeue(delay)
 }
 
+/// TokenPolicies reconciled at once (each makes up to about ten requests).
+const RECONCILE_CONCURRENCY: u16 = 8;
+
 /// Runs the controller until a shutdown signal.
 pub async fn run(ctx: Arc<Context>) -> anyhow::Result<()> {
     let client = ctx.client.clone();
@@ -402,6 +445,12 @@ pub async fn run(ctx: Arc<Context>) -> anyhow::Result<()> {
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<Secret>::all(client.clone()), owned)
+        // Bounded: with 1,000 TokenPolicies at once and no bound, the API
+        // server queued the operator's own requests (504s) until even its
+        // Lease renewal missed the deadline and the leader stopped.
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

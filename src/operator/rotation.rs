@@ -95,6 +95,16 @@ pub fn apply(
     r
 }
 
+/// Seconds until the previous key may be dropped (at least 1, at most
+/// 300), if one is kept: when the operator should look again.
+pub fn recheck_in(ring: &KeyRing, policy: &Policy, now: i64) -> Option<u64> {
+    ring.previous.as_ref()?;
+    let at = ring
+        .promoted_at?
+        .saturating_add((policy.token + policy.renew_limit) as i64);
+    Some(at.saturating_sub(now).clamp(1, 300) as u64)
+}
+
 /// The ring's keys in the order `serve` uses them: the first signs.
 pub fn in_order(ring: &KeyRing) -> Vec<(&'static str, &str)> {
     let mut v = vec![(SIGNING, ring.signing.as_str())];
@@ -170,6 +180,21 @@ mod tests {
         assert_eq!(plan(&r, Some("v2"), true, &p, 1_000), Step::DropPrevious);
         let r = apply(&r, Step::DropPrevious, Some("v2"), || unreachable!(), 1_000);
         assert_eq!(plan(&r, Some("v2"), true, &p, 1_000), Step::AddNext);
+    }
+
+    #[test]
+    fn the_operator_comes_back_when_the_previous_key_dies() {
+        let p = policy();
+        let r = KeyRing {
+            signing: "B".into(),
+            previous: Some("A".into()),
+            promoted_at: Some(100),
+            ..Default::default()
+        };
+        assert_eq!(recheck_in(&r, &p, 100), Some(300));
+        assert_eq!(recheck_in(&r, &p, 900), Some(100));
+        assert_eq!(recheck_in(&r, &p, 5_000), Some(1));
+        assert_eq!(recheck_in(&ring(), &p, 100), None);
     }
 
     #[test]

@@ -81,7 +81,23 @@ build_etcd() {
   (cd "$work/etcd" && go build -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3)
 }
 
+# kwok's simulation stages (node heartbeat with a Lease, pods Ready and
+# deleted), from the kwok module of the same version, as one config file.
+kwok_stages() {
+  [ -s "$bin/kwok-stages.yaml" ] && return 0
+  local dir
+  dir=$(cd "$work" && go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+  [ -d "$dir/kustomize/stage" ] || { log "no kustomize/stage in the kwok module"; return 1; }
+  local f
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    printf -- '---\n'; cat "$dir/kustomize/stage/$f"
+  done >"$bin/kwok-stages.yaml.tmp"
+  mv "$bin/kwok-stages.yaml.tmp" "$bin/kwok-stages.yaml"
+}
+
 build_kwok() {
+  kwok_stages
   [ -x "$bin/kwok" ] && return 0
   log "kwok $KWOK_VERSION"
   wrapper "$work/kwok" sigs.k8s.io/kwok "$KWOK_VERSION" </dev/null

@@ -490,6 +490,29 @@ async fn rotation_promotes_once_every_replica_has_the_new_key() {
     assert_eq!(action, Action::requeue(Duration::from_secs(1)));
 }
 
+#[test]
+fn a_terminating_namespace_is_recognised_by_its_cause() {
+    // As kube-apiserver answers a create in a namespace being deleted.
+    let refused = |code: u16, cause: &str| {
+        let status: kube::core::Status = serde_json::from_value(json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
+            "reason": "Forbidden",
+            "message": "deployments.apps \"demo\" is forbidden: unable to create new content in namespace team because it is being terminated",
+            "details": {"name": "demo", "group": "apps", "kind": "deployments",
+                        "causes": [{"reason": cause, "message": "namespace team is being terminated", "field": "metadata.namespace"}]}
+        }))
+        .unwrap();
+        kube::Error::Api(status.boxed())
+    };
+    assert!(namespace_terminating(&refused(403, "NamespaceTerminating")));
+    // An RBAC refusal is a real failure.
+    assert!(!namespace_terminating(&refused(403, "")));
+    assert!(!namespace_terminating(&refused(
+        409,
+        "NamespaceTerminating"
+    )));
+}
+
 #[tokio::test]
 async fn rotation_retires_the_previous_key_when_no_token_needs_it() {
     let (old, new) = (Key::generate(), Key::generate());
