@@ -36,7 +36,7 @@ pub(super) const STALE_AFTER: Millis = 1_000;
 pub(super) const HEARTBEAT: &str = "hb";
 /// A claim must run on Redis this much before the caller gives up on it, so
 /// that a claim the caller reported as failed is not applied afterwards.
-const CLAIM_MARGIN: Millis = 500;
+const CLAIM_MARGIN: Millis = 200;
 /// Creates the epoch if it is missing; returns it and the Redis clock.
 pub(super) const EPOCH_SCRIPT: &str = r#"
 local t = redis.call('TIME')
@@ -208,18 +208,18 @@ pub(super) async fn claim(
             .arg(&epoch.id)
             .arg(deadline);
         let mut c = conn.clone();
-        let (outcome, found, store_now): (String, String, String) =
+        let (outcome, found, _store_now): (String, String, String) =
             timed(inv.invoke_async(&mut c)).await?;
-        let store_now: Millis = store_now
-            .parse()
-            .map_err(|_| StoreError::Corrupt("claim script clock".into()))?;
         match outcome.as_str() {
             "won" => return Ok(Claim::Won),
             "lost" => {
                 let mut first: RefreshRecord =
                     serde_json::from_str(&found).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                // Elapsed since the claim, on the Redis clock, carried over to ours.
-                first.at = now_millis() - (store_now - first.at);
+                // When the first claim ran, on our clock: the caller measures
+                // the grace from it to when its own request arrived, so
+                // requests that arrived together share the new token however
+                // long Redis took to run their claims.
+                first.at -= offset;
                 return Ok(Claim::Lost(first));
             }
             "late" => {
@@ -266,6 +266,9 @@ pub(super) async fn watch(
                 // Cached "live" answers predate the loss: check them again.
                 c.epoch.fetch_add(1, Ordering::SeqCst);
                 let revoked = c.revoked_now();
+                if revoked.is_empty() {
+                    continue;
+                }
                 let mut pipe = redis::pipe();
                 for (sid, ttl) in &revoked {
                     pipe.cmd("SET")
