@@ -81,9 +81,10 @@ def code(r: requests.Response) -> str:
 
 
 def assert_unavailable(r: requests.Response, elapsed: float) -> None:
+    print(f"503 {r.request.method} {r.request.path_url} in {elapsed:.2f}s")
     assert r.status_code == 503, f"{r.status_code} {r.text}"
     assert r.headers.get("Retry-After"), r.headers
-    assert elapsed <= 2.5, f"503 took {elapsed:.2f}s"
+    assert elapsed <= 2.0, f"503 took {elapsed:.2f}s"
 
 
 def timed(fn, *a):
@@ -265,7 +266,9 @@ def test_redis_killed_and_paused_fail_static_then_recover(env, start_server, tmp
             else:
                 redis.stop(sig=signal.SIGKILL)
             try:
+                t_fault = time.monotonic()
                 assert wait_for(lambda: ready(a) == 503 and ready(b) == 503, 6), "readyz stays ready"
+                print(f"{fault}: /readyz unready on both after {time.monotonic() - t_fault:.2f}s")
                 assert verify(a, seen).status_code == 200
                 assert verify(b, seen).status_code == 200
                 r = verify(a, unseen)
@@ -278,7 +281,9 @@ def test_redis_killed_and_paused_fail_static_then_recover(env, start_server, tmp
                     os.kill(redis.pid, signal.SIGCONT)
                 else:
                     redis = Redis(tmp_path, name="redis-outage-2", port=port).start_and_wait()
+            t_back = time.monotonic()
             assert wait_for(lambda: ready(a) == 200 and ready(b) == 200, 6), "readyz does not recover"
+            print(f"{fault}: /readyz ready on both {time.monotonic() - t_back:.2f}s after Redis was back")
             assert verify(b, seen).status_code == 200
             assert login(b, env).status_code == 200
     finally:

@@ -335,6 +335,11 @@ impl OneTimeStore for RedisStore {
             if fresh && k.revoked {
                 return Ok(true);
             }
+            // Redis is away (the watch task's last check failed), so nobody
+            // can revoke anything meanwhile: answer without waiting for it.
+            if fresh && self.guard.away.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
             if fresh
                 && k.epoch == epoch
                 && self.cache.subscribed.load(Ordering::SeqCst)

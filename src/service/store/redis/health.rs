@@ -103,6 +103,8 @@ pub(super) struct Guard {
     pub heard: AtomicI64,
     /// Random tag of this replica's new epochs and heartbeats.
     pub nonce: String,
+    /// The last epoch check failed: Redis is away.
+    pub away: std::sync::atomic::AtomicBool,
 }
 
 impl Guard {
@@ -112,6 +114,7 @@ impl Guard {
             offset: AtomicI64::new(0),
             heard: AtomicI64::new(0),
             nonce: uuid::Uuid::new_v4().simple().to_string(),
+            away: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -256,7 +259,9 @@ pub(super) async fn watch(
         let (Some(c), Some(g)) = (cache.upgrade(), guard.upgrade()) else {
             return;
         };
-        match refresh_epoch(&conn, &epoch_key, &g).await {
+        let checked = refresh_epoch(&conn, &epoch_key, &g).await;
+        g.away.store(checked.is_err(), Ordering::SeqCst);
+        match checked {
             Ok((epoch, true)) => {
                 tracing::warn!(
                     "Redis lost its data (new epoch {}): tokens issued before now cannot be \
