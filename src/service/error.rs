@@ -18,6 +18,8 @@ pub enum Code {
     InvalidRequest,
     PayloadTooLarge,
     InvalidRedirect,
+    /// Every password check is busy and the waiting line is full.
+    ServiceBusy,
 }
 
 impl Code {
@@ -35,13 +37,14 @@ impl Code {
             Code::InvalidRequest => "INVALID_REQUEST",
             Code::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             Code::InvalidRedirect => "INVALID_REDIRECT",
+            Code::ServiceBusy => "SERVICE_BUSY",
         }
     }
 
     pub fn status(self) -> StatusCode {
         match self {
             Code::TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
-            Code::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::StoreUnavailable | Code::ServiceBusy => StatusCode::SERVICE_UNAVAILABLE,
             Code::InvalidRequest | Code::InvalidRedirect => StatusCode::BAD_REQUEST,
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::UNAUTHORIZED,

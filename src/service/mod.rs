@@ -3,13 +3,15 @@
 //! - [`rules`]: the policy arithmetic, pure;
 //! - [`token`]: signing and verifying tokens, the key ring;
 //! - [`store`]: the one-time refresh claims and revocations (in-process or Redis);
-//! - [`users`]: the users file and password hashes;
+//! - [`users`]: the users file and password hashes; [`hashing`]: the threads
+//!   that check passwords;
 //! - [`tokens`]: login, refresh, logout and verify, tying the above together;
 //! - [`http`]: the HTTP API and forward-auth;
 //! - [`serve`]: the command that wires it up; [`policy_watch`] follows a
 //!   TokenPolicy in the cluster.
 
 pub mod error;
+pub mod hashing;
 pub mod http;
 pub mod metrics;
 pub mod policy_watch;

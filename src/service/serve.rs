@@ -96,6 +96,14 @@ pub struct ServeArgs {
     pub max_failed_logins_per_address: u64,
     #[arg(long, env = "TOKENPOLICY_FAILED_LOGIN_WINDOW", default_value = "15m")]
     pub failed_login_window: String,
+    /// Password checks run at once (default: cores, at most 4). Each holds
+    /// its hash's memory cost (argon2id default: 19 MiB).
+    #[arg(long, env = "TOKENPOLICY_LOGIN_THREADS")]
+    pub login_threads: Option<usize>,
+    /// Logins that may wait for a password check (default: 8 per thread);
+    /// past it, 503 SERVICE_BUSY with Retry-After.
+    #[arg(long, env = "TOKENPOLICY_LOGIN_QUEUE")]
+    pub login_queue: Option<usize>,
 }
 
 fn modified(path: &Path) -> Option<(SystemTime, u64)> {
@@ -250,9 +258,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         users = users.len(),
         "starting token service"
     );
-    let service = Arc::new(TokenService::new(
-        policy, users, keys, store, leeway, throttle,
-    ));
+    let login_threads = args
+        .login_threads
+        .unwrap_or_else(crate::service::hashing::HashPool::default_threads)
+        .max(1);
+    let login_queue = args
+        .login_queue
+        .unwrap_or_else(|| crate::service::hashing::HashPool::default_queue(login_threads));
+    let service = Arc::new(
+        TokenService::new(policy, users, keys, store, leeway, throttle)
+            .with_login_capacity(login_threads, login_queue),
+    );
     watch_files(service.clone(), args.policy.clone(), args.users.clone());
     if let Some((client, ns, name)) = cluster {
         tokio::spawn(crate::service::policy_watch::follow(

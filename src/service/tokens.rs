@@ -2,19 +2,20 @@
 //! rules (pure), the keys (signing) and the one-time store (shared state).
 //! HTTP lives in `http.rs`; this module knows nothing of it.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::sync::Semaphore;
 
 use crate::policy::Policy;
 use crate::service::error::{ApiError, Code};
+use crate::service::hashing::HashPool;
 use crate::service::metrics::Metrics;
 use crate::service::rules::{self, LateRefresh, Millis, Standing};
 use crate::service::store::{Claim, OneTimeStore, RefreshRecord};
 use crate::service::token::{Claims, KeySet, TokenError};
-use crate::service::users::{MAX_NAME_LEN, MAX_PASSWORD_LEN, User, Users};
+use crate::service::users::Users;
+
+mod login;
 
 /// Failed-login throttling: at most `max_per_user` failures per user name and
 /// `max_per_address` per client address within `window`.
@@ -57,8 +58,9 @@ pub struct TokenService {
     store: Arc<dyn OneTimeStore>,
     leeway: Millis,
     throttle: Throttle,
-    /// Password hashing is slow on purpose; cap how much of it runs at once.
-    hashing: Semaphore,
+    /// Password hashing is slow and memory-hungry on purpose: it runs on a
+    /// few threads of its own, behind a bounded waiting line.
+    hashing: HashPool,
     pub metrics: Metrics,
 }
 
@@ -75,7 +77,7 @@ impl TokenService {
         leeway: Millis,
         throttle: Throttle,
     ) -> Self {
-        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = HashPool::default_threads();
         TokenService {
             policy: ArcSwap::from_pointee(policy),
             users: ArcSwap::from_pointee(users),
@@ -83,7 +85,7 @@ impl TokenService {
             store,
             leeway,
             throttle,
-            hashing: Semaphore::new(parallel * 2),
+            hashing: HashPool::new(threads, HashPool::default_queue(threads)),
             metrics: Metrics::default(),
         }
     }
@@ -117,105 +119,6 @@ impl TokenService {
             claims,
             session_end,
         }
-    }
-
-    /// `clock` is read after the password check, so a token's life starts
-    /// when it is issued, not before the (deliberately slow) hash check.
-    pub async fn login(
-        &self,
-        name: &str,
-        password: &str,
-        client: Option<IpAddr>,
-        clock: impl Fn() -> Millis,
-    ) -> Result<Issued, ApiError> {
-        let result = self.login_inner(name, password, client, clock).await;
-        let outcome = match &result {
-            Ok(_) => "success",
-            Err(e) => e.code.as_str(),
-        };
-        Metrics::count(&self.metrics.logins, outcome);
-        result
-    }
-
-    async fn login_inner(
-        &self,
-        name: &str,
-        password: &str,
-        client: Option<IpAddr>,
-        clock: impl Fn() -> Millis,
-    ) -> Result<Issued, ApiError> {
-        if name.is_empty() || name.len() > MAX_NAME_LEN || password.len() > MAX_PASSWORD_LEN {
-            return Err(ApiError::new(
-                Code::InvalidRequest,
-                "username must be 1-256 bytes and password at most 1024 bytes",
-            ));
-        }
-        let user_key = format!("user:{name}");
-        let addr_key = client.map(|ip| format!("addr:{ip}"));
-        let mut wait = 0;
-        let by_user = self.store.failures(&user_key).await?;
-        if by_user.count >= self.throttle.max_per_user {
-            wait = by_user.resets_in;
-        }
-        if let Some(k) = &addr_key {
-            let by_addr = self.store.failures(k).await?;
-            if by_addr.count >= self.throttle.max_per_address {
-                wait = wait.max(by_addr.resets_in);
-            }
-        }
-        if wait > 0 {
-            return Err(ApiError::new(
-                Code::TooManyAttempts,
-                "too many failed logins; try again later",
-            )
-            .retry_after((wait as u64).div_ceil(1_000)));
-        }
-
-        let users = self.users.load_full();
-        let permit = self
-            .hashing
-            .acquire()
-            .await
-            .map_err(|_| ApiError::new(Code::StoreUnavailable, "service is shutting down"))?;
-        let (n, p) = (name.to_string(), password.to_string());
-        let user: Option<User> =
-            tokio::task::spawn_blocking(move || users.authenticate(&n, &p).cloned())
-                .await
-                .map_err(|_| ApiError::new(Code::StoreUnavailable, "password check failed"))?;
-        drop(permit);
-
-        let Some(user) = user else {
-            self.store
-                .add_failure(&user_key, self.throttle.window)
-                .await?;
-            if let Some(k) = &addr_key {
-                self.store.add_failure(k, self.throttle.window).await?;
-            }
-            tracing::info!(user = %name, "login refused: invalid credentials");
-            return Err(ApiError::new(
-                Code::InvalidCredentials,
-                "invalid username or password",
-            ));
-        };
-        if by_user.count > 0 {
-            self.store.clear_failures(&user_key).await?;
-        }
-        let policy = self.policy.load();
-        let (auth_time, iat, exp) = rules::login_times(&policy, clock());
-        let claims = Claims {
-            iss: self.keys.issuer().to_string(),
-            aud: self.keys.audience().to_string(),
-            sub: user.name.clone(),
-            sid: uuid::Uuid::new_v4().to_string(),
-            jti: uuid::Uuid::new_v4().to_string(),
-            iat,
-            exp,
-            auth_time,
-            pwv: Some(user.password_version.clone()),
-        };
-        tracing::info!(user = %user.name, sid = %claims.sid, "login");
-        self.store.note_issued(&claims.sid);
-        Ok(self.sign(claims, auth_time + policy.session as i64))
     }
 
     /// Signature, rules 1-4, the user, and revocation: what a token is worth now.
@@ -571,26 +474,6 @@ mod tests {
             code(s.verify(&t.token, false, T0 + 60_000).await),
             "EXPIRED_SESSION"
         );
-    }
-
-    #[tokio::test]
-    async fn failed_logins_are_throttled() {
-        let (s, _) = service(short());
-        let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        for _ in 0..5 {
-            assert_eq!(
-                code(s.login("alice", "bad", Some(ip), || T0).await),
-                "INVALID_CREDENTIALS"
-            );
-        }
-        let e = s.login("alice", "pw", Some(ip), || T0).await.unwrap_err();
-        assert_eq!(e.code, Code::TooManyAttempts);
-        assert!(e.retry_after.unwrap() > 0);
-        assert_eq!(
-            code(s.login("nobody", "x", None, || T0).await),
-            "INVALID_CREDENTIALS"
-        );
-        assert_eq!(code(s.login("", "x", None, || T0).await), "INVALID_REQUEST");
     }
 }
 

@@ -4,12 +4,17 @@
 
 use std::collections::HashMap;
 
-use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
+use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, PasswordHasher, Version};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::service::token::password_version;
 
 pub const MAX_NAME_LEN: usize = 256;
 pub const MAX_PASSWORD_LEN: usize = 1_024;
+/// bcrypt reads only the first 72 bytes of a password; a longer one would
+/// match on its prefix alone, so it is never accepted for a bcrypt user.
+pub const BCRYPT_MAX_PASSWORD_LEN: usize = 72;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Scheme {
@@ -29,12 +34,58 @@ pub struct User {
 impl User {
     fn check(&self, password: &str) -> bool {
         match self.scheme {
+            Scheme::Bcrypt if password.len() > BCRYPT_MAX_PASSWORD_LEN => {
+                // Refused, but only after the same work as any other
+                // check, so the answer's timing says nothing about the user.
+                let _ = bcrypt::verify(&password.as_bytes()[..BCRYPT_MAX_PASSWORD_LEN], &self.hash);
+                false
+            }
             Scheme::Bcrypt => bcrypt::verify(password, &self.hash).unwrap_or(false),
-            Scheme::Argon2id => Argon2::default()
-                .verify_password(password.as_bytes(), self.hash.as_str())
-                .is_ok(),
+            Scheme::Argon2id => argon2_verify(password.as_bytes(), &self.hash),
         }
     }
+}
+
+thread_local! {
+    /// This thread's argon2 working memory, kept between checks.
+    static ARGON2_MEMORY: std::cell::RefCell<Vec<Block>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Checks a password against an argon2id PHC string, in working memory that
+/// the calling thread keeps for its next check. Allocating the memory cost
+/// (19 MiB with the defaults) afresh for every check fragments glibc's
+/// heaps: 200 racing logins on two threads grew the process to ~330 MiB;
+/// kept per thread, memory stays at threads x the largest memory cost.
+fn argon2_verify(password: &[u8], phc: &str) -> bool {
+    let Ok(hash) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (&hash.salt, &hash.hash) else {
+        return false;
+    };
+    let Ok(params) = Params::try_from(&hash) else {
+        return false;
+    };
+    let Ok(algorithm) = Algorithm::try_from(hash.algorithm.as_str()) else {
+        return false;
+    };
+    let Ok(version) = hash
+        .version
+        .map_or(Ok(Version::default()), Version::try_from)
+    else {
+        return false;
+    };
+    let blocks = params.block_count();
+    let ctx = Argon2::new(algorithm, version, params);
+    let mut out = vec![0u8; expected.len()];
+    let hashed = ARGON2_MEMORY.with_borrow_mut(|memory| {
+        if memory.len() < blocks {
+            memory.resize(blocks, Block::default());
+        }
+        ctx.hash_password_into_with_memory(password, salt.as_ref(), &mut out, &mut memory[..blocks])
+    });
+    hashed.is_ok() && bool::from(out.as_slice().ct_eq(expected.as_bytes()))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,12 +96,34 @@ pub struct UsersError {
     pub reason: String,
 }
 
+/// How an unknown name is made to cost what a known one costs.
+///
+/// The users file may mix hash kinds and costs (bcrypt at several costs,
+/// argon2id at several parameter sets), and each known name always costs
+/// what its own hash costs. A single decoy would give unknown names one
+/// cost of their own, and any user of another kind would stand out. So an
+/// unknown name is checked against the hash of a real user, picked by a
+/// keyed hash of the name: the same user every time for the same name (a
+/// repeated probe sees a stable cost, as for a known name), and over all
+/// names each user equally often, so unknown names take each cost present
+/// in the file as often as known names do. The key is a digest of the
+/// file's hashes (random salts), so an outsider cannot tell which user a
+/// name maps to. Padding every login to a fixed duration was not chosen: it
+/// hides nothing once the machine is loaded and checks queue up, because
+/// the real work still differs. (When the users file changes, an unknown
+/// name may map to another user; known names change cost only with their
+/// own hash.)
+#[derive(Debug, Clone, Default)]
+struct Decoys {
+    key: [u8; 32],
+    /// All user names, sorted: the index a name's keyed hash picks.
+    names: Vec<String>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Users {
     by_name: HashMap<String, User>,
-    /// A real hash of the most common scheme: unknown names are checked
-    /// against it so that they cost what a wrong password costs.
-    decoy: Option<User>,
+    decoys: Decoys,
 }
 
 fn scheme_of(hash: &str) -> Result<Scheme, String> {
@@ -108,17 +181,36 @@ impl Users {
                 return Err(err(format!("user {name:?} appears twice")));
             }
         }
-        let bcrypt_count = by_name
-            .values()
-            .filter(|u| u.scheme == Scheme::Bcrypt)
-            .count();
-        let common = if bcrypt_count * 2 >= by_name.len() {
-            Scheme::Bcrypt
-        } else {
-            Scheme::Argon2id
+        let mut names: Vec<String> = by_name.keys().cloned().collect();
+        names.sort();
+        let mut digest = Sha256::new();
+        digest.update(b"tokenpolicy decoy key\n");
+        for n in &names {
+            digest.update(by_name[n].hash.as_bytes());
+            digest.update(b"\n");
+        }
+        let decoys = Decoys {
+            key: digest.finalize().into(),
+            names,
         };
-        let decoy = by_name.values().find(|u| u.scheme == common).cloned();
-        Ok(Users { by_name, decoy })
+        Ok(Users { by_name, decoys })
+    }
+
+    /// The known user whose hash an unknown `name` is checked against.
+    fn decoy_for(&self, name: &str) -> Option<&User> {
+        let n = self.decoys.names.len();
+        if n == 0 {
+            return None;
+        }
+        let mut h = Sha256::new();
+        h.update(self.decoys.key);
+        h.update(name.as_bytes());
+        let d = h.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&d[..8]);
+        // u64 % n: the bias for any realistic n is below 2^-40.
+        let i = (u64::from_le_bytes(first) % n as u64) as usize;
+        self.by_name.get(&self.decoys.names[i])
     }
 
     pub fn load(path: &std::path::Path) -> Result<Users, UsersError> {
@@ -149,7 +241,7 @@ impl Users {
             Some(user) if user.check(password) => Some(user),
             Some(_) => None,
             None => {
-                if let Some(decoy) = &self.decoy {
+                if let Some(decoy) = self.decoy_for(name) {
                     let _ = decoy.check(password);
                 }
                 None
@@ -213,6 +305,57 @@ mod tests {
                 .reason
                 .contains("twice")
         );
+    }
+
+    #[test]
+    fn bcrypt_never_accepts_a_password_past_72_bytes() {
+        let long = "p".repeat(72);
+        let users = Users::parse(&bcrypt_line("alice", &long), "f").unwrap();
+        assert!(users.authenticate("alice", &long).is_some());
+        // The same 72 bytes and more: bcrypt alone would accept it.
+        assert!(users.authenticate("alice", &format!("{long}x")).is_none());
+        assert!(
+            users
+                .authenticate("alice", &format!("{long}{long}"))
+                .is_none()
+        );
+        // argon2id reads every byte: long passwords are fine there.
+        let a = format!("bob:{}\n", hash_password(&format!("{long}x")).unwrap());
+        let users = Users::parse(&a, "f").unwrap();
+        assert!(users.authenticate("bob", &format!("{long}x")).is_some());
+        assert!(users.authenticate("bob", &long).is_none());
+    }
+
+    #[test]
+    fn unknown_names_map_to_every_known_user_stably() {
+        let text = format!(
+            "{}\n{}\n{}\n",
+            bcrypt_line("alice", "a"),
+            bcrypt_line("carol", "c"),
+            format_args!("bob:{}", hash_password("b").unwrap())
+        );
+        let users = Users::parse(&text, "f").unwrap();
+        let mut seen = std::collections::HashMap::new();
+        for i in 0..300 {
+            let name = format!("nobody-{i}");
+            let d = users.decoy_for(&name).unwrap().name.clone();
+            // The same name always maps to the same user.
+            assert_eq!(users.decoy_for(&name).unwrap().name, d);
+            *seen.entry(d).or_insert(0) += 1;
+        }
+        // Each of the three users is picked, roughly a third of the time each.
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(seen.values().all(|&c| (60..=140).contains(&c)), "{seen:?}");
+        // Another file (other salts) maps names differently.
+        let other = Users::parse(&text.replace("alice:", "zed:"), "f").unwrap();
+        let moved = (0..50)
+            .filter(|i| {
+                let n = format!("nobody-{i}");
+                users.decoy_for(&n).unwrap().name != other.decoy_for(&n).unwrap().name
+            })
+            .count();
+        assert!(moved > 0);
+        assert!(Users::default().decoy_for("x").is_none());
     }
 
     #[test]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import json
 import os
 import shutil
@@ -37,7 +38,8 @@ TEMPLATE = HERE.parent / "nginx" / "ingress-nginx.conf.template"
 HOST = "127.0.0.1"
 COOKIE = "tokenpolicy"
 #: The annotation values of the Ingresses the template models.
-AUTH_RESPONSE_HEADERS = ["X-Auth-Request-User", "X-Auth-Request-Session", "Remote-User"]
+AUTH_RESPONSE_HEADERS = ["X-Auth-Request-User", "X-Auth-Request-Session", "Remote-User",
+                         "X-Auth-Request-Email"]
 #: Paths of the Ingresses (after ingress-nginx's Prefix normalisation).
 APP_PATH = "/app/"   # auth-url + auth-response-headers + auth-signin
 API_PATH = "/api/"   # auth-url + auth-response-headers
@@ -171,7 +173,7 @@ def wait_http(url: str, proc: Proc, log: Path, timeout: float = READY_TIMEOUT) -
 
 class _EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    ECHOED = ["X-Auth-Request-User", "X-Auth-Request-Session", "Remote-User",
+    ECHOED = ["X-Auth-Request-User", "X-Auth-Request-Session", "Remote-User", "X-Auth-Request-Email",
               "Authorization", "Cookie", "Host", "X-Forwarded-Host", "X-Forwarded-For"]
 
     def _answer(self) -> None:
@@ -185,12 +187,23 @@ class _EchoHandler(BaseHTTPRequestHandler):
             # Every header name the app saw, to check no identity header is duplicated.
             "header_names": [k.lower() for k in self.headers.keys()],
         }).encode()
+        seen = json.loads(body)
+        ctype = "application/json"
+        if "text/html" in (self.headers.get("Accept") or ""):
+            # A browser: the same JSON in a page, with a sign-out button.
+            ctype = "text/html; charset=utf-8"
+            body = (
+                "<!doctype html><html><head><meta charset=\"utf-8\">"
+                "<meta name=\"viewport\" content=\"width=device-width\"><title>App</title></head><body>"
+                f"<h1>App</h1><pre id=\"echo\">{html.escape(body.decode())}</pre>"
+                "<form method=\"post\" action=\"/v1/logout\"><button type=\"submit\">Sign out</button></form>"
+                "</body></html>").encode()
         self.send_response(200)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-        self.server.requests_seen.append(json.loads(body))  # type: ignore[attr-defined]
+        self.server.requests_seen.append(seen)  # type: ignore[attr-defined]
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _answer
 
@@ -200,7 +213,8 @@ class _EchoHandler(BaseHTTPRequestHandler):
 
 class EchoUpstream:
     """The protected application: answers every request with the identity
-    headers it received, as JSON."""
+    headers it received, as JSON (inside a page with a sign-out button when
+    the client accepts text/html)."""
 
     def __init__(self):
         self.server = ThreadingHTTPServer((HOST, 0), _EchoHandler)

@@ -26,7 +26,7 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
         .map(|(_, rest)| rest.trim()))
 }
 
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+pub(super) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
     for v in headers.get_all(header::COOKIE) {
         let found = readable(v)?
             .split(';')

@@ -65,6 +65,7 @@ type Shared = State<Arc<App>>;
 
 mod extract;
 mod forward_auth;
+mod notice;
 mod signin;
 
 use extract::token_of;
@@ -117,7 +118,11 @@ pub(super) fn set_cookie(c: &Cookie, value: &str, max_age: i64) -> HeaderValue {
         c.name,
         value,
         c.path,
-        max_age.max(0),
+        if max_age > 0 {
+            max_age + notice::COOKIE_KEPT_AFTER_SESSION_SECS
+        } else {
+            0
+        },
         c.same_site.as_str()
     );
     if c.secure {
@@ -181,7 +186,14 @@ async fn logout(State(app): Shared, headers: HeaderMap) -> Response {
     };
     match app.service.logout(token, now_millis()).await {
         Ok(()) => {
-            let mut resp = StatusCode::NO_CONTENT.into_response();
+            // A sign-out button (a form post) goes on to the sign-in page,
+            // which says why; API clients get 204.
+            let mut resp = if extract::is_form(&headers) {
+                let location = format!("login?reason={}", notice::Notice::SignedOut.param());
+                (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response()
+            } else {
+                StatusCode::NO_CONTENT.into_response()
+            };
             resp.headers_mut()
                 .insert(header::SET_COOKIE, set_cookie(&policy.cookie, "", 0));
             resp

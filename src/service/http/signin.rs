@@ -11,7 +11,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
-use super::extract::{Credentials, client_ip, is_form};
+use super::extract::{Credentials, client_ip, cookie, is_form};
+use super::notice::Notice;
 use super::{HttpConfig, MAX_BODY, Shared, issued_response};
 use crate::clock::now_millis;
 use crate::service::error::{ApiError, Code};
@@ -81,7 +82,7 @@ pub(super) async fn login(
             resp
         }
         Err(e) if form => {
-            let page = signin_html(creds.rd.as_deref(), Some(&e.message));
+            let page = signin_html(creds.rd.as_deref(), Some(&e.message), None);
             (e.code.status(), Html(page)).into_response()
         }
         Err(e) => e.into_response(),
@@ -91,6 +92,8 @@ pub(super) async fn login(
 #[derive(Deserialize)]
 pub(super) struct SigninQuery {
     pub rd: Option<String>,
+    /// Why the browser is here: `signed-out` or `session-expired`.
+    pub reason: Option<String>,
 }
 
 /// `GET /v1/login`: the sign-in form, for ingress `auth-signin`.
@@ -108,7 +111,11 @@ pub(super) async fn signin_page(
         )
         .into_response();
     }
-    let mut resp = Html(signin_html(q.rd.as_deref(), None)).into_response();
+    let notice = match q.reason.as_deref().and_then(Notice::from_param) {
+        Some(n) => Some(n),
+        None => cookie_notice(&app, &headers).await,
+    };
+    let mut resp = Html(signin_html(q.rd.as_deref(), None, notice)).into_response();
     let h = resp.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
@@ -117,6 +124,20 @@ pub(super) async fn signin_page(
         HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"),
     );
     resp
+}
+
+/// What the browser's own cookie says about its session, if it still sends
+/// one (the cookie outlives the session by COOKIE_KEPT_AFTER_SESSION_SECS).
+async fn cookie_notice(app: &super::App, headers: &HeaderMap) -> Option<Notice> {
+    let policy = app.service.policy();
+    let token = cookie(headers, &policy.cookie.name).ok().flatten()?;
+    if token.is_empty() {
+        return None;
+    }
+    match app.service.verify(token, false, now_millis()).await {
+        Ok(_) => None,
+        Err(e) => Notice::from_refusal(e.code),
+    }
 }
 
 fn escape(s: &str) -> String {
@@ -132,19 +153,22 @@ fn escape(s: &str) -> String {
         .collect()
 }
 
-fn signin_html(rd: Option<&str>, error: Option<&str>) -> String {
+fn signin_html(rd: Option<&str>, error: Option<&str>, notice: Option<Notice>) -> String {
     let rd_field = rd
         .map(|r| format!(r#"<input type="hidden" name="rd" value="{}">"#, escape(r)))
         .unwrap_or_default();
     let err = error
-        .map(|e| format!(r#"<p class="err">{}</p>"#, escape(e)))
+        .map(|e| format!(r#"<p class="err" role="alert">{}</p>"#, escape(e)))
+        .unwrap_or_default();
+    let note = notice
+        .map(|n| format!(r#"<p class="note" role="status">{}</p>"#, n.text()))
         .unwrap_or_default();
     format!(
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>Sign in</title>
-<style>body{{font-family:sans-serif;max-width:22rem;margin:4rem auto}}label,input,button{{display:block;width:100%;margin:.4rem 0}}.err{{color:#b00}}</style>
-</head><body><h1>Sign in</h1>{err}
+<style>*{{box-sizing:border-box}}body{{font-family:sans-serif;max-width:22rem;margin:4rem auto;padding:0 1rem}}label,input,button{{display:block;width:100%;margin:.4rem 0}}input,button{{font-size:1rem;padding:.5rem}}.err{{color:#b00}}.note{{color:#333;background:#eef;padding:.5rem}}</style>
+</head><body><h1>Sign in</h1>{note}{err}
 <form method="post" action="login">{rd_field}
 <label>User name <input name="username" autocomplete="username" required autofocus></label>
 <label>Password <input name="password" type="password" autocomplete="current-password" required></label>
@@ -234,7 +258,7 @@ mod tests {
 
     #[test]
     fn signin_page_escapes_rd() {
-        let page = signin_html(Some("/\"><script>"), Some("<b>"));
+        let page = signin_html(Some("/\"><script>"), Some("<b>"), None);
         assert!(!page.contains("<script>"));
         assert!(page.contains("&quot;&gt;&lt;script&gt;"));
         assert!(page.contains("&lt;b&gt;"));

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Attempts, Claim, OneTimeStore, RefreshRecord, StoreError};
+use super::{Attempts, Claim, OneTimeStore, RefreshRecord, StoreError, Take};
 use crate::clock::Millis;
 
 #[derive(Default)]
@@ -128,6 +128,41 @@ impl OneTimeStore for MemoryStore {
         Ok(())
     }
 
+    async fn take_attempt(
+        &self,
+        key: &str,
+        limit: u64,
+        window: Millis,
+    ) -> Result<Take, StoreError> {
+        let now = Instant::now();
+        let mut m = self.lock();
+        m.sweep(now);
+        let entry = m
+            .failures
+            .entry(key.to_string())
+            .or_insert((0, after(now, window)));
+        if entry.1 <= now {
+            *entry = (0, after(now, window));
+        }
+        if entry.0 >= limit {
+            return Ok(Take::Refused {
+                retry_in: (entry.1.duration_since(now).as_millis() as Millis).max(1),
+            });
+        }
+        entry.0 += 1;
+        Ok(Take::Allowed)
+    }
+
+    async fn release_attempt(&self, key: &str) -> Result<(), StoreError> {
+        let now = Instant::now();
+        if let Some(entry) = self.lock().failures.get_mut(key)
+            && entry.1 > now
+        {
+            entry.0 = entry.0.saturating_sub(1);
+        }
+        Ok(())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
@@ -145,6 +180,8 @@ mod tests {
         contract::revocation_sticks(&s).await;
         contract::failures_count_and_clear(&s).await;
         contract::entries_expire(&s).await;
+        contract::take_window_expires(&s).await;
+        contract::takes_are_atomic(std::sync::Arc::new(MemoryStore::new())).await;
     }
 
     #[tokio::test]

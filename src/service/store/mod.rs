@@ -45,6 +45,16 @@ pub struct Attempts {
     pub resets_in: Millis,
 }
 
+/// The answer to [`OneTimeStore::take_attempt`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    /// The attempt is counted; the caller may check the password.
+    Allowed,
+    /// The counter is at its limit; nothing was counted. `retry_in` ms
+    /// until it resets.
+    Refused { retry_in: Millis },
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]
@@ -84,6 +94,19 @@ pub trait OneTimeStore: Send + Sync + 'static {
     async fn failures(&self, key: &str) -> Result<Attempts, StoreError>;
     async fn add_failure(&self, key: &str, window: Millis) -> Result<Attempts, StoreError>;
     async fn clear_failures(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Counts one login attempt on `key` in one atomic step, before the
+    /// password is checked: if fewer than `limit` are counted in the current
+    /// `window` (which starts with the first), counts it and answers
+    /// `Allowed`; else counts nothing and answers `Refused`. However many
+    /// callers race, on however many replicas, at most `limit` are allowed
+    /// per window.
+    async fn take_attempt(&self, key: &str, limit: u64, window: Millis)
+    -> Result<Take, StoreError>;
+
+    /// Gives back one attempt taken with `take_attempt` (a login that
+    /// succeeded, or one that was never checked). Never goes below zero.
+    async fn release_attempt(&self, key: &str) -> Result<(), StoreError>;
 
     /// Readiness: the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -161,6 +184,73 @@ pub(crate) mod contract {
         assert_eq!(store.failures("u:x").await.unwrap().count, 2);
         store.clear_failures("u:x").await.unwrap();
         assert_eq!(store.failures("u:x").await.unwrap().count, 0);
+    }
+
+    /// 64 racing takes against a limit of 5: exactly 5 allowed, the
+    /// refusals carry the time to the reset, and a release frees one slot.
+    pub async fn takes_are_atomic(store: std::sync::Arc<dyn OneTimeStore>) {
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                s.take_attempt("u:race", 5, 60_000).await.unwrap()
+            }));
+        }
+        let mut allowed = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Take::Allowed => allowed += 1,
+                Take::Refused { retry_in } => assert!(retry_in > 0 && retry_in <= 60_000),
+            }
+        }
+        assert_eq!(allowed, 5);
+        // Refusals were not counted: one release makes room for exactly one.
+        assert_eq!(store.failures("u:race").await.unwrap().count, 5);
+        store.release_attempt("u:race").await.unwrap();
+        assert_eq!(store.failures("u:race").await.unwrap().count, 4);
+        assert_eq!(
+            store.take_attempt("u:race", 5, 60_000).await.unwrap(),
+            Take::Allowed
+        );
+        assert!(matches!(
+            store.take_attempt("u:race", 5, 60_000).await.unwrap(),
+            Take::Refused { .. }
+        ));
+        // A release never goes below zero.
+        store.release_attempt("u:none").await.unwrap();
+        store.release_attempt("u:none").await.unwrap();
+        assert_eq!(store.failures("u:none").await.unwrap().count, 0);
+        assert_eq!(
+            store.take_attempt("u:none", 1, 60_000).await.unwrap(),
+            Take::Allowed
+        );
+        assert!(matches!(
+            store.take_attempt("u:none", 1, 60_000).await.unwrap(),
+            Take::Refused { .. }
+        ));
+        // A limit of zero allows nothing.
+        assert!(matches!(
+            store.take_attempt("u:zero", 0, 60_000).await.unwrap(),
+            Take::Refused { .. }
+        ));
+    }
+
+    /// The window starts at the first take and is not extended by later ones.
+    pub async fn take_window_expires(store: &dyn OneTimeStore) {
+        assert_eq!(
+            store.take_attempt("u:w", 1, 150).await.unwrap(),
+            Take::Allowed
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(80)).await;
+        assert!(matches!(
+            store.take_attempt("u:w", 1, 150).await.unwrap(),
+            Take::Refused { retry_in } if retry_in <= 150
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+        assert_eq!(
+            store.take_attempt("u:w", 1, 150).await.unwrap(),
+            Take::Allowed
+        );
     }
 
     pub async fn entries_expire(store: &dyn OneTimeStore) {

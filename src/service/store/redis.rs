@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sha2::{Digest, Sha256};
 
-use super::{Attempts, Claim, OneTimeStore, RefreshRecord, StoreError};
+use super::{Attempts, Claim, OneTimeStore, RefreshRecord, StoreError, Take};
 use crate::clock::Millis;
 
 mod health;
@@ -38,6 +38,36 @@ local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return {n, redis.call('PTTL', KEYS[1])}
 "#;
+
+/// A login attempt, taken before the password is checked: count it only
+/// while under the limit (ARGV[1]); the window (ARGV[2] ms) starts with the
+/// first. Returns {allowed (1/0), ms until the counter resets}.
+static TAKE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+local ttl = redis.call('PTTL', KEYS[1])
+if n >= tonumber(ARGV[1]) then
+  if ttl < 0 then ttl = tonumber(ARGV[2]) end
+  return {0, ttl}
+end
+n = redis.call('INCR', KEYS[1])
+if n == 1 or ttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return {1, redis.call('PTTL', KEYS[1])}
+"#,
+    )
+});
+
+/// Gives one taken attempt back, never below zero, keeping the window.
+static RELEASE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n > 0 then redis.call('DECR', KEYS[1]) end
+return 0
+"#,
+    )
+});
 
 #[derive(Clone, Copy)]
 struct Known {
@@ -411,6 +441,33 @@ impl OneTimeStore for RedisStore {
         self.run(redis::cmd("PING").query_async::<()>(&mut conn))
             .await
     }
+
+    async fn take_attempt(
+        &self,
+        key: &str,
+        limit: u64,
+        window: Millis,
+    ) -> Result<Take, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut inv = TAKE_SCRIPT.key(self.failure_key(key));
+        inv.arg(limit).arg(window.max(1));
+        let (allowed, pttl): (u8, i64) = self.run(inv.invoke_async(&mut conn)).await?;
+        Ok(if allowed == 1 {
+            Take::Allowed
+        } else {
+            Take::Refused {
+                retry_in: pttl.max(1),
+            }
+        })
+    }
+
+    async fn release_attempt(&self, key: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let inv = RELEASE_SCRIPT.key(self.failure_key(key));
+        self.run(inv.invoke_async::<i64>(&mut conn))
+            .await
+            .map(|_| ())
+    }
 }
 
 #[cfg(test)]
@@ -460,5 +517,9 @@ mod tests {
         crate::service::store::contract::revocation_sticks(&s).await;
         crate::service::store::contract::failures_count_and_clear(&s).await;
         crate::service::store::contract::entries_expire(&s).await;
+        crate::service::store::contract::take_window_expires(&s).await;
+        let other = format!("contract-{}", uuid::Uuid::new_v4());
+        let fresh = std::sync::Arc::new(RedisStore::new(&url, &other).unwrap());
+        crate::service::store::contract::takes_are_atomic(fresh).await;
     }
 }

@@ -1,0 +1,167 @@
+//! Password checks run on a small, fixed set of threads of their own, behind
+//! a bounded waiting line.
+//!
+//! Why not `spawn_blocking`: each argon2id check allocates its memory cost
+//! (19 MiB with the defaults). On Tokio's blocking pool (up to 512 threads)
+//! the checks of a login burst land on ever new threads, glibc gives them
+//! separate malloc arenas, and each arena keeps the freed 19 MiB for reuse:
+//! 40 concurrent logins left the process at ~450 MiB. A fixed set of
+//! `threads` threads keeps at most `threads` such blocks alive, so peak
+//! memory is about `threads` x the largest argon2 memory cost in the users
+//! file, during a burst and after it.
+//!
+//! The line in front of them is bounded too (`queue` waiting checks): a
+//! login that finds it full is refused at once (`Busy`), never parked in an
+//! unbounded pile.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolError {
+    /// Every thread is busy and the waiting line is full.
+    Busy,
+    /// The check could not run (the pool is shutting down, or it panicked).
+    Failed,
+}
+
+pub struct HashPool {
+    jobs: mpsc::Sender<Job>,
+    /// Permits for running + waiting checks: `threads + queue`.
+    admission: Arc<Semaphore>,
+    threads: usize,
+}
+
+impl HashPool {
+    /// `threads` checks at once (at least 1), and at most `queue` more waiting.
+    pub fn new(threads: usize, queue: usize) -> HashPool {
+        let threads = threads.max(1);
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("password-check-{i}"))
+                .spawn(move || {
+                    loop {
+                        // Held only while waiting for the next job.
+                        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        match next {
+                            Ok(job) => job(),
+                            // The pool was dropped.
+                            Err(_) => return,
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a password-check thread");
+            }
+        }
+        HashPool {
+            jobs,
+            admission: Arc::new(Semaphore::new(threads + queue)),
+            threads,
+        }
+    }
+
+    /// One thread per core the process may use, at most 4: checks are
+    /// CPU-bound, so more threads add memory, not throughput.
+    pub fn default_threads() -> usize {
+        std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4))
+    }
+
+    /// Eight waiting checks per thread: a few hundred ms of work at the
+    /// default costs.
+    pub fn default_queue(threads: usize) -> usize {
+        threads.max(1) * 8
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs `f` on a pool thread, or answers `Busy` at once when the
+    /// waiting line is full. The place in line is held until `f` has
+    /// finished, even if the caller stops waiting.
+    pub async fn run<T, F>(&self, f: F) -> Result<T, PoolError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let permit: OwnedSemaphorePermit = self
+            .admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| PoolError::Busy)?;
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _permit = permit;
+            // The caller has gone (client disconnected): skip the work.
+            if tx.is_closed() {
+                return;
+            }
+            if let Ok(v) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+                let _ = tx.send(v);
+            }
+        });
+        self.jobs.send(job).map_err(|_| PoolError::Failed)?;
+        rx.await.map_err(|_| PoolError::Failed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn runs_on_at_most_n_threads_and_refuses_past_the_queue() {
+        let pool = Arc::new(HashPool::new(2, 3));
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let (pool, running, peak) = (pool.clone(), running.clone(), peak.clone());
+            tasks.push(tokio::spawn(async move {
+                pool.run(move || {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(50));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    std::thread::current().name().map(str::to_string)
+                })
+                .await
+            }));
+        }
+        let mut done = 0;
+        let mut busy = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(name) => {
+                    assert!(name.unwrap().starts_with("password-check-"));
+                    done += 1;
+                }
+                Err(PoolError::Busy) => busy += 1,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        // 2 running + 3 waiting admitted; the other 15 refused at once.
+        assert_eq!((done, busy), (5, 15));
+        assert_eq!(peak.load(Ordering::SeqCst), 2);
+        // The line is free again afterwards.
+        assert_eq!(pool.run(|| 7).await, Ok(7));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_check_fails_without_killing_the_pool() {
+        let pool = HashPool::new(1, 0);
+        let r: Result<(), _> = pool.run(|| panic!("boom")).await;
+        assert_eq!(r, Err(PoolError::Failed));
+        assert_eq!(pool.run(|| 1).await, Ok(1));
+    }
+}

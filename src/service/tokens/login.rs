@@ -1,0 +1,364 @@
+//! Login: the failed-login throttle, the bounded password check, and the
+//! first token of a session.
+//!
+//! The throttle is taken *before* the password is checked, in one atomic
+//! store step per counter (user name, client address): however many guesses
+//! race, on however many replicas, at most the limit of them are ever
+//! checked in a window; the rest get `429 TOO_MANY_ATTEMPTS` without any
+//! hashing. A wrong password keeps its attempt counted; a right one gives
+//! its own attempt back (so that successful logins never use up the
+//! allowance) but does not erase the failures before it: a correct guess
+//! cannot buy a fresh allowance for guesses racing with it.
+
+use std::net::IpAddr;
+
+use super::{Issued, TokenService};
+use crate::service::error::{ApiError, Code};
+use crate::service::hashing::{HashPool, PoolError};
+use crate::service::metrics::Metrics;
+use crate::service::rules::{self, Millis};
+use crate::service::store::Take;
+use crate::service::token::Claims;
+use crate::service::users::{MAX_NAME_LEN, MAX_PASSWORD_LEN, User};
+
+fn too_many(retry_in: Millis) -> ApiError {
+    ApiError::new(
+        Code::TooManyAttempts,
+        "too many failed logins; try again later",
+    )
+    .retry_after((retry_in.max(1) as u64).div_ceil(1_000))
+}
+
+impl TokenService {
+    /// Sets how many password checks run at once (`threads`, each holding
+    /// one hash's memory) and how many may wait for one (`queue`).
+    pub fn with_login_capacity(mut self, threads: usize, queue: usize) -> Self {
+        self.hashing = HashPool::new(threads, queue);
+        self
+    }
+
+    /// `clock` is read after the password check, so a token's life starts
+    /// when it is issued, not before the (deliberately slow) hash check.
+    pub async fn login(
+        &self,
+        name: &str,
+        password: &str,
+        client: Option<IpAddr>,
+        clock: impl Fn() -> Millis,
+    ) -> Result<Issued, ApiError> {
+        let result = self.login_inner(name, password, client, clock).await;
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(e) => e.code.as_str(),
+        };
+        Metrics::count(&self.metrics.logins, outcome);
+        result
+    }
+
+    async fn login_inner(
+        &self,
+        name: &str,
+        password: &str,
+        client: Option<IpAddr>,
+        clock: impl Fn() -> Millis,
+    ) -> Result<Issued, ApiError> {
+        if name.is_empty() || name.len() > MAX_NAME_LEN || password.len() > MAX_PASSWORD_LEN {
+            return Err(ApiError::new(
+                Code::InvalidRequest,
+                "username must be 1-256 bytes and password at most 1024 bytes",
+            ));
+        }
+        // Refused for every name alike, before any lookup or hashing.
+        if password.is_empty() {
+            return Err(ApiError::new(
+                Code::InvalidRequest,
+                "password must not be empty",
+            ));
+        }
+        let user_key = format!("user:{name}");
+        let addr_key = client.map(|ip| format!("addr:{ip}"));
+        let taken = self.take_attempts(&user_key, addr_key.as_deref()).await?;
+
+        let users = self.users.load_full();
+        let (n, p) = (name.to_string(), password.to_string());
+        let checked = self
+            .hashing
+            .run(move || users.authenticate(&n, &p).cloned())
+            .await;
+        let user: Option<User> = match checked {
+            Ok(u) => u,
+            Err(e) => {
+                // Never checked: the attempts go back.
+                self.release_attempts(&taken).await;
+                return Err(match e {
+                    PoolError::Busy => ApiError::new(
+                        Code::ServiceBusy,
+                        "too many logins at once; try again shortly",
+                    )
+                    .retry_after(1),
+                    PoolError::Failed => ApiError::new(
+                        Code::ServiceBusy,
+                        "the password check did not run; try again",
+                    )
+                    .retry_after(1),
+                });
+            }
+        };
+        let Some(user) = user else {
+            tracing::info!(user = %name, "login refused: invalid credentials");
+            return Err(ApiError::new(
+                Code::InvalidCredentials,
+                "invalid username or password",
+            ));
+        };
+        self.release_attempts(&taken).await;
+        let policy = self.policy.load();
+        let (auth_time, iat, exp) = rules::login_times(&policy, clock());
+        let claims = Claims {
+            iss: self.keys.issuer().to_string(),
+            aud: self.keys.audience().to_string(),
+            sub: user.name.clone(),
+            sid: uuid::Uuid::new_v4().to_string(),
+            jti: uuid::Uuid::new_v4().to_string(),
+            iat,
+            exp,
+            auth_time,
+            pwv: Some(user.password_version.clone()),
+        };
+        tracing::info!(user = %user.name, sid = %claims.sid, "login");
+        self.store.note_issued(&claims.sid);
+        Ok(self.sign(claims, auth_time + policy.session as i64))
+    }
+
+    /// Takes one attempt on the user's counter, then on the address's;
+    /// answers the keys taken, or 429 with nothing left taken.
+    async fn take_attempts<'k>(
+        &self,
+        user_key: &'k str,
+        addr_key: Option<&'k str>,
+    ) -> Result<Vec<&'k str>, ApiError> {
+        let t = self.throttle;
+        if let Take::Refused { retry_in } = self
+            .store
+            .take_attempt(user_key, t.max_per_user, t.window)
+            .await?
+        {
+            return Err(too_many(retry_in));
+        }
+        let Some(addr_key) = addr_key else {
+            return Ok(vec![user_key]);
+        };
+        match self
+            .store
+            .take_attempt(addr_key, t.max_per_address, t.window)
+            .await
+        {
+            Ok(Take::Allowed) => Ok(vec![user_key, addr_key]),
+            Ok(Take::Refused { retry_in }) => {
+                self.release_attempts(&[user_key]).await;
+                Err(too_many(retry_in))
+            }
+            Err(e) => {
+                self.release_attempts(&[user_key]).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Best effort: an attempt that cannot be given back expires with its
+    /// window.
+    async fn release_attempts(&self, keys: &[&str]) {
+        for k in keys {
+            if let Err(e) = self.store.release_attempt(k).await {
+                tracing::warn!(error = %e, "could not give back a login attempt");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::policy::Policy;
+    use crate::service::store::MemoryStore;
+    use crate::service::token::{Key, KeySet};
+    use crate::service::tokens::Throttle;
+    use crate::service::users::Users;
+
+    const T0: Millis = 1_800_000_000_000;
+
+    fn service_with(users: &str) -> TokenService {
+        let users = Users::parse(users, "test").unwrap();
+        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
+        TokenService::new(
+            Policy::default(),
+            users,
+            keys,
+            Arc::new(MemoryStore::new()),
+            0,
+            Throttle::default(),
+        )
+    }
+
+    fn service() -> TokenService {
+        service_with(&format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap()))
+    }
+
+    fn code<T: std::fmt::Debug>(r: Result<T, ApiError>) -> &'static str {
+        r.unwrap_err().code.as_str()
+    }
+
+    #[tokio::test]
+    async fn failed_logins_are_throttled() {
+        let s = service();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..5 {
+            assert_eq!(
+                code(s.login("alice", "bad", Some(ip), || T0).await),
+                "INVALID_CREDENTIALS"
+            );
+        }
+        let e = s.login("alice", "pw", Some(ip), || T0).await.unwrap_err();
+        assert_eq!(e.code, Code::TooManyAttempts);
+        assert!(e.retry_after.unwrap() > 0);
+        assert_eq!(
+            code(s.login("nobody", "x", None, || T0).await),
+            "INVALID_CREDENTIALS"
+        );
+        assert_eq!(code(s.login("", "x", None, || T0).await), "INVALID_REQUEST");
+    }
+
+    #[tokio::test]
+    async fn racing_guesses_check_at_most_the_limit() {
+        let s = Arc::new(service());
+        let ip: IpAddr = "192.0.2.2".parse().unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..60 {
+            let s = s.clone();
+            let pw = if i == 30 {
+                "pw".to_string()
+            } else {
+                format!("bad-{i}")
+            };
+            tasks.push(tokio::spawn(async move {
+                s.login("alice", &pw, Some(ip), || T0).await
+            }));
+        }
+        let mut checked = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => checked += 1,
+                Err(e) if e.code == Code::InvalidCredentials => checked += 1,
+                Err(e) => assert_eq!(e.code, Code::TooManyAttempts, "{e}"),
+            }
+        }
+        assert!((1..=5).contains(&checked), "{checked} checked");
+    }
+
+    #[tokio::test]
+    async fn a_success_gives_back_its_attempt_but_keeps_earlier_failures() {
+        let s = service();
+        // Successes never use up the allowance.
+        for _ in 0..10 {
+            s.login("alice", "pw", None, || T0).await.unwrap();
+        }
+        assert_eq!(s.store.failures("user:alice").await.unwrap().count, 0);
+        for _ in 0..4 {
+            assert_eq!(
+                code(s.login("alice", "bad", None, || T0).await),
+                "INVALID_CREDENTIALS"
+            );
+        }
+        s.login("alice", "pw", None, || T0).await.unwrap();
+        assert_eq!(s.store.failures("user:alice").await.unwrap().count, 4);
+        assert_eq!(
+            code(s.login("alice", "bad", None, || T0).await),
+            "INVALID_CREDENTIALS"
+        );
+        assert_eq!(
+            code(s.login("alice", "pw", None, || T0).await),
+            "TOO_MANY_ATTEMPTS"
+        );
+    }
+
+    #[tokio::test]
+    async fn address_limit_refuses_and_gives_the_user_attempt_back() {
+        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
+        let users = format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap());
+        let s = TokenService::new(
+            Policy::default(),
+            Users::parse(&users, "t").unwrap(),
+            keys,
+            Arc::new(MemoryStore::new()),
+            0,
+            Throttle {
+                max_per_user: 5,
+                max_per_address: 2,
+                window: 60_000,
+            },
+        );
+        let ip: IpAddr = "192.0.2.3".parse().unwrap();
+        for u in ["x1", "x2"] {
+            assert_eq!(
+                code(s.login(u, "bad", Some(ip), || T0).await),
+                "INVALID_CREDENTIALS"
+            );
+        }
+        assert_eq!(
+            code(s.login("alice", "pw", Some(ip), || T0).await),
+            "TOO_MANY_ATTEMPTS"
+        );
+        // The user's counter was not charged for the refused attempt.
+        assert_eq!(s.store.failures("user:alice").await.unwrap().count, 0);
+        // Another address is not affected.
+        s.login("alice", "pw", Some("192.0.2.4".parse().unwrap()), || T0)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn empty_password_is_refused_alike_for_every_name() {
+        let s = service_with(&format!("blank:{}\n", bcrypt::hash("", 4).unwrap()));
+        let known = s.login("blank", "", None, || T0).await.unwrap_err();
+        let unknown = s.login("nobody", "", None, || T0).await.unwrap_err();
+        assert_eq!(known.code, Code::InvalidRequest);
+        assert_eq!(known, unknown);
+        // Not counted as an attempt either.
+        assert_eq!(s.store.failures("user:blank").await.unwrap().count, 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_waiting_line_answers_busy_at_once() {
+        // One thread, no waiting line, a slow hash: racing logins beyond
+        // the first are turned away with Retry-After, uncounted.
+        let users = format!("slow:{}\n", bcrypt::hash("pw", 11).unwrap());
+        let s = Arc::new(service_with(&users).with_login_capacity(1, 0));
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.login("slow", "bad", None, || T0).await
+            }));
+        }
+        let mut busy = 0;
+        let mut checked = 0;
+        for t in tasks {
+            let e = t.await.unwrap().unwrap_err();
+            match e.code {
+                Code::ServiceBusy => {
+                    assert_eq!(e.retry_after, Some(1));
+                    busy += 1;
+                }
+                Code::InvalidCredentials => checked += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(busy >= 1 && checked >= 1, "busy {busy}, checked {checked}");
+        assert_eq!(
+            s.store.failures("user:slow").await.unwrap().count,
+            checked as u64
+        );
+    }
+}
