@@ -92,4 +92,6 @@ kill $redis_pid 2>/dev/null || true
 
 step "integration tests (real redis-server, two replicas; nginx, Traefik, Caddy; chromium)"
 export TOKENPOLICY_BIN="$CARGO_TARGET_DIR/debug/tokenpolicy"
+# The store soak (about 60 s, test_store_soak.py); TOKENPOLICY_SOAK=0 skips it.
+export TOKENPOLICY_SOAK="${TOKENPOLICY_SOAK:-1}"
 python3 -m pytest -q -p no:cacheprovider tests/integration

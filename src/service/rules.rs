@@ -93,10 +93,18 @@ pub fn late_refresh(p: &Policy, claimed_at: Millis, now: Millis) -> LateRefresh 
     }
 }
 
-/// How long the one-time marker of a refreshed token must be kept: until the
-/// token can no longer be renewed under this policy, and at least the grace.
+/// How long the one-time marker of a refreshed token must be kept: until no
+/// policy within the bounds could make the token renewable again, and at
+/// least the grace. A token's validity never outlasts its own `exp` (rule 1)
+/// nor its session's longest bound, so its last renewable moment under any
+/// policy is `min(exp + longest renew limit, auth_time + longest session)`:
+/// restoring a longer policy later cannot reopen a refreshed token.
 pub fn refresh_marker_ttl(c: &Claims, p: &Policy, now: Millis) -> Millis {
-    let renewable_until = ms(token_end(c, p).saturating_add(p.renew_limit as i64));
+    use crate::policy::{RENEW_LIMIT_BOUNDS, SESSION_BOUNDS};
+    let renewable_until = ms(c
+        .exp
+        .saturating_add(RENEW_LIMIT_BOUNDS.1 as i64)
+        .min(c.auth_time.saturating_add(SESSION_BOUNDS.1 as i64)));
     let grace = ms(p.grace as i64);
     renewable_until.saturating_sub(now).max(grace) + 60_000
 }
@@ -318,6 +326,30 @@ mod tests {
         assert!(now + refresh_marker_ttl(&c, &p, now) > ms(T0 + 90));
         let no_renew = policy(3_600, 60, 0);
         assert!(refresh_marker_ttl(&c, &no_renew, ms(T0 + 1_000)) >= ms(10));
+    }
+
+    #[test]
+    fn rule5_marker_outlives_a_restored_longer_policy() {
+        use crate::policy::{RENEW_LIMIT_BOUNDS, SESSION_BOUNDS, TOKEN_BOUNDS};
+        // Issued for an hour, refreshed while tokenExpirationTime was cut to
+        // 1 s and the renew limit to 10 s.
+        let c = claims(T0, T0, T0 + 3_600);
+        let shortened = policy(86_400, 1, 10);
+        let now = ms(T0 + 2);
+        let gone = now + refresh_marker_ttl(&c, &shortened, now);
+        // Whatever policy within the bounds is restored, the token is past
+        // its renew window by the time its marker is dropped.
+        let widest = policy(SESSION_BOUNDS.1, TOKEN_BOUNDS.1, RENEW_LIMIT_BOUNDS.1);
+        for p in [policy(86_400, 3_600, 30), widest] {
+            assert!(
+                !matches!(
+                    standing(&c, &p, gone, 0),
+                    Standing::Renewable { .. } | Standing::Valid { .. }
+                ),
+                "marker dropped at {gone} while {:?}",
+                standing(&c, &p, gone, 0)
+            );
+        }
     }
 
     #[test]

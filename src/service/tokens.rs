@@ -191,10 +191,17 @@ impl TokenService {
         let ttl = rules::refresh_marker_ttl(old, policy, now);
         let (record, outcome) = match self
             .store
-            .claim_refresh(&old.sid, &old.jti, &mine, ttl)
+            .claim_refresh(&old.sid, &old.jti, old.iat, &mine, ttl)
             .await?
         {
             Claim::Won => (mine, "issued"),
+            Claim::Forgotten => {
+                tracing::warn!(user = %old.sub, sid = %old.sid, "refresh refused: the store lost its state since this token was issued");
+                return Err(ApiError::new(
+                    Code::RevokedSession,
+                    "the session store lost its state since this token was issued; log in again",
+                ));
+            }
             Claim::Lost(first) => match rules::late_refresh(policy, first.at, now) {
                 LateRefresh::SameToken => (first, "grace"),
                 LateRefresh::Reuse { revoke_session } => {
@@ -218,6 +225,7 @@ impl TokenService {
             exp: record.exp,
             ..old.clone()
         };
+        self.store.note_issued(&claims.sid);
         Ok((self.sign(claims, session_end), outcome))
     }
 

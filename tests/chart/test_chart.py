@@ -385,6 +385,9 @@ def test_redis_only_when_enabled(values_name):
     conf = secret["redis.conf"].splitlines()
     assert f"requirepass {password}" in conf
     assert "maxmemory-policy noeviction" in conf
+    # Durable enough that a Redis crash keeps revocations and spent refreshes.
+    assert "appendonly yes" in conf and "appendonly no" not in conf
+    assert "appendfsync everysec" in conf
     d = find(objects, "Deployment", REDIS)
     assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"] == {"type": "Recreate"}
     pod = d["spec"]["template"]["spec"]

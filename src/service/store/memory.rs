@@ -60,6 +60,7 @@ impl OneTimeStore for MemoryStore {
         &self,
         sid: &str,
         jti: &str,
+        _issued_at: i64,
         record: &RefreshRecord,
         ttl: Millis,
     ) -> Result<Claim, StoreError> {
@@ -196,7 +197,7 @@ mod tests {
                     exp: 1,
                     at: i,
                 };
-                s.claim_refresh("s", "j", &r, 60_000).await.unwrap()
+                s.claim_refresh("s", "j", 0, &r, 60_000).await.unwrap()
             }));
         }
         let mut won = 0;

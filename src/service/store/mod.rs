@@ -32,8 +32,11 @@ pub struct RefreshRecord {
 pub enum Claim {
     /// This caller's record is now the one.
     Won,
-    /// Somebody claimed first; their record.
+    /// Somebody claimed first; their record, `at` on this replica's clock.
     Lost(RefreshRecord),
+    /// The store lost its data since the token was issued, so whether it
+    /// was refreshed already cannot be known: it is not refreshed again.
+    Forgotten,
 }
 
 /// A failed-login counter.
@@ -67,15 +70,21 @@ pub trait OneTimeStore: Send + Sync + 'static {
     /// For the log: what this store is and how far it reaches.
     fn describe(&self) -> String;
 
-    /// Claims the one refresh of token `jti` atomically (rule 7): writes
-    /// `record` if nobody did, else returns what the first claimer wrote.
+    /// Claims the one refresh of token `jti` (issued at `issued_at`, in
+    /// seconds) atomically (rule 7): writes `record` if nobody did, else
+    /// returns what the first claimer wrote.
     async fn claim_refresh(
         &self,
         sid: &str,
         jti: &str,
+        issued_at: i64,
         record: &RefreshRecord,
         ttl: Millis,
     ) -> Result<Claim, StoreError>;
+
+    /// A token of session `sid` was just issued here: it is live, and this
+    /// replica may vouch for it while the store is away.
+    fn note_issued(&self, _sid: &str) {}
 
     /// Revokes a session on every replica (rule 6).
     async fn revoke_session(&self, sid: &str, ttl: Millis) -> Result<(), StoreError>;
@@ -119,27 +128,42 @@ pub(crate) mod contract {
         }
     }
 
+    /// A token issued just now (s): after any epoch the store started.
+    fn fresh() -> i64 {
+        crate::clock::now_millis() / 1_000 + 5
+    }
+
+    /// What the first claimer wrote, but `at`, which a store may re-time.
+    fn lost_to(c: Claim) -> (String, i64, i64) {
+        match c {
+            Claim::Lost(r) => (r.jti, r.iat, r.exp),
+            other => panic!("expected a lost claim, got {other:?}"),
+        }
+    }
+
     pub async fn claim_is_once(store: &dyn OneTimeStore) {
         let first = record("new-1", 1);
         assert_eq!(
             store
-                .claim_refresh("s1", "old", &first, 60_000)
+                .claim_refresh("s1", "old", fresh(), &first, 60_000)
                 .await
                 .unwrap(),
             Claim::Won
         );
         let second = record("new-2", 2);
         assert_eq!(
-            store
-                .claim_refresh("s1", "old", &second, 60_000)
-                .await
-                .unwrap(),
-            Claim::Lost(first.clone())
+            lost_to(
+                store
+                    .claim_refresh("s1", "old", fresh(), &second, 60_000)
+                    .await
+                    .unwrap()
+            ),
+            (first.jti.clone(), first.iat, first.exp)
         );
         // Another token of the same session is its own claim.
         assert_eq!(
             store
-                .claim_refresh("s1", "other", &second, 60_000)
+                .claim_refresh("s1", "other", fresh(), &second, 60_000)
                 .await
                 .unwrap(),
             Claim::Won
@@ -233,14 +257,14 @@ pub(crate) mod contract {
 
     pub async fn entries_expire(store: &dyn OneTimeStore) {
         store
-            .claim_refresh("s4", "old", &record("n", 1), 50)
+            .claim_refresh("s4", "old", fresh(), &record("n", 1), 50)
             .await
             .unwrap();
         store.add_failure("u:y", 50).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(120)).await;
         assert_eq!(
             store
-                .claim_refresh("s4", "old", &record("m", 2), 50)
+                .claim_refresh("s4", "old", fresh(), &record("m", 2), 50)
                 .await
                 .unwrap(),
             Claim::Won

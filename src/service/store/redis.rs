@@ -25,18 +25,14 @@ use super::redis_url::RedisTarget;
 use super::{Attempts, Claim, OneTimeStore, RefreshRecord, StoreError, Take};
 use crate::clock::Millis;
 
+mod health;
+use health::Guard;
+
 /// Longest wait for one Redis command before answering STORE_UNAVAILABLE.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// A session known to be live is re-checked after this long idle, which also
 /// bounds the cache to the sessions seen recently.
 const LIVE_ENTRY_TTL: Duration = Duration::from_secs(600);
-
-const CLAIM_SCRIPT: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if v then return v end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return false
-"#;
 
 const FAILURE_SCRIPT: &str = r#"
 local n = redis.call('INCR', KEYS[1])
@@ -123,6 +119,21 @@ impl Cache {
         }
     }
 
+    /// Revocations held now, with the time each has left (ms).
+    fn revoked_now(&self) -> Vec<(String, Millis)> {
+        let now = Instant::now();
+        self.lock()
+            .iter()
+            .filter(|(_, k)| k.revoked && k.until > now)
+            .map(|(sid, k)| {
+                (
+                    sid.clone(),
+                    k.until.duration_since(now).as_millis() as Millis,
+                )
+            })
+            .collect()
+    }
+
     fn sweep(&self) {
         let now = Instant::now();
         self.lock().retain(|_, k| k.until > now);
@@ -135,6 +146,7 @@ pub struct RedisStore {
     channel: String,
     target: String,
     cache: Arc<Cache>,
+    guard: Arc<Guard>,
     claim: redis::Script,
     failure: redis::Script,
 }
@@ -158,10 +170,21 @@ impl RedisStore {
             subscribed: AtomicBool::new(false),
         });
         let channel = format!("{prefix}:revocations");
+        let guard = Arc::new(Guard::new());
         tokio::spawn(follow_revocations(
             conn.clone(),
             channel.clone(),
             Arc::downgrade(&cache),
+            Arc::downgrade(&guard),
+        ));
+        let owned_prefix = prefix.to_string();
+        tokio::spawn(health::watch(
+            conn.clone(),
+            format!("{prefix}:epoch"),
+            move |sid| format!("{owned_prefix}:{{{sid}}}:revoked"),
+            channel.clone(),
+            Arc::downgrade(&cache),
+            Arc::downgrade(&guard),
         ));
         Ok(RedisStore {
             conn,
@@ -169,7 +192,8 @@ impl RedisStore {
             channel,
             target: target.describe(),
             cache,
-            claim: redis::Script::new(CLAIM_SCRIPT),
+            guard,
+            claim: redis::Script::new(health::CLAIM_SCRIPT),
             failure: redis::Script::new(FAILURE_SCRIPT),
         })
     }
@@ -201,8 +225,14 @@ impl RedisStore {
 
 /// Keeps the revocation cache current: subscribes, and after every
 /// (re)subscription starts a new epoch so that answers cached while the
-/// channel was silent are checked again.
-async fn follow_revocations(conn: RedisConn, channel: String, cache: std::sync::Weak<Cache>) {
+/// channel was silent are checked again. A subscription that hears no
+/// heartbeat for [`health::STALE_AFTER`] is dropped and made again.
+async fn follow_revocations(
+    conn: RedisConn,
+    channel: String,
+    cache: std::sync::Weak<Cache>,
+    guard: std::sync::Weak<Guard>,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut sweep_at = Instant::now() + LIVE_ENTRY_TTL;
     loop {
@@ -216,12 +246,19 @@ async fn follow_revocations(conn: RedisConn, channel: String, cache: std::sync::
             Ok(Ok(pubsub)) => {
                 c.epoch.fetch_add(1, Ordering::SeqCst);
                 c.subscribed.store(true, Ordering::SeqCst);
+                if let Some(g) = guard.upgrade() {
+                    g.heard_now();
+                }
                 tracing::info!("following session revocations");
                 backoff = Duration::from_millis(100);
                 drop(c);
                 let mut messages = pubsub.into_on_message();
-                while let Some(msg) = messages.next().await {
+                let silence = Duration::from_millis(health::STALE_AFTER as u64);
+                while let Ok(Some(msg)) = tokio::time::timeout(silence, messages.next()).await {
                     let Some(c) = cache.upgrade() else { return };
+                    if let Some(g) = guard.upgrade() {
+                        g.heard_now();
+                    }
                     let payload: String = msg.get_payload().unwrap_or_default();
                     if let Some((ttl, sid)) = payload.split_once(' ')
                         && let Ok(ttl) = ttl.parse::<Millis>()
@@ -264,22 +301,26 @@ impl OneTimeStore for RedisStore {
         &self,
         sid: &str,
         jti: &str,
+        issued_at: i64,
         record: &RefreshRecord,
         ttl: Millis,
     ) -> Result<Claim, StoreError> {
-        let value =
-            serde_json::to_string(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut conn = self.conn.clone();
-        let key = self.session_key(sid, &format!("refresh:{jti}"));
-        let mut inv = self.claim.key(key);
-        inv.arg(value).arg(ttl.max(1));
-        let existing: Option<String> = self.run(inv.invoke_async(&mut conn)).await?;
-        match existing {
-            None => Ok(Claim::Won),
-            Some(v) => serde_json::from_str(&v)
-                .map(Claim::Lost)
-                .map_err(|e| StoreError::Corrupt(e.to_string())),
-        }
+        health::claim(
+            &self.conn,
+            &self.claim,
+            &format!("{}:epoch", self.prefix),
+            &self.session_key(sid, &format!("refresh:{jti}")),
+            &self.guard,
+            issued_at,
+            record,
+            ttl,
+        )
+        .await
+    }
+
+    fn note_issued(&self, sid: &str) {
+        self.cache
+            .mark_live(sid, self.cache.epoch.load(Ordering::SeqCst));
     }
 
     async fn revoke_session(&self, sid: &str, ttl: Millis) -> Result<(), StoreError> {
@@ -308,22 +349,37 @@ impl OneTimeStore for RedisStore {
             if fresh && k.revoked {
                 return Ok(true);
             }
-            if fresh && k.epoch == epoch && self.cache.subscribed.load(Ordering::SeqCst) {
+            // Redis is away (the watch task's last check failed), so nobody
+            // can revoke anything meanwhile: answer without waiting for it.
+            if fresh && self.guard.away.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            if fresh
+                && k.epoch == epoch
+                && self.cache.subscribed.load(Ordering::SeqCst)
+                && self.guard.subscription_fresh()
+            {
                 return Ok(false);
             }
         }
         let mut conn = self.conn.clone();
         let key = self.session_key(sid, "revoked");
-        let answer: Result<bool, StoreError> = self
-            .run(redis::cmd("EXISTS").arg(key).query_async(&mut conn))
+        // PTTL: -2 when there is no revocation; its time left otherwise, so
+        // that the revocation can be written back after a data loss.
+        let answer: Result<Millis, StoreError> = self
+            .run(redis::cmd("PTTL").arg(key).query_async(&mut conn))
             .await;
         match answer {
-            Ok(true) => {
-                self.cache
-                    .mark_revoked(sid, LIVE_ENTRY_TTL.as_millis() as Millis);
+            Ok(left) if left != -2 => {
+                let left = if left > 0 {
+                    left
+                } else {
+                    LIVE_ENTRY_TTL.as_millis() as Millis
+                };
+                self.cache.mark_revoked(sid, left);
                 Ok(true)
             }
-            Ok(false) => {
+            Ok(_) => {
                 self.cache.mark_live(sid, epoch);
                 Ok(false)
             }

@@ -92,6 +92,11 @@ fn node_info(node: &Node, tls: bool, auth: &Auth, db: i64) -> RedisResult<Connec
 }
 
 impl RedisConn {
+    /// A Redis Cluster: a script's keys must all live on one shard.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisConn::Cluster(_))
+    }
+
     /// Builds the connection without dialling anything yet.
     pub fn new(target: &RedisTarget) -> RedisResult<RedisConn> {
         match target {

@@ -126,6 +126,7 @@ impl TokenService {
             pwv: Some(user.password_version.clone()),
         };
         tracing::info!(user = %user.name, sid = %claims.sid, "login");
+        self.store.note_issued(&claims.sid);
         Ok(self.sign(claims, auth_time + policy.session as i64))
     }
 
