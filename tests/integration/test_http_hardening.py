@@ -30,10 +30,11 @@ from conftest import HTTP_TIMEOUT, SHORT_POLICY, Server, policy_yaml
 _N = [0]
 
 
-def start(env, name: str, variables: dict, extra_args=(), redis_url=None, wait=True) -> Server:
+def start(env, name: str, variables: dict, extra_args=(), redis_url=None, wait=True,
+          policy: dict | None = None) -> Server:
     _N[0] += 1
     pfile = env.workdir / f"policy-hardening-{name}-{_N[0]}.yaml"
-    pfile.write_text(policy_yaml(**SHORT_POLICY))
+    pfile.write_text(policy_yaml(**(policy or SHORT_POLICY)))
     srv = Server(f"{name}-{_N[0]}", env.workdir, pfile, env.users_file, [env.key_file],
                  redis_url, list(extra_args))
     srv.env.update(variables)
@@ -162,7 +163,9 @@ def test_sigterm_with_a_half_sent_request_exits_within_the_bound(env, servers):
 
 
 def test_sigterm_under_load_turns_unready_then_finishes_in_flight_requests(env, servers):
-    srv = start(env, "term-load", {"TOKENPOLICY_SHUTDOWN_DELAY": "2s", "TOKENPOLICY_SHUTDOWN_TIMEOUT": "5s"})
+    # Tokens outlive the test: every verify of the load must be a 200.
+    srv = start(env, "term-load", {"TOKENPOLICY_SHUTDOWN_DELAY": "2s", "TOKENPOLICY_SHUTDOWN_TIMEOUT": "5s"},
+                policy=dict(session=300, token=120, renew=60, grace=1))
     servers.append(srv)
     body = b'{"username":"alice","password":"alice-password"}'
     # An in-flight request: headers sent, body arriving slowly.
