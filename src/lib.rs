@@ -14,6 +14,7 @@ pub mod crd;
 pub mod duration;
 #[cfg(test)]
 pub(crate) mod fixtures;
+pub mod logging;
 pub mod operator;
 pub mod policy;
 pub mod service;

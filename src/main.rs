@@ -37,7 +37,7 @@ fn init_logging(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(tokenpolicy::logging::stderr);
     if format == "json" {
         builder.json().init();
     } else {

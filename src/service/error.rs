@@ -20,6 +20,10 @@ pub enum Code {
     InvalidRedirect,
     /// Every password check is busy and the waiting line is full.
     ServiceBusy,
+    CrossSiteRequest,
+    UnsupportedMediaType,
+    RequestTimeout,
+    ShuttingDown,
 }
 
 impl Code {
@@ -38,13 +42,22 @@ impl Code {
             Code::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             Code::InvalidRedirect => "INVALID_REDIRECT",
             Code::ServiceBusy => "SERVICE_BUSY",
+            Code::CrossSiteRequest => "CSRF_REJECTED",
+            Code::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
+            Code::RequestTimeout => "REQUEST_TIMEOUT",
+            Code::ShuttingDown => "SHUTTING_DOWN",
         }
     }
 
     pub fn status(self) -> StatusCode {
         match self {
             Code::TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
-            Code::StoreUnavailable | Code::ServiceBusy => StatusCode::SERVICE_UNAVAILABLE,
+            Code::StoreUnavailable | Code::ServiceBusy | Code::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Code::CrossSiteRequest => StatusCode::FORBIDDEN,
+            Code::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Code::InvalidRequest | Code::InvalidRedirect => StatusCode::BAD_REQUEST,
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::UNAUTHORIZED,

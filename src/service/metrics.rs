@@ -23,6 +23,9 @@ pub struct Metrics {
     pub verify: Family<Outcome, Counter>,
     pub revocations: Counter,
     pub latency: Family<Route, Histogram>,
+    /// Requests whose last X-Forwarded-For hop was not an address (the peer
+    /// address was used instead).
+    pub forwarded_for_invalid: Counter,
 }
 
 impl Default for Metrics {
@@ -56,8 +59,15 @@ impl Default for Metrics {
             "HTTP request latency by route",
             latency.clone(),
         );
+        let forwarded_for_invalid = Counter::default();
+        registry.register(
+            "forwarded_for_invalid",
+            "Requests whose last X-Forwarded-For hop was not an address; the peer address was used",
+            forwarded_for_invalid.clone(),
+        );
         Metrics {
             registry,
+            forwarded_for_invalid,
             logins,
             refreshes,
             verify,

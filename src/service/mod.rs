@@ -7,12 +7,14 @@
 //!   that check passwords;
 //! - [`tokens`]: login, refresh, logout and verify, tying the above together;
 //! - [`http`]: the HTTP API and forward-auth;
+//! - [`listen`]: connections: timeouts, the connection cap, graceful shutdown;
 //! - [`serve`]: the command that wires it up; [`policy_watch`] follows a
 //!   TokenPolicy in the cluster.
 
 pub mod error;
 pub mod hashing;
 pub mod http;
+pub mod listen;
 pub mod metrics;
 pub mod policy_watch;
 pub mod rules;

@@ -11,6 +11,7 @@ use axum::http::HeaderName;
 use crate::duration::parse_seconds;
 use crate::policy::Policy;
 use crate::service::http::{App, HttpConfig, router};
+use crate::service::listen::{self, Draining, Limits};
 use crate::service::store::{MemoryStore, OneTimeStore, RedisStore};
 use crate::service::token::{Key, KeySet};
 use crate::service::tokens::{Throttle, TokenService};
@@ -69,6 +70,29 @@ pub struct ServeArgs {
     /// Client address from the last X-Forwarded-For hop (behind a proxy).
     #[arg(long, env = "TOKENPOLICY_TRUST_FORWARDED_FOR")]
     pub trust_forwarded_for: bool,
+    /// Take the client's host, scheme and path from X-Forwarded-Host,
+    /// -Proto and -Uri (for `rd` checks, the CSRF check and redirect mode).
+    /// Only behind a proxy that sets them itself, never passing the
+    /// client's own: otherwise a client can make `rd` point anywhere.
+    #[arg(long, env = "TOKENPOLICY_TRUST_FORWARDED_HEADERS")]
+    pub trust_forwarded_headers: bool,
+    /// Time a connection may take to send a request's headers; also how
+    /// long an idle kept-alive connection stays open.
+    #[arg(long, env = "TOKENPOLICY_HEADER_TIMEOUT", default_value = "10s")]
+    pub header_timeout: String,
+    /// Time a request may take, its body included, before a 408.
+    #[arg(long, env = "TOKENPOLICY_REQUEST_TIMEOUT", default_value = "30s")]
+    pub request_timeout: String,
+    /// Open client connections at most (lowered to fit the open-files limit).
+    #[arg(long, env = "TOKENPOLICY_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// After SIGTERM: time to keep serving with /readyz unready, so that
+    /// load balancers stop sending new requests.
+    #[arg(long, env = "TOKENPOLICY_SHUTDOWN_DELAY", default_value = "1s")]
+    pub shutdown_delay: String,
+    /// Then: time in-flight requests get to finish before the process exits.
+    #[arg(long, env = "TOKENPOLICY_SHUTDOWN_TIMEOUT", default_value = "10s")]
+    pub shutdown_timeout: String,
     /// Do not renew expired tokens on /v1/verify (for proxies that drop the
     /// Set-Cookie of a successful check; clients then call /v1/refresh).
     #[arg(long, env = "TOKENPOLICY_NO_RENEW_ON_VERIFY")]
@@ -106,6 +130,20 @@ pub struct ServeArgs {
     /// past it, 503 SERVICE_BUSY with Retry-After.
     #[arg(long, env = "TOKENPOLICY_LOGIN_QUEUE")]
     pub login_queue: Option<usize>,
+}
+
+/// A duration flag in whole seconds (`10s`, `1m`).
+fn seconds(value: &str, flag: &str) -> anyhow::Result<Duration> {
+    Ok(Duration::from_secs(
+        parse_seconds(value).with_context(|| flag.to_string())?,
+    ))
+}
+
+/// A timeout flag: at least one second.
+fn timeout(value: &str, flag: &str) -> anyhow::Result<Duration> {
+    let d = seconds(value, flag)?;
+    anyhow::ensure!(!d.is_zero(), "{flag} must be at least 1s");
+    Ok(d)
 }
 
 fn modified(path: &Path) -> Option<(SystemTime, u64)> {
@@ -285,21 +323,34 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         config: HttpConfig {
             token_header,
             trust_forwarded_for: args.trust_forwarded_for,
+            trust_forwarded_headers: args.trust_forwarded_headers,
+            request_timeout: timeout(&args.request_timeout, "--request-timeout")?,
             renew_on_verify: !args.no_renew_on_verify,
             signin_url: args.signin_url.clone(),
             redirect_domains: args.redirect_domains.clone(),
         },
     });
+    let fd_limit = listen::raise_fd_limit();
+    let limits = Limits {
+        header_timeout: timeout(&args.header_timeout, "--header-timeout")?,
+        max_connections: listen::connection_cap(args.max_connections, fd_limit),
+        shutdown_delay: seconds(&args.shutdown_delay, "--shutdown-delay")?,
+        shutdown_timeout: seconds(&args.shutdown_timeout, "--shutdown-timeout")?,
+    };
+    if limits.max_connections < args.max_connections {
+        tracing::warn!(
+            max_connections = limits.max_connections,
+            open_files_limit = fd_limit,
+            "--max-connections lowered to fit the open-files limit"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(address = %args.listen, "listening");
-    axum::serve(
-        listener,
-        router(app).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown())
-    .await?;
+    tracing::info!(address = %args.listen, max_connections = limits.max_connections, "listening");
+    let draining = Draining::default();
+    let router = router(app).layer(axum::Extension(draining.clone()));
+    listen::serve(listener, router, limits, draining, shutdown()).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -159,6 +159,9 @@ def _start_generic(name: str, workdir: Path, username: str, password: str,
         "--users", str(users),
         "--listen", f"{HOST}:{service_port}",
         "--trust-forwarded-for",
+        # Traefik and Caddy set X-Forwarded-Host/-Proto/-Uri themselves
+        # (replacing the client's): the original URL for `rd` comes from them.
+        "--trust-forwarded-headers",
         # The proxy hands a failed check's answer to the client as it is: a
         # browser gets the service's own 302 to the sign-in page.
         "--signin-url", signin_url,

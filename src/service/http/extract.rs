@@ -26,17 +26,36 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
         .map(|(_, rest)| rest.trim()))
 }
 
+/// Our cookie's value. The header is read as bytes: other cookies (set by
+/// other applications on the domain) may hold anything and are skipped;
+/// only our value must be visible ASCII.
 pub(super) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
     for v in headers.get_all(header::COOKIE) {
-        let found = readable(v)?
-            .split(';')
-            .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(k, _)| *k == name);
-        if let Some((_, v)) = found {
-            return Ok(Some(v.trim_matches('"')));
+        for pair in v.as_bytes().split(|b| *b == b';') {
+            let pair = pair.trim_ascii();
+            let Some(eq) = pair.iter().position(|b| *b == b'=') else {
+                continue;
+            };
+            if pair[..eq].trim_ascii() != name.as_bytes() {
+                continue;
+            }
+            let value = std::str::from_utf8(pair[eq + 1..].trim_ascii())
+                .ok()
+                .filter(|s| s.bytes().all(|b| b.is_ascii_graphic()))
+                .ok_or_else(|| ApiError::new(Code::InvalidToken, "token is not ASCII"))?;
+            return Ok(Some(value.trim_matches('"')));
         }
     }
     Ok(None)
+}
+
+/// Where the token came from: a cross-site page can make a browser send
+/// the cookie, never a header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Source {
+    Header,
+    Cookie,
+    None,
 }
 
 /// The token, from `Authorization: Bearer`, the configured header, or the
@@ -46,8 +65,16 @@ pub(super) fn token_of<'a>(
     headers: &'a HeaderMap,
     cookie_name: &str,
 ) -> Result<&'a str, ApiError> {
+    token_and_source(app, headers, cookie_name).map(|(t, _)| t)
+}
+
+pub(super) fn token_and_source<'a>(
+    app: &App,
+    headers: &'a HeaderMap,
+    cookie_name: &str,
+) -> Result<(&'a str, Source), ApiError> {
     if let Some(t) = bearer(headers)? {
-        return Ok(t);
+        return Ok((t, Source::Header));
     }
     if let Some(v) = app
         .config
@@ -55,26 +82,36 @@ pub(super) fn token_of<'a>(
         .as_ref()
         .and_then(|h| headers.get(h))
     {
-        return readable(v);
+        return Ok((readable(v)?, Source::Header));
     }
-    Ok(cookie(headers, cookie_name)?.unwrap_or(""))
+    Ok(match cookie(headers, cookie_name)? {
+        Some(t) => (t, Source::Cookie),
+        None => ("", Source::None),
+    })
 }
 
+/// The client's address: the peer's, or (with `--trust-forwarded-for`) the
+/// last `X-Forwarded-For` hop, the one our proxy appended. Earlier hops are
+/// the client's own word and are never used: when the last hop is not an
+/// address, the peer's address is used and the event counted.
 pub(super) fn client_ip(
     app: &App,
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
 ) -> Option<IpAddr> {
     if app.config.trust_forwarded_for {
-        let hop = headers
+        let last = headers
             .get_all("x-forwarded-for")
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|s| s.trim().parse::<IpAddr>().ok())
-            .next_back();
-        if hop.is_some() {
-            return hop;
+            .next_back()
+            .map(|v| v.as_bytes().rsplit(|b| *b == b',').next().unwrap_or(b""));
+        if let Some(hop) = last {
+            match std::str::from_utf8(hop.trim_ascii()).map(str::parse::<IpAddr>) {
+                Ok(Ok(ip)) => return Some(ip),
+                _ => {
+                    app.service.metrics.forwarded_for_invalid.inc();
+                }
+            }
         }
     }
     peer.map(|p| p.ip())
@@ -88,11 +125,23 @@ pub(super) struct Credentials {
     pub rd: Option<String>,
 }
 
-pub(super) fn is_form(headers: &HeaderMap) -> bool {
+/// The media type of the body, lower case, without parameters.
+fn media_type(headers: &HeaderMap) -> String {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"))
+        .and_then(|v| v.split(';').next())
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+pub(super) fn is_form(headers: &HeaderMap) -> bool {
+    media_type(headers) == "application/x-www-form-urlencoded"
+}
+
+pub(super) fn is_json(headers: &HeaderMap) -> bool {
+    media_type(headers) == "application/json"
 }
 
 #[cfg(test)]

@@ -37,15 +37,17 @@ fn is_browser(headers: &HeaderMap) -> bool {
 
 /// The URL the client asked for, from whichever proxy convention is present:
 /// ingress-nginx `X-Original-URL`, Traefik `X-Forwarded-Proto/Host/Uri`, or
-/// the path after `/v1/verify` (Envoy ext_authz with a path prefix).
-fn original_url(headers: &HeaderMap, path: &str) -> Option<String> {
+/// the path after `/v1/verify` (Envoy ext_authz with a path prefix). The
+/// forwarded headers count only when the operator trusts them.
+fn original_url(trust_forwarded: bool, headers: &HeaderMap, path: &str) -> Option<String> {
     let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    if let Some(u) = get("x-original-url") {
+    let forwarded = |n: &str| if trust_forwarded { get(n) } else { None };
+    if let Some(u) = forwarded("x-original-url") {
         return Some(u.to_string());
     }
-    let host = get("x-forwarded-host").or_else(|| get("host"))?;
-    let proto = get("x-forwarded-proto").unwrap_or("http");
-    let uri = get("x-forwarded-uri")
+    let host = forwarded("x-forwarded-host").or_else(|| get("host"))?;
+    let proto = forwarded("x-forwarded-proto").unwrap_or("http");
+    let uri = forwarded("x-forwarded-uri")
         .map(str::to_string)
         .or_else(|| {
             path.strip_prefix("/v1/verify")
@@ -109,7 +111,12 @@ pub(super) async fn verify(State(app): Shared, req: Request) -> Response {
                 is_browser(headers),
                 behind_nginx,
             ) {
-                let rd = original_url(headers, req.uri().path()).unwrap_or_else(|| "/".into());
+                let rd = original_url(
+                    app.config.trust_forwarded_headers,
+                    headers,
+                    req.uri().path(),
+                )
+                .unwrap_or_else(|| "/".into());
                 let sep = if signin.contains('?') { '&' } else { '?' };
                 let location = format!("{signin}{sep}rd={}", url_encode(&rd));
                 if let Ok(v) = HeaderValue::from_str(&location) {
@@ -150,7 +157,7 @@ mod tests {
     fn original_url_from_each_proxy() {
         let nginx = headers(&[("x-original-url", "https://app.example.com/a?b=1")]);
         assert_eq!(
-            original_url(&nginx, "/v1/verify").unwrap(),
+            original_url(true, &nginx, "/v1/verify").unwrap(),
             "https://app.example.com/a?b=1"
         );
         let traefik = headers(&[
@@ -159,12 +166,19 @@ mod tests {
             ("x-forwarded-uri", "/x"),
         ]);
         assert_eq!(
-            original_url(&traefik, "/v1/verify").unwrap(),
+            original_url(true, &traefik, "/v1/verify").unwrap(),
             "https://app.example.com/x"
+        );
+        // Untrusted, the client's own X-Forwarded-* are ignored.
+        let mut spoofed = traefik.clone();
+        spoofed.insert("host", HeaderValue::from_static("auth.internal"));
+        assert_eq!(
+            original_url(false, &spoofed, "/v1/verify").unwrap(),
+            "http://auth.internal/"
         );
         let envoy = headers(&[("host", "app.example.com")]);
         assert_eq!(
-            original_url(&envoy, "/v1/verify/api/items").unwrap(),
+            original_url(false, &envoy, "/v1/verify/api/items").unwrap(),
             "http://app.example.com/api/items"
         );
     }

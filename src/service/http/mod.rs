@@ -7,8 +7,9 @@
 //! `forward_auth` is `/v1/verify`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
@@ -18,7 +19,8 @@ use axum::routing::{any, get, post};
 
 use crate::clock::now_millis;
 use crate::policy::Cookie;
-use crate::service::error::ApiError;
+use crate::service::error::{ApiError, Code};
+use crate::service::listen::Draining;
 use crate::service::tokens::{Issued, TokenService};
 
 /// Request bodies are small JSON or form posts.
@@ -31,6 +33,11 @@ pub struct HttpConfig {
     /// Take the client address from the last `X-Forwarded-For` hop (set this
     /// when the service sits behind a proxy that appends it).
     pub trust_forwarded_for: bool,
+    /// Take the client's host, scheme and path from `X-Forwarded-Host`,
+    /// `-Proto` and `-Uri` (only behind a proxy that sets them itself).
+    pub trust_forwarded_headers: bool,
+    /// Time a request may take, reading its body included.
+    pub request_timeout: Duration,
     /// Redirect mode: browsers without a valid token get a 302 to this
     /// sign-in URL (with `rd`), for proxies that hand our answer to the client
     /// as-is (Traefik). API clients keep their 401.
@@ -49,6 +56,8 @@ impl Default for HttpConfig {
         HttpConfig {
             token_header: None,
             trust_forwarded_for: false,
+            trust_forwarded_headers: false,
+            request_timeout: Duration::from_secs(30),
             renew_on_verify: true,
             signin_url: None,
             redirect_domains: Vec::new(),
@@ -66,9 +75,12 @@ type Shared = State<Arc<App>>;
 mod extract;
 mod forward_auth;
 mod notice;
+mod origin;
 mod signin;
+#[cfg(test)]
+mod tests;
 
-use extract::token_of;
+use extract::{Source, token_and_source};
 use forward_auth::verify;
 pub use signin::safe_redirect;
 use signin::{login, signin_page};
@@ -84,9 +96,36 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(app.clone(), deadline))
         .layer(middleware::from_fn_with_state(app.clone(), observe))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(())
+                .on_failure(()),
+        )
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(app)
+}
+
+/// One span per request: method and route only (never the query string or
+/// a header: they may carry a token or a redirect target).
+fn request_span(req: &Request) -> tracing::Span {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str());
+    tracing::debug_span!("request", method = %req.method(), route = %route)
+}
+
+/// A request (its body included) that takes longer than the request timeout
+/// gets a 408: a client sending its body slowly cannot hold a handler.
+async fn deadline(State(app): Shared, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(app.config.request_timeout, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::new(Code::RequestTimeout, "the request took too long").into_response(),
+    }
 }
 
 /// Latency by route, and one debug line per request (path only: a query
@@ -165,41 +204,43 @@ pub(super) fn issued_response(app: &App, issued: &Issued, now_secs: i64) -> Resp
     resp
 }
 
-async fn refresh(State(app): Shared, headers: HeaderMap) -> Response {
-    let policy = app.service.policy();
-    let now = now_millis();
-    let token = match token_of(&app, &headers, &policy.cookie.name) {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
-    match app.service.refresh(token, now).await {
-        Ok(issued) => issued_response(&app, &issued, now / 1_000),
-        Err(e) => e.into_response(),
+/// The token of a refresh or logout: a cookie-borne one only from a
+/// same-site request (see [`origin`]).
+fn state_change_token<'a>(
+    app: &App,
+    headers: &'a HeaderMap,
+    cookie_name: &str,
+) -> Result<&'a str, ApiError> {
+    let (token, source) = token_and_source(app, headers, cookie_name)?;
+    if source == Source::Cookie {
+        origin::check_same_site(&app.config, headers)?;
     }
+    Ok(token)
 }
 
-async fn logout(State(app): Shared, headers: HeaderMap) -> Response {
+async fn refresh(State(app): Shared, headers: HeaderMap) -> Result<Response, ApiError> {
     let policy = app.service.policy();
-    let token = match token_of(&app, &headers, &policy.cookie.name) {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
+    let now = now_millis();
+    let token = state_change_token(&app, &headers, &policy.cookie.name)?;
+    let issued = app.service.refresh(token, now).await?;
+    Ok(issued_response(&app, &issued, now / 1_000))
+}
+
+async fn logout(State(app): Shared, headers: HeaderMap) -> Result<Response, ApiError> {
+    let policy = app.service.policy();
+    let token = state_change_token(&app, &headers, &policy.cookie.name)?;
+    app.service.logout(token, now_millis()).await?;
+    // A sign-out button (a form post) goes on to the sign-in page, which
+    // says why; API clients get 204.
+    let mut resp = if extract::is_form(&headers) {
+        let location = format!("login?reason={}", notice::Notice::SignedOut.param());
+        (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response()
+    } else {
+        StatusCode::NO_CONTENT.into_response()
     };
-    match app.service.logout(token, now_millis()).await {
-        Ok(()) => {
-            // A sign-out button (a form post) goes on to the sign-in page,
-            // which says why; API clients get 204.
-            let mut resp = if extract::is_form(&headers) {
-                let location = format!("login?reason={}", notice::Notice::SignedOut.param());
-                (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response()
-            } else {
-                StatusCode::NO_CONTENT.into_response()
-            };
-            resp.headers_mut()
-                .insert(header::SET_COOKIE, set_cookie(&policy.cookie, "", 0));
-            resp
-        }
-        Err(e) => e.into_response(),
-    }
+    resp.headers_mut()
+        .insert(header::SET_COOKIE, set_cookie(&policy.cookie, "", 0));
+    Ok(resp)
 }
 
 async fn jwks(State(app): Shared) -> Response {
@@ -211,11 +252,17 @@ async fn jwks(State(app): Shared) -> Response {
     resp
 }
 
-async fn readyz(State(app): Shared) -> Response {
-    match app.service.store().ping().await {
-        Ok(()) => "ready".into_response(),
-        Err(e) => ApiError::from(e).into_response(),
+/// Unready once shutdown began (load balancers stop sending new requests
+/// while in-flight ones finish), or while the store is unreachable.
+async fn readyz(
+    State(app): Shared,
+    draining: Option<Extension<Draining>>,
+) -> Result<&'static str, ApiError> {
+    if draining.is_some_and(|d| d.is_set()) {
+        return Err(ApiError::new(Code::ShuttingDown, "shutting down"));
     }
+    app.service.store().ping().await?;
+    Ok("ready")
 }
 
 async fn metrics(State(app): Shared) -> Response {

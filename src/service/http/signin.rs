@@ -11,8 +11,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
-use super::extract::{Credentials, client_ip, cookie, is_form};
+use super::extract::{Credentials, client_ip, cookie, is_form, is_json};
 use super::notice::Notice;
+use super::origin::{check_same_site, host_allowed};
 use super::{HttpConfig, MAX_BODY, Shared, issued_response};
 use crate::clock::now_millis;
 use crate::service::error::{ApiError, Code};
@@ -24,44 +25,45 @@ pub(super) async fn login(
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return ApiError::new(
+) -> Result<Response, ApiError> {
+    let form = is_form(&headers);
+    if form {
+        // The form is what a cross-site page can post (login CSRF).
+        check_same_site(&app.config, &headers)?;
+    } else if !is_json(&headers) {
+        return Err(ApiError::new(
+            Code::UnsupportedMediaType,
+            "send application/json or the sign-in form (application/x-www-form-urlencoded)",
+        ));
+    }
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
                 Code::PayloadTooLarge,
                 format!("request body over {MAX_BODY} bytes"),
             )
-            .into_response();
+        } else {
+            ApiError::new(Code::InvalidRequest, e.body_text())
         }
-        Err(e) => return ApiError::new(Code::InvalidRequest, e.body_text()).into_response(),
-    };
-    let form = is_form(&headers);
-    let creds: Credentials = match if form {
+    })?;
+    let creds: Credentials = if form {
         serde_urlencoded::from_bytes(&body).map_err(|e| e.to_string())
     } else {
         serde_json::from_slice(&body).map_err(|e| e.to_string())
-    } {
-        Ok(c) => c,
-        Err(e) => {
-            return ApiError::new(
-                Code::InvalidRequest,
-                format!("expected {{\"username\",\"password\"}}: {e}"),
-            )
-            .into_response();
-        }
-    };
+    }
+    .map_err(|e| {
+        ApiError::new(
+            Code::InvalidRequest,
+            format!("expected {{\"username\",\"password\"}}: {e}"),
+        )
+    })?;
     let target = match &creds.rd {
-        Some(rd) if form => match safe_redirect(&app.config, &headers, rd) {
-            Some(t) => Some(t),
-            None => {
-                return ApiError::new(
-                    Code::InvalidRedirect,
-                    "rd must point to this site or an allowed domain",
-                )
-                .into_response();
-            }
-        },
+        Some(rd) if form => Some(safe_redirect(&app.config, &headers, rd).ok_or_else(|| {
+            ApiError::new(
+                Code::InvalidRedirect,
+                "rd must point to this site or an allowed domain",
+            )
+        })?),
         _ => None,
     };
     let ip = client_ip(&app, &headers, peer.map(|c| c.0.0));
@@ -79,13 +81,13 @@ pub(super) async fn login(
                     resp.headers_mut().insert(header::LOCATION, v);
                 }
             }
-            resp
+            Ok(resp)
         }
         Err(e) if form => {
             let page = signin_html(creds.rd.as_deref(), Some(&e.message), None);
-            (e.code.status(), Html(page)).into_response()
+            Ok((e.code.status(), Html(page)).into_response())
         }
-        Err(e) => e.into_response(),
+        Err(e) => Err(e),
     }
 }
 
@@ -177,27 +179,6 @@ fn signin_html(rd: Option<&str>, error: Option<&str>, notice: Option<Notice>) ->
     )
 }
 
-/// The host the client used, as the proxy reports it.
-fn request_host(headers: &HeaderMap) -> Option<String> {
-    let h = headers
-        .get("x-forwarded-host")
-        .or_else(|| headers.get(header::HOST))?
-        .to_str()
-        .ok()?;
-    let h = h.split(',').next()?.trim();
-    Some(
-        h.rsplit_once(':')
-            .map_or(h, |(host, port)| {
-                if port.chars().all(|c| c.is_ascii_digit()) {
-                    host
-                } else {
-                    h
-                }
-            })
-            .to_ascii_lowercase(),
-    )
-}
-
 /// `rd` is followed only to this site (a relative path, or an absolute URL
 /// on the request's host) or to an allow-listed domain: never an open redirect.
 pub fn safe_redirect(config: &HttpConfig, headers: &HeaderMap, rd: &str) -> Option<String> {
@@ -216,15 +197,7 @@ pub fn safe_redirect(config: &HttpConfig, headers: &HeaderMap, rd: &str) -> Opti
         return None;
     }
     let host = url.host_str()?.to_ascii_lowercase();
-    let allowed = request_host(headers).as_deref() == Some(host.as_str())
-        || config.redirect_domains.iter().any(|d| {
-            let d = d.to_ascii_lowercase();
-            match d.strip_prefix('.') {
-                Some(parent) => host == parent || host.ends_with(&d),
-                None => host == d,
-            }
-        });
-    allowed.then(|| url.to_string())
+    host_allowed(config, headers, &host).then(|| url.to_string())
 }
 
 #[cfg(test)]

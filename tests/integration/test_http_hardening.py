@@ -1,0 +1,328 @@
+"""HTTP-level hardening, against the real process on loopback.
+
+Connection limits and timeouts (idle and half-sent connections, the
+connection cap, shutdown under load), log lines that a user name cannot
+forge, the store URL's password kept out of the log, and the request-level
+checks (cross-site posts, forwarded headers, foreign cookies, the forwarded
+address) end to end.
+
+Limits are set through TOKENPOLICY_* environment variables rather than
+flags, so that the very same tests run (and fail) against a binary that does
+not know them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import socket
+import threading
+import time
+from contextlib import ExitStack
+
+import pytest
+import requests
+
+from conftest import HTTP_TIMEOUT, SHORT_POLICY, Server, policy_yaml
+
+_N = [0]
+
+
+def start(env, name: str, variables: dict, extra_args=(), redis_url=None, wait=True,
+          policy: dict | None = None) -> Server:
+    _N[0] += 1
+    pfile = env.workdir / f"policy-hardening-{name}-{_N[0]}.yaml"
+    pfile.write_text(policy_yaml(**(policy or SHORT_POLICY)))
+    srv = Server(f"{name}-{_N[0]}", env.workdir, pfile, env.users_file, [env.key_file],
+                 redis_url, list(extra_args))
+    srv.env.update(variables)
+    srv.start()
+    if wait:
+        try:
+            srv.wait_ready()
+        except Exception:
+            srv.stop()
+            raise
+    return srv
+
+
+@pytest.fixture
+def servers():
+    started: list[Server] = []
+    yield started
+    for s in started:
+        s.stop(timeout=2.0, sig=signal.SIGKILL)
+
+
+def connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return s
+
+
+def healthz(srv: Server, timeout: float = 5.0) -> int:
+    return requests.get(srv.url + "/healthz", timeout=timeout).status_code
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True when the server closes `sock` within `seconds` (EOF or reset)."""
+    sock.settimeout(seconds)
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+
+
+def exits_within(srv: Server, seconds: float) -> bool:
+    try:
+        srv.proc.wait(timeout=seconds)
+        return True
+    except Exception:
+        return False
+
+
+def open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# --------------------------------------------------------------------------
+# Connections: timeouts, cap, shutdown
+# --------------------------------------------------------------------------
+
+
+def test_600_idle_connections_do_not_starve_healthz(env, servers):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"hard open-files limit {hard} too low for this test")
+    # The server starts with a low soft limit (as on many hosts), as the
+    # process that exhausted its descriptors did; we then raise ours.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        srv = start(env, "idle", {})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    servers.append(srv)
+    with ExitStack() as stack:
+        for _ in range(600):
+            stack.enter_context(connect(srv.port))
+        time.sleep(0.5)
+        assert healthz(srv) == 200
+        assert requests.post(srv.url + "/v1/login", json={"username": "alice", "password": "alice-password"},
+                             timeout=HTTP_TIMEOUT).status_code == 200
+
+
+def test_connection_cap_bounds_open_files(env, servers):
+    srv = start(env, "cap", {"TOKENPOLICY_MAX_CONNECTIONS": "50", "TOKENPOLICY_HEADER_TIMEOUT": "2s"})
+    servers.append(srv)
+    base = open_files(srv.pid)
+    with ExitStack() as stack:
+        for _ in range(150):
+            stack.enter_context(connect(srv.port))
+        time.sleep(1.0)
+        held = open_files(srv.pid) - base
+        assert held <= 50, f"{held} descriptors for 150 idle connections with a cap of 50"
+        # Idle connections time out, so the backlog moves and /healthz answers.
+        assert healthz(srv, timeout=15) == 200
+
+
+def test_half_sent_request_is_closed_after_the_header_timeout(env, servers):
+    srv = start(env, "slowloris", {"TOKENPOLICY_HEADER_TIMEOUT": "2s"})
+    servers.append(srv)
+    s = connect(srv.port)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+    t0 = time.monotonic()
+    assert closed_within(s, 8.0), "a half-sent request kept its connection open"
+    assert time.monotonic() - t0 >= 1.5
+    # An idle kept-alive connection is closed after the same time.
+    k = connect(srv.port)
+    k.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert b"200 OK" in k.recv(4096)
+    assert closed_within(k, 8.0), "an idle kept-alive connection stayed open"
+    assert healthz(srv) == 200
+
+
+def test_sigterm_with_a_half_sent_request_exits_within_the_bound(env, servers):
+    srv = start(env, "term-half", {"TOKENPOLICY_SHUTDOWN_DELAY": "0s", "TOKENPOLICY_SHUTDOWN_TIMEOUT": "2s",
+                                   "TOKENPOLICY_HEADER_TIMEOUT": "60s"})
+    servers.append(srv)
+    s = connect(srv.port)
+    s.sendall(b"POST /v1/login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    assert exits_within(srv, 8.0), "SIGTERM did not end the process with a half-sent request open"
+    assert time.monotonic() - t0 < 8.0
+    assert srv.proc.returncode == 0
+    s.close()
+
+
+def test_sigterm_under_load_turns_unready_then_finishes_in_flight_requests(env, servers):
+    # Tokens outlive the test: every verify of the load must be a 200.
+    srv = start(env, "term-load", {"TOKENPOLICY_SHUTDOWN_DELAY": "2s", "TOKENPOLICY_SHUTDOWN_TIMEOUT": "5s"},
+                policy=dict(session=300, token=120, renew=60, grace=1))
+    servers.append(srv)
+    body = b'{"username":"alice","password":"alice-password"}'
+    # An in-flight request: headers sent, body arriving slowly.
+    slow = connect(srv.port)
+    slow.sendall(b"POST /v1/login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:10])
+    # Load: keep-alive clients verifying in a loop (bounded in count and time).
+    token = requests.post(srv.url + "/v1/login", json={"username": "alice", "password": "alice-password"},
+                          timeout=HTTP_TIMEOUT).json()["access_token"]
+    results: list[int] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def load():
+        with requests.Session() as sess:
+            for _ in range(2000):
+                if stop.is_set():
+                    return
+                try:
+                    r = sess.get(srv.url + "/v1/verify", headers={"Authorization": f"Bearer {token}"},
+                                 timeout=HTTP_TIMEOUT)
+                    results.append(r.status_code)
+                except requests.ConnectionError as e:
+                    errors.append(repr(e))
+                    return
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    # Unready first, while still answering.
+    r = requests.get(srv.url + "/readyz", timeout=HTTP_TIMEOUT)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "SHUTTING_DOWN"
+    assert healthz(srv) == 200
+    # The in-flight request completes.
+    time.sleep(0.5)
+    slow.sendall(body[10:])
+    slow.settimeout(HTTP_TIMEOUT)
+    answer = slow.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert exits_within(srv, 12.0)
+    elapsed = time.monotonic() - t0
+    stop.set()
+    for t in threads:
+        t.join(timeout=HTTP_TIMEOUT)
+    assert srv.proc.returncode == 0
+    assert elapsed < 2 + 5 + 2, f"exit took {elapsed:.1f}s"
+    assert results and all(code == 200 for code in results), set(results)
+
+
+# --------------------------------------------------------------------------
+# Logs
+# --------------------------------------------------------------------------
+
+
+def test_a_user_name_cannot_forge_a_log_line(env, servers):
+    srv = start(env, "logs", {"TOKENPOLICY_LOG_FORMAT": "text"})
+    servers.append(srv)
+    offset = srv.log_size()
+    forged = "2026-01-01T00:00:00.000000Z  INFO tokenpolicy::service::tokens: login user=admin sid=forged"
+    r = requests.post(srv.url + "/v1/login", json={"username": "eve\n" + forged, "password": "x"},
+                      timeout=HTTP_TIMEOUT)
+    assert r.status_code == 401
+    time.sleep(0.3)
+    log = srv.log_text(offset, limit=100000)
+    assert "eve" in log, log
+    assert not any(line.startswith("2026-01-01T00:00:00") for line in log.splitlines()), log
+    assert "eve\\n2026-01-01" in log, log
+
+
+def test_redis_password_is_not_logged(env, servers, tmp_path):
+    secret = "s3cret-Pa55word"
+    sock = tmp_path / "no-redis.sock"
+    urls = [f"redis+unix://{sock}?db=0&pass={secret}", f"redis://:{secret}@127.0.0.1:1/0"]
+    for i, url in enumerate(urls):
+        srv = start(env, f"redact{i}", {}, redis_url=url, wait=False)
+        servers.append(srv)
+        # Either it starts (and logs the store) or it refuses the URL: both
+        # name the URL, neither may show the password.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and srv.running() \
+                and "starting token service" not in srv.log_text(limit=100000):
+            time.sleep(0.1)
+        time.sleep(0.5)
+        log = srv.log_text(limit=100000)
+        assert "starting token service" in log or "Redis URL" in log, log
+        assert secret not in log.replace(" ".join(srv.argv), ""), log
+
+
+# --------------------------------------------------------------------------
+# Request checks, end to end
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plain(env, servers):
+    srv = start(env, "plain", {"TOKENPOLICY_TRUST_FORWARDED_FOR": "true"})
+    servers.append(srv)
+    return srv
+
+
+def test_cross_site_form_login_and_text_plain_json_are_refused(plain):
+    form = {"username": "alice", "password": "alice-password", "rd": "/"}
+    r = requests.post(plain.url + "/v1/login", data=form, headers={"Origin": "https://evil.example"},
+                      allow_redirects=False, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "CSRF_REJECTED"
+    assert "set-cookie" not in r.headers
+    r = requests.post(plain.url + "/v1/login", data=b'{"username":"alice","password":"alice-password"}',
+                      headers={"Content-Type": "text/plain"}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "UNSUPPORTED_MEDIA_TYPE"
+
+
+def test_cross_site_cookie_logout_is_refused(plain):
+    t = requests.post(plain.url + "/v1/login", json={"username": "alice", "password": "alice-password"},
+                      timeout=HTTP_TIMEOUT).json()["access_token"]
+    r = requests.post(plain.url + "/v1/logout", headers={"Cookie": f"tokenpolicy={t}",
+                                                         "Sec-Fetch-Site": "cross-site"}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "CSRF_REJECTED"
+    r = requests.get(plain.url + "/v1/verify", headers={"Authorization": f"Bearer {t}"}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200
+
+
+def test_spoofed_forwarded_host_does_not_open_redirects(plain):
+    r = requests.get(plain.url + "/v1/login", params={"rd": "https://evil.example/"},
+                     headers={"X-Forwarded-Host": "evil.example"}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "INVALID_REDIRECT"
+
+
+def test_foreign_non_ascii_cookie_is_skipped(plain):
+    t = requests.post(plain.url + "/v1/login", json={"username": "alice", "password": "alice-password"},
+                      timeout=HTTP_TIMEOUT).json()["access_token"]
+    s = connect(plain.port)
+    s.sendall(b"GET /v1/verify HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+              b"Cookie: theme=\xc3\xa9t\xe9; tokenpolicy=" + t.encode() + b"\r\n\r\n")
+    s.settimeout(HTTP_TIMEOUT)
+    answer = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+def test_malformed_last_forwarded_hop_is_not_replaced_by_an_earlier_one(plain):
+    # Failed logins throttled per address: a client naming a victim's address
+    # first must not get that address counted (nor its own spared).
+    def metric() -> float:
+        text = requests.get(plain.url + "/metrics", timeout=HTTP_TIMEOUT).text
+        m = re.search(r"^tokenpolicy_forwarded_for_invalid_total (\d+)", text, re.M)
+        return float(m.group(1)) if m else -1.0
+
+    r = requests.post(plain.url + "/v1/login", json={"username": "erin", "password": "wrong"},
+                      headers={"X-Forwarded-For": "203.0.113.7, garbage"}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 401
+    assert metric() == 1.0
