@@ -4,6 +4,7 @@
 //! - [`token`]: signing and verifying tokens, the key ring;
 //! - [`store`]: the one-time refresh claims and revocations (in-process or Redis);
 //! - [`users`]: the users file and password hashes;
+//! - [`verified`]: the cache of tokens whose signature verified;
 //! - [`tokens`]: login, refresh, logout and verify, tying the above together;
 //! - [`http`]: the HTTP API and forward-auth;
 //! - [`serve`]: the command that wires it up; [`policy_watch`] follows a
@@ -19,3 +20,4 @@ pub mod store;
 pub mod token;
 pub mod tokens;
 pub mod users;
+pub mod verified;

@@ -96,6 +96,15 @@ pub struct ServeArgs {
     pub max_failed_logins_per_address: u64,
     #[arg(long, env = "TOKENPOLICY_FAILED_LOGIN_WINDOW", default_value = "15m")]
     pub failed_login_window: String,
+    /// How many verified tokens to remember, so that a token seen before
+    /// skips its signature check (0: check every time). Bounds memory: about
+    /// 700 bytes per entry.
+    #[arg(
+        long,
+        env = "TOKENPOLICY_VERIFIED_CACHE_SIZE",
+        default_value_t = crate::service::verified::DEFAULT_ENTRIES
+    )]
+    pub verified_cache_size: usize,
 }
 
 fn modified(path: &Path) -> Option<(SystemTime, u64)> {
@@ -250,9 +259,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         users = users.len(),
         "starting token service"
     );
-    let service = Arc::new(TokenService::new(
-        policy, users, keys, store, leeway, throttle,
-    ));
+    let service = Arc::new(
+        TokenService::new(policy, users, keys, store, leeway, throttle)
+            .with_verified_cache(args.verified_cache_size),
+    );
     watch_files(service.clone(), args.policy.clone(), args.users.clone());
     if let Some((client, ns, name)) = cluster {
         tokio::spawn(crate::service::policy_watch::follow(

@@ -15,6 +15,7 @@ use crate::service::rules::{self, LateRefresh, Millis, Standing};
 use crate::service::store::{Claim, OneTimeStore, RefreshRecord};
 use crate::service::token::{Claims, KeySet, TokenError};
 use crate::service::users::{MAX_NAME_LEN, MAX_PASSWORD_LEN, User, Users};
+use crate::service::verified::Verified;
 
 /// Failed-login throttling: at most `max_per_user` failures per user name and
 /// `max_per_address` per client address within `window`.
@@ -59,6 +60,8 @@ pub struct TokenService {
     throttle: Throttle,
     /// Password hashing is slow on purpose; cap how much of it runs at once.
     hashing: Semaphore,
+    /// Tokens whose signature verified already (see `verified.rs`).
+    verified: Verified,
     pub metrics: Metrics,
 }
 
@@ -84,8 +87,15 @@ impl TokenService {
             leeway,
             throttle,
             hashing: Semaphore::new(parallel * 2),
+            verified: Verified::default(),
             metrics: Metrics::default(),
         }
+    }
+
+    /// Remember up to `entries` verified tokens (0: check every signature).
+    pub fn with_verified_cache(mut self, entries: usize) -> Self {
+        self.verified = Verified::new(entries);
+        self
     }
 
     pub fn policy(&self) -> Arc<Policy> {
@@ -214,7 +224,9 @@ impl TokenService {
             pwv: Some(user.password_version.clone()),
         };
         tracing::info!(user = %user.name, sid = %claims.sid, "login");
-        Ok(self.sign(claims, auth_time + policy.session as i64))
+        let issued = self.sign(claims, auth_time + policy.session as i64);
+        self.remember(&issued, &policy, iat * 1_000);
+        Ok(issued)
     }
 
     /// Signature, rules 1-4, the user, and revocation: what a token is worth now.
@@ -227,7 +239,12 @@ impl TokenService {
         if token.is_empty() {
             return Err(ApiError::new(Code::EmptyToken, "no token in the request"));
         }
-        let claims = self.keys.verify(token).map_err(invalid)?;
+        // The signature of a token seen before is not checked again; what
+        // its claims are worth is, below, on every request.
+        let (claims, cached) = match self.verified.get(token, now) {
+            Some(c) => (c, true),
+            None => (Arc::new(self.keys.verify(token).map_err(invalid)?), false),
+        };
         let standing = rules::standing(&claims, policy, now, self.leeway);
         match standing {
             Standing::Malformed => {
@@ -250,6 +267,10 @@ impl TokenService {
             }
             Standing::Valid { .. } | Standing::Renewable { .. } => {}
         }
+        if !cached {
+            self.verified.insert(token, claims.clone(), policy, now);
+        }
+        let claims = Arc::unwrap_or_clone(claims);
         let users = self.users.load();
         match users.get(&claims.sub) {
             None => {
@@ -314,7 +335,15 @@ impl TokenService {
             exp: record.exp,
             ..old.clone()
         };
-        Ok((self.sign(claims, session_end), outcome))
+        let issued = self.sign(claims, session_end);
+        self.remember(&issued, policy, now);
+        Ok((issued, outcome))
+    }
+
+    /// A token we just signed needs no signature check when it comes back.
+    fn remember(&self, issued: &Issued, policy: &Policy, now: Millis) {
+        self.verified
+            .insert(&issued.token, Arc::new(issued.claims.clone()), policy, now);
     }
 
     /// `POST /v1/refresh`: a valid or renewable token for a new one.
@@ -584,6 +613,10 @@ mod tests {
         assert_eq!(code(s.login("", "x", None, || T0).await), "INVALID_REQUEST");
     }
 }
+
+#[cfg(test)]
+#[path = "tokens/cached_tests.rs"]
+mod cached_tests;
 
 #[cfg(test)]
 pub(crate) mod tests_support {
