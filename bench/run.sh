@@ -96,10 +96,10 @@ row "/v1/verify, invalid signature" healthz -H "Authorization: Bearer $invalid" 
 row "/v1/verify, expired, renewable" healthz -H "Authorization: Bearer $expired" "http://127.0.0.1:$ps/v1/verify"
 row "nginx, no auth"                nginx "http://127.0.0.1:$nport/open/x"
 row "nginx + auth_request verify"   nginx "${auth[@]}" "http://127.0.0.1:$nport/app/x"
-TOKENS="$work/tokens" row "nginx + auth, $distinct tokens" nginx -s bench/lua/verify-random.lua "http://127.0.0.1:$nport/app/x"
+VERIFY_PATH=/app/x TOKENS="$work/tokens" row "nginx + auth, $distinct tokens" nginx -s bench/lua/verify-random.lua "http://127.0.0.1:$nport/app/x"
 
 # Refresh chains on both replicas at once; first-time claims from the metric.
-issued() { curl -s "127.0.0.1:$1/metrics" | awk '/^tokenpolicy_refreshes_total\{outcome="issued"\}/ {print $2}'; }
+issued() { curl -s "127.0.0.1:$1/metrics" | awk 'BEGIN {n=0} /^tokenpolicy_refreshes_total\{outcome="issued"\}/ {n=$2} END {print int(n)}'; }
 ia0=$(issued "$pa"); ib0=$(issued "$pb"); calls0=$(redis-cli -p "$rport" info commandstats | awk -F'[=,:]' '/^cmdstat_evalsha:/ {print $3}')
 t0=$(date +%s.%N)
 TOKENS="$work/chains-a" wrk -t1 -c32 -d"$dur" --latency -s bench/lua/refresh-chains.lua "http://127.0.0.1:$pa/" >"$work/refresh-a" &
@@ -110,7 +110,7 @@ t1=$(date +%s.%N)
 ia1=$(issued "$pa"); ib1=$(issued "$pb"); calls1=$(redis-cli -p "$rport" info commandstats | awk -F'[=,:]' '/^cmdstat_evalsha:/ {print $3}')
 claims=$(python3 -c "print(round(($ia1-${ia0:-0}+$ib1-${ib0:-0})/($t1-$t0)))")
 p99r=$(awk '$1=="99%" {print $2}' "$work/refresh-a" "$work/refresh-b" | tr '\n' ' ')
-echo "/v1/refresh chains, 2 replicas (first-time claims/s)|-|$claims|$p99r|evalsha=$((${calls1:-0}-${calls0:-0})) issued=$((${ia1%.*}+${ib1%.*}-${ia0%.*}-${ib0%.*}))" >>"$results"
+echo "/v1/refresh chains, 2 replicas (first-time claims/s)|-|$claims|$p99r|evalsha=$((${calls1:-0}-${calls0:-0})) issued=$((ia1+ib1-ia0-ib0))" >>"$results"
 
 # Verify during a login flood (the demo user's real cost-10 bcrypt hash).
 wrk -t1 -c32 -d"$dur" -s bench/lua/login-flood.lua "http://127.0.0.1:$pa/v1/login" >"$work/flood" &
