@@ -5,6 +5,8 @@
 //! - [`store`]: the one-time refresh claims and revocations (in-process or Redis);
 //! - [`users`]: the users file and password hashes; [`hashing`]: the threads
 //!   that check passwords;
+//! - [`users`]: the users file and password hashes;
+//! - [`verified`]: the cache of tokens whose signature verified;
 //! - [`tokens`]: login, refresh, logout and verify, tying the above together;
 //! - [`http`]: the HTTP API and forward-auth;
 //! - [`listen`]: connections: timeouts, the connection cap, graceful shutdown;
@@ -23,3 +25,4 @@ pub mod store;
 pub mod token;
 pub mod tokens;
 pub mod users;
+pub mod verified;

@@ -130,6 +130,15 @@ pub struct ServeArgs {
     /// past it, 503 SERVICE_BUSY with Retry-After.
     #[arg(long, env = "TOKENPOLICY_LOGIN_QUEUE")]
     pub login_queue: Option<usize>,
+    /// How many verified tokens to remember, so that a token seen before
+    /// skips its signature check (0: check every time). Bounds memory: about
+    /// 700 bytes per entry.
+    #[arg(
+        long,
+        env = "TOKENPOLICY_VERIFIED_CACHE_SIZE",
+        default_value_t = crate::service::verified::DEFAULT_ENTRIES
+    )]
+    pub verified_cache_size: usize,
 }
 
 /// A duration flag in whole seconds (`10s`, `1m`).
@@ -307,7 +316,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| crate::service::hashing::HashPool::default_queue(login_threads));
     let service = Arc::new(
         TokenService::new(policy, users, keys, store, leeway, throttle)
-            .with_login_capacity(login_threads, login_queue),
+            .with_login_capacity(login_threads, login_queue)
+            .with_verified_cache(args.verified_cache_size),
     );
     watch_files(service.clone(), args.policy.clone(), args.users.clone());
     if let Some((client, ns, name)) = cluster {

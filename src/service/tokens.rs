@@ -16,6 +16,7 @@ use crate::service::token::{Claims, KeySet, TokenError};
 use crate::service::users::Users;
 
 mod login;
+use crate::service::verified::Verified;
 
 /// Failed-login throttling: at most `max_per_user` failures per user name and
 /// `max_per_address` per client address within `window`.
@@ -61,6 +62,8 @@ pub struct TokenService {
     /// Password hashing is slow and memory-hungry on purpose: it runs on a
     /// few threads of its own, behind a bounded waiting line.
     hashing: HashPool,
+    /// Tokens whose signature verified already (see `verified.rs`).
+    verified: Verified,
     pub metrics: Metrics,
 }
 
@@ -86,8 +89,15 @@ impl TokenService {
             leeway,
             throttle,
             hashing: HashPool::new(threads, HashPool::default_queue(threads)),
+            verified: Verified::default(),
             metrics: Metrics::default(),
         }
+    }
+
+    /// Remember up to `entries` verified tokens (0: check every signature).
+    pub fn with_verified_cache(mut self, entries: usize) -> Self {
+        self.verified = Verified::new(entries);
+        self
     }
 
     pub fn policy(&self) -> Arc<Policy> {
@@ -131,7 +141,12 @@ impl TokenService {
         if token.is_empty() {
             return Err(ApiError::new(Code::EmptyToken, "no token in the request"));
         }
-        let claims = self.keys.verify(token).map_err(invalid)?;
+        // The signature of a token seen before is not checked again; what
+        // its claims are worth is, below, on every request.
+        let (claims, cached) = match self.verified.get(token, now) {
+            Some(c) => (c, true),
+            None => (Arc::new(self.keys.verify(token).map_err(invalid)?), false),
+        };
         let standing = rules::standing(&claims, policy, now, self.leeway);
         match standing {
             Standing::Malformed => {
@@ -154,6 +169,10 @@ impl TokenService {
             }
             Standing::Valid { .. } | Standing::Renewable { .. } => {}
         }
+        if !cached {
+            self.verified.insert(token, claims.clone(), policy, now);
+        }
+        let claims = Arc::unwrap_or_clone(claims);
         let users = self.users.load();
         match users.get(&claims.sub) {
             None => {
@@ -226,7 +245,15 @@ impl TokenService {
             ..old.clone()
         };
         self.store.note_issued(&claims.sid);
-        Ok((self.sign(claims, session_end), outcome))
+        let issued = self.sign(claims, session_end);
+        self.remember(&issued, policy, now);
+        Ok((issued, outcome))
+    }
+
+    /// A token we just signed needs no signature check when it comes back.
+    fn remember(&self, issued: &Issued, policy: &Policy, now: Millis) {
+        self.verified
+            .insert(&issued.token, Arc::new(issued.claims.clone()), policy, now);
     }
 
     /// `POST /v1/refresh`: a valid or renewable token for a new one.
@@ -476,6 +503,10 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "tokens/cached_tests.rs"]
+mod cached_tests;
 
 #[cfg(test)]
 pub(crate) mod tests_support {

@@ -11,12 +11,12 @@
 //! cached answer is checked once more, since revocations may have been
 //! missed in between.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use dashmap::DashMap;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
@@ -78,21 +78,18 @@ struct Known {
 }
 
 struct Cache {
-    entries: Mutex<HashMap<String, Known>>,
+    /// Sharded, so that verifies on different cores do not queue on one lock.
+    entries: DashMap<String, Known>,
     /// Bumped each time the subscription is (re)established.
     epoch: AtomicU64,
     subscribed: AtomicBool,
 }
 
 impl Cache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Known>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// A revocation is never downgraded by a later "live" answer.
     fn mark_revoked(&self, sid: &str, ttl: Millis) {
         let until = Instant::now() + Duration::from_millis(ttl.max(0) as u64);
-        self.lock().insert(
+        self.entries.insert(
             sid.to_string(),
             Known {
                 revoked: true,
@@ -103,32 +100,32 @@ impl Cache {
     }
 
     fn mark_live(&self, sid: &str, epoch: u64) {
-        let mut m = self.lock();
-        match m.get(sid) {
-            Some(k) if k.revoked && k.until > Instant::now() => {}
-            _ => {
-                m.insert(
-                    sid.to_string(),
-                    Known {
-                        revoked: false,
-                        epoch,
-                        until: Instant::now() + LIVE_ENTRY_TTL,
-                    },
-                );
-            }
-        }
+        let live = Known {
+            revoked: false,
+            epoch,
+            until: Instant::now() + LIVE_ENTRY_TTL,
+        };
+        // Check and write under the one shard lock of this entry.
+        self.entries
+            .entry(sid.to_string())
+            .and_modify(|k| {
+                if !(k.revoked && k.until > Instant::now()) {
+                    *k = live;
+                }
+            })
+            .or_insert(live);
     }
 
     /// Revocations held now, with the time each has left (ms).
     fn revoked_now(&self) -> Vec<(String, Millis)> {
         let now = Instant::now();
-        self.lock()
+        self.entries
             .iter()
-            .filter(|(_, k)| k.revoked && k.until > now)
-            .map(|(sid, k)| {
+            .filter(|e| e.revoked && e.until > now)
+            .map(|e| {
                 (
-                    sid.clone(),
-                    k.until.duration_since(now).as_millis() as Millis,
+                    e.key().clone(),
+                    e.until.duration_since(now).as_millis() as Millis,
                 )
             })
             .collect()
@@ -136,7 +133,7 @@ impl Cache {
 
     fn sweep(&self) {
         let now = Instant::now();
-        self.lock().retain(|_, k| k.until > now);
+        self.entries.retain(|_, k| k.until > now);
     }
 }
 
@@ -165,7 +162,7 @@ impl RedisStore {
             StoreError::Unavailable(format!("cannot use Redis {}: {e}", target.describe()))
         })?;
         let cache = Arc::new(Cache {
-            entries: Mutex::new(HashMap::new()),
+            entries: DashMap::new(),
             epoch: AtomicU64::new(0),
             subscribed: AtomicBool::new(false),
         });
@@ -343,7 +340,7 @@ impl OneTimeStore for RedisStore {
 
     async fn is_revoked(&self, sid: &str) -> Result<bool, StoreError> {
         let epoch = self.cache.epoch.load(Ordering::SeqCst);
-        let known = self.cache.lock().get(sid).copied();
+        let known = self.cache.entries.get(sid).map(|k| *k);
         if let Some(k) = known {
             let fresh = k.until > Instant::now();
             if fresh && k.revoked {
@@ -457,6 +454,30 @@ impl OneTimeStore for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cached_revocation_is_never_downgraded_to_live() {
+        let c = Cache {
+            entries: DashMap::new(),
+            epoch: AtomicU64::new(1),
+            subscribed: AtomicBool::new(true),
+        };
+        c.mark_live("s1", 1);
+        assert!(c.entries.get("s1").is_some_and(|k| !k.revoked));
+        c.mark_revoked("s1", 60_000);
+        c.mark_live("s1", 2);
+        assert!(c.entries.get("s1").is_some_and(|k| k.revoked));
+        // A lapsed revocation may become live again.
+        c.mark_revoked("s2", 0);
+        c.mark_live("s2", 2);
+        assert!(
+            c.entries
+                .get("s2")
+                .is_some_and(|k| !k.revoked && k.epoch == 2)
+        );
+        c.sweep();
+        assert_eq!(c.entries.len(), 2);
+    }
 
     #[tokio::test]
     async fn bad_url_is_a_clear_error() {

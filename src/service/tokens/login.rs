@@ -127,7 +127,9 @@ impl TokenService {
         };
         tracing::info!(user = %user.name, sid = %claims.sid, "login");
         self.store.note_issued(&claims.sid);
-        Ok(self.sign(claims, auth_time + policy.session as i64))
+        let issued = self.sign(claims, auth_time + policy.session as i64);
+        self.remember(&issued, &policy, iat * 1_000);
+        Ok(issued)
     }
 
     /// Takes one attempt on the user's counter, then on the address's;

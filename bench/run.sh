@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# The published benchmark: builds a release, starts Redis, two replicas
+# sharing it and nginx on loopback, and runs wrk against each path. Prints one
+# table: requests/s, p99 latency, ratios to /healthz of the same server (and
+# to nginx without auth for the ingress path), and replica A's RSS.
+#
+#   bash bench/run.sh              # about 4 minutes; DURATION=6s by default
+#
+# Bench users have a bcrypt cost-4 hash so that 10,000 logins take seconds;
+# the login flood uses the demo user's cost-10 hash, as a real flood would.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/tokenpolicy-target}"
+dur="${DURATION:-6s}"
+conns="${CONNECTIONS:-64}"
+distinct="${DISTINCT:-10000}"
+chains="${CHAINS:-2000}"
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v redis-server >/dev/null || need+=(redis-server)
+if ((${#need[@]})); then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
+command -v openssl >/dev/null || { apt-get install -y -qq openssl >/dev/null; }
+
+cargo build --release --quiet
+bin="$CARGO_TARGET_DIR/release/tokenpolicy"
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 150); do curl -sf "$1" >/dev/null && return 0; sleep 0.1; done; echo "not up: $1" >&2; exit 1; }
+
+# Redis, a shared key, users and policies.
+rport=$(free_port)
+redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.log" &
+pids+=($!)
+for _ in $(seq 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
+openssl genpkey -algorithm ed25519 -out "$work/key.pem" 2>/dev/null
+# bench / bench-password at bcrypt cost 4 (bench only); demo at cost 10.
+{ grep -v '^#' examples/users.htpasswd
+  echo 'bench:$2b$04$NqOsMSBf2X5Vm.ypNfpwtuIG.Ibli2MSHkpQfTRdkhQvhb7bCkSJK'; } >"$work/users"
+sed -e 's/tokenExpirationTime: 30m/tokenExpirationTime: 1s/' \
+    -e 's/expiredTokenRenewLimit: 10m/expiredTokenRenewLimit: 10m/' \
+    -e 's/refreshGracePeriod: 10s/refreshGracePeriod: 60s/' examples/tokenpolicy.yaml >"$work/short.yaml"
+
+start() { # name, policy, extra args... -> prints the port
+  local port; port=$(free_port)
+  RUST_LOG=warn "$bin" serve --policy "$2" --users "$work/users" --signing-key "$work/key.pem" \
+    --listen "127.0.0.1:$port" --redis "redis://127.0.0.1:$rport/" "${@:3}" >/dev/null 2>"$work/$1.log" &
+  pids+=($!)
+  echo "$port $!"
+}
+read -r pa pida < <(start a examples/tokenpolicy.yaml); wait_http "127.0.0.1:$pa/readyz"
+read -r pb pidb < <(start b examples/tokenpolicy.yaml); wait_http "127.0.0.1:$pb/readyz"
+read -r ps pids_ < <(start short "$work/short.yaml"); wait_http "127.0.0.1:$ps/readyz"
+pids+=("$pida" "$pidb" "$pids_")
+
+echo "logging in: $distinct sessions for verify, 2 x $chains for refresh chains..." >&2
+python3 bench/tokens.py "$pa" bench bench-password "$distinct" >"$work/tokens"
+python3 bench/tokens.py "$pa" bench bench-password "$chains" >"$work/chains-a"
+python3 bench/tokens.py "$pb" bench bench-password "$chains" >"$work/chains-b"
+one=$(head -1 "$work/tokens")
+head -1 "$work/tokens" >"$work/one"
+expired=$(python3 bench/tokens.py "$ps" bench bench-password 1)
+# A signature byte changed (not the last character, whose low bits are padding).
+invalid=$(python3 -c 'import sys;t=sys.argv[1];i=len(t)-10;print(t[:i]+("A" if t[i]!="A" else "B")+t[i+1:])' "$one")
+
+nport=$(free_port); aport=$(free_port); mkdir -p "$work/nginx/tmp"
+sed -e "s#@@PREFIX@@#$work/nginx#g" -e "s/@@PORT@@/$nport/" -e "s/@@APP_PORT@@/$aport/g" \
+    -e "s/@@TP_PORT@@/$pa/" bench/nginx-bench.conf.template >"$work/nginx/nginx.conf"
+nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" &
+pids+=($!)
+wait_http "127.0.0.1:$nport/open/"
+sleep 1.2   # the short policy's token (1 s) is now expired but renewable
+
+results="$work/results"
+: >"$results"
+# row name, base, then wrk args: records requests/s and p99 (ms).
+row() {
+  local name=$1 base=$2; shift 2
+  local out; out=$(wrk -t1 -c"$conns" -d"$dur" --latency "$@")
+  local rps p99 non2xx
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub("us","",v); v/=1000} else if (v ~ /ms$/) {sub("ms","",v)} else if (v ~ /s$/) {sub("s","",v); v*=1000}; print v}' <<<"$out")
+  non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+  echo "$name|$base|$rps|$p99|${non2xx:-0}" >>"$results"
+}
+auth=(-H "Authorization: Bearer $one")
+row warmup - "http://127.0.0.1:$pa/healthz" >/dev/null; sed -i '/^warmup/d' "$results"
+row "/healthz"                      healthz "http://127.0.0.1:$pa/healthz"
+row "/v1/verify, 1 token"           healthz "${auth[@]}" "http://127.0.0.1:$pa/v1/verify"
+TOKENS="$work/tokens" row "/v1/verify, $distinct tokens at random" healthz -s bench/lua/verify-random.lua "http://127.0.0.1:$pa/v1/verify"
+row "/v1/verify, invalid signature" healthz -H "Authorization: Bearer $invalid" "http://127.0.0.1:$pa/v1/verify"
+row "/v1/verify, expired, renewable" healthz -H "Authorization: Bearer $expired" "http://127.0.0.1:$ps/v1/verify"
+row "nginx, no auth"                nginx "http://127.0.0.1:$nport/open/x"
+row "nginx + auth_request verify"   nginx "${auth[@]}" "http://127.0.0.1:$nport/app/x"
+VERIFY_PATH=/app/x TOKENS="$work/tokens" row "nginx + auth, $distinct tokens" nginx -s bench/lua/verify-random.lua "http://127.0.0.1:$nport/app/x"
+
+# Refresh chains on both replicas at once; first-time claims from the metric.
+issued() { curl -s "127.0.0.1:$1/metrics" | awk 'BEGIN {n=0} /^tokenpolicy_refreshes_total\{outcome="issued"\}/ {n=$2} END {print int(n)}'; }
+ia0=$(issued "$pa"); ib0=$(issued "$pb"); calls0=$(redis-cli -p "$rport" info commandstats | awk -F'[=,:]' '/^cmdstat_evalsha:/ {print $3}')
+t0=$(date +%s.%N)
+TOKENS="$work/chains-a" wrk -t1 -c32 -d"$dur" --latency -s bench/lua/refresh-chains.lua "http://127.0.0.1:$pa/" >"$work/refresh-a" &
+wa=$!
+TOKENS="$work/chains-b" wrk -t1 -c32 -d"$dur" --latency -s bench/lua/refresh-chains.lua "http://127.0.0.1:$pb/" >"$work/refresh-b"
+wait "$wa"
+t1=$(date +%s.%N)
+ia1=$(issued "$pa"); ib1=$(issued "$pb"); calls1=$(redis-cli -p "$rport" info commandstats | awk -F'[=,:]' '/^cmdstat_evalsha:/ {print $3}')
+claims=$(python3 -c "print(round(($ia1-${ia0:-0}+$ib1-${ib0:-0})/($t1-$t0)))")
+p99r=$(awk '$1=="99%" {print $2}' "$work/refresh-a" "$work/refresh-b" | tr '\n' ' ')
+echo "/v1/refresh chains, 2 replicas (first-time claims/s)|-|$claims|$p99r|evalsha=$((${calls1:-0}-${calls0:-0})) issued=$((ia1+ib1-ia0-ib0))" >>"$results"
+
+# Verify during a login flood (the demo user's real cost-10 bcrypt hash).
+wrk -t1 -c32 -d"$dur" -s bench/lua/login-flood.lua "http://127.0.0.1:$pa/v1/login" >"$work/flood" &
+wf=$!
+sleep 0.5
+TOKENS="$work/tokens" row "/v1/verify, $distinct tokens, login flood" healthz -s bench/lua/verify-random.lua "http://127.0.0.1:$pa/v1/verify"
+wait "$wf"
+
+rss_a=$(awk '/VmRSS/ {print $2}' "/proc/$pida/status")
+python3 - "$results" "$rss_a" "$distinct" <<'PY'
+import sys
+rows = [l.rstrip("\n").split("|") for l in open(sys.argv[1]) if l.strip()]
+base = {}
+for name, b, rps, p99, extra in rows:
+    if name == "/healthz": base["healthz"] = (float(rps), float(p99))
+    if name == "nginx, no auth": base["nginx"] = (float(rps), float(p99))
+flood_ref = next((float(r[2]) for r in rows if r[0].startswith("/v1/verify, %s tokens at" % sys.argv[3])), None)
+print(f"| {'path':<44} | {'req/s':>9} | {'p99 ms':>12} | {'ratio':>13} | {'p99 ratio':>9} | notes")
+print(f"|{'-'*46}|{'-'*11}|{'-'*14}|{'-'*15}|{'-'*11}|------")
+for name, b, rps, p99, extra in rows:
+    ratio = p99r = ""
+    if b in base:
+        ratio = f"{float(rps)/base[b][0]:.2f}x {b}"
+        try: p99r = f"{float(p99)/base[b][1]:.2f}x"
+        except ValueError: pass
+    if "login flood" in name and flood_ref:
+        extra = f"{float(rps)/flood_ref:.2f}x without flood; " + ("non-2xx " + extra if extra != "0" else "")
+    elif extra not in ("0", ""):
+        extra = extra if "=" in extra else f"non-2xx {extra}"
+    else:
+        extra = ""
+    print(f"| {name:<44} | {float(rps):>9.0f} | {p99:>12} | {ratio:>13} | {p99r:>9} | {extra}")
+print(f"\nreplica A RSS after the run: {int(sys.argv[2])/1024:.1f} MiB")
+PY

@@ -1,0 +1,121 @@
+//! Micro-benchmarks of the token service's hot paths:
+//! the policy decision (rules), verify of a token never seen vs one whose
+//! signature is remembered, and the one-time refresh claim (in-process store).
+//!
+//!     cargo bench --bench service
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use tokenpolicy::clock::{Millis, now_millis};
+use tokenpolicy::policy::Policy;
+use tokenpolicy::service::rules;
+use tokenpolicy::service::store::{MemoryStore, OneTimeStore, RefreshRecord};
+use tokenpolicy::service::token::{Claims, Key, KeySet};
+use tokenpolicy::service::tokens::{Throttle, TokenService};
+use tokenpolicy::service::users::Users;
+
+fn claims(now: Millis) -> Claims {
+    let t = now / 1_000;
+    Claims {
+        iss: "tokenpolicy".into(),
+        aud: "tokenpolicy".into(),
+        sub: "alice".into(),
+        sid: uuid::Uuid::new_v4().to_string(),
+        jti: uuid::Uuid::new_v4().to_string(),
+        iat: t,
+        exp: t + 1_800,
+        auth_time: t,
+        pwv: None,
+    }
+}
+
+fn service(cache: usize) -> TokenService {
+    let hash = bcrypt::hash("pw", 4).expect("bcrypt");
+    let users = Users::parse(&format!("alice:{hash}\n"), "bench").expect("users");
+    let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").expect("keys");
+    TokenService::new(
+        Policy::default(),
+        users,
+        keys,
+        Arc::new(MemoryStore::new()),
+        0,
+        Throttle::default(),
+    )
+    .with_verified_cache(cache)
+}
+
+fn policy_decision(c: &mut Criterion) {
+    let now = now_millis();
+    let claims = claims(now);
+    let policy = Policy::default();
+    c.bench_function("rules::standing", |b| {
+        b.iter(|| rules::standing(black_box(&claims), black_box(&policy), black_box(now), 0))
+    });
+}
+
+fn verify(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    for (name, cache) in [("verify, cold (no cache)", 0), ("verify, cached", 1_000)] {
+        let s = service(cache);
+        let now = now_millis();
+        let token = rt
+            .block_on(s.login("alice", "pw", None, || now))
+            .expect("login")
+            .token;
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(s.verify(black_box(&token), false, now))
+                    .expect("valid")
+            })
+        });
+    }
+    let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").expect("keys");
+    let token = keys.sign(&claims(now_millis()));
+    c.bench_function("KeySet::verify (signature + decode)", |b| {
+        b.iter(|| keys.verify(black_box(&token)).expect("valid"))
+    });
+    c.bench_function("KeySet::sign", |b| {
+        let cl = claims(now_millis());
+        b.iter(|| keys.sign(black_box(&cl)))
+    });
+}
+
+fn refresh_claim(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let store = MemoryStore::new();
+    let record = RefreshRecord {
+        jti: uuid::Uuid::new_v4().to_string(),
+        iat: 1,
+        exp: 2,
+        at: 3,
+    };
+    let mut n = 0u64;
+    c.bench_function("MemoryStore::claim_refresh (first claim)", |b| {
+        b.iter(|| {
+            n += 1;
+            rt.block_on(store.claim_refresh("sid", &n.to_string(), 1, &record, 60_000))
+                .expect("claim")
+        })
+    });
+    let s = service(1_000);
+    let now = now_millis();
+    let mut token = rt
+        .block_on(s.login("alice", "pw", None, || now))
+        .expect("login")
+        .token;
+    c.bench_function("TokenService::refresh (chain, in-process store)", |b| {
+        b.iter(|| {
+            token = rt.block_on(s.refresh(&token, now)).expect("refresh").token;
+        })
+    });
+}
+
+criterion_group!(benches, policy_decision, verify, refresh_claim);
+criterion_main!(benches);
