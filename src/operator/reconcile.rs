@@ -20,10 +20,10 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 
 use crate::crd::{SecretKeyRef, TokenPolicy};
-use crate::operator::keys::{kids, replace_ring, secret_value, signing_keys};
+use crate::operator::keys::{kids, rotate, secret_value, signing_ring};
 pub use crate::operator::metrics::{OperatorMetrics, Reason};
 use crate::operator::resources::{self, MANAGER};
-use crate::operator::rotation::{self, Step};
+use crate::operator::rollout::Rollout;
 use crate::operator::status::{Report, degraded_reason, write_status};
 use crate::policy::Policy;
 
@@ -111,51 +111,6 @@ async fn blocker(
         return Ok(Some(("RedisSecretMissing", m)));
     }
     Ok(None)
-}
-
-/// Where the Deployment's rollout stands, as the applied object reports it.
-struct Rollout {
-    /// The deployment controller has seen the current template.
-    current: bool,
-    ready: i32,
-    updated: i32,
-    available: i32,
-    replicas: i32,
-    template_kids: Option<String>,
-}
-
-impl Rollout {
-    fn of(d: &Deployment) -> Rollout {
-        let st = d.status.clone().unwrap_or_default();
-        Rollout {
-            current: st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0),
-            ready: st.ready_replicas.unwrap_or(0),
-            updated: st.updated_replicas.unwrap_or(0),
-            available: st.available_replicas.unwrap_or(0),
-            replicas: st.replicas.unwrap_or(0),
-            template_kids: d
-                .spec
-                .template
-                .metadata
-                .as_ref()
-                .and_then(|m| m.annotations.as_ref())
-                .and_then(|a| a.get(resources::KEYS_ANNOTATION))
-                .cloned(),
-        }
-    }
-
-    fn in_progress(&self, want: i32) -> bool {
-        !self.current || self.updated < want || self.replicas > want
-    }
-
-    /// Every replica runs the pod template carrying `kids`.
-    fn complete_with(&self, kids: &str, want: i32) -> bool {
-        self.template_kids.as_deref() == Some(kids)
-            && self.current
-            && self.updated == want
-            && self.available == want
-            && self.replicas == want
-    }
 }
 
 pub(crate) async fn publish(
@@ -259,7 +214,7 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
 
     let now = Timestamp::now().as_second();
     let key_name = resources::signing_secret_name(tp);
-    let (ring, ring_version) = signing_keys(tp, ctx, &secrets, &policy, now).await?;
+    let (ring, ring_version) = signing_ring(tp, ctx, &secrets).await?;
     let key_ids = kids(&ring, &key_name)?;
     apply(
         Api::<ServiceAccount>::namespaced(client.clone(), &ns),
@@ -297,28 +252,23 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
         }
     }
 
-    let want = tp.spec.replicas;
     let rollout = Rollout::of(&deployment);
-    let mut promoted = false;
-    if ring.next.is_some() && rollout.complete_with(&key_ids, want) {
-        let next = rotation::apply(&ring, Step::Promote, None, String::new, now);
-        replace_ring(tp, &secrets, &next, ring_version).await?;
-        let note = format!(
-            "every replica verifies the new key; it signs now (keys {})",
-            kids(&next, &key_name)?
-        );
-        publish(
-            ctx,
-            tp,
-            EventType::Normal,
-            "SigningKeyPromoted",
-            "Rotate",
-            note,
-        )
-        .await;
-        promoted = true;
-    }
-    let Rollout { ready, updated, .. } = rollout;
+    let rotated = rotate(
+        tp,
+        ctx,
+        &secrets,
+        (&ring, ring_version),
+        &rollout,
+        &policy,
+        now,
+    )
+    .await?;
+    let Rollout {
+        want,
+        ready,
+        updated,
+        ..
+    } = rollout;
     let report = Report {
         ready: if ready >= 1 {
             (
@@ -333,7 +283,7 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
                 format!("0/{want} replicas ready"),
             )
         },
-        progressing: if rollout.in_progress(want) {
+        progressing: if rollout.in_progress() {
             (
                 true,
                 "RollingOut",
@@ -357,8 +307,8 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
         .await;
     }
     write_status(tp, &policies, &report).await?;
-    // After a promotion, come back at once to roll the pods to the new order.
-    Ok(Action::requeue(Duration::from_secs(if promoted {
+    // After a rotation step, come back at once to roll the pods to the new ring.
+    Ok(Action::requeue(Duration::from_secs(if rotated {
         1
     } else {
         300
