@@ -147,6 +147,11 @@ where
         .await?)
 }
 
+#[tracing::instrument(
+    name = "reconcile",
+    skip_all,
+    fields(policy = %key_of(&tp), generation = tp.metadata.generation.unwrap_or(0))
+)]
 pub async fn reconcile(tp: Arc<TokenPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
