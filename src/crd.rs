@@ -22,7 +22,7 @@ macro_rules! cel_duration {
 /// CEL: a spec field's duration, or its default when the field is absent
 /// (the API server fills defaults before it validates; offline checks may not).
 macro_rules! cel_field {
-    ($field:literal, $default:literal) => {
+    ($field:literal, $default:expr) => {
         concat!(
             "(has(self.",
             $field,
@@ -36,14 +36,14 @@ macro_rules! cel_field {
 }
 
 const TOKEN_WITHIN_SESSION: &str = concat!(
-    cel_field!("tokenExpirationTime", "30m"),
+    cel_field!("tokenExpirationTime", crate::default_token!()),
     " <= ",
-    cel_field!("sessionExpirationTime", "8h")
+    cel_field!("sessionExpirationTime", crate::default_session!())
 );
 const RENEW_WITHIN_SESSION: &str = concat!(
-    cel_field!("expiredTokenRenewLimit", "10m"),
+    cel_field!("expiredTokenRenewLimit", crate::default_renew_limit!()),
     " <= ",
-    cel_field!("sessionExpirationTime", "8h")
+    cel_field!("sessionExpirationTime", crate::default_session!())
 );
 const SESSION_BOUNDS: &str = concat!(
     cel_duration!("self"),
@@ -61,16 +61,16 @@ const RENEW_BOUNDS: &str = concat!(cel_duration!("self"), " <= duration('168h')"
 const GRACE_BOUNDS: &str = concat!(cel_duration!("self"), " <= duration('60s')");
 
 fn default_session() -> String {
-    "8h".into()
+    crate::default_session!().into()
 }
 fn default_token() -> String {
-    "30m".into()
+    crate::default_token!().into()
 }
 fn default_renew_limit() -> String {
-    "10m".into()
+    crate::default_renew_limit!().into()
 }
 fn default_grace() -> String {
-    "10s".into()
+    crate::default_grace!().into()
 }
 fn default_replicas() -> i32 {
     1
@@ -106,7 +106,7 @@ pub struct TokenPolicySpec {
     #[serde(default = "default_session")]
     #[schemars(
         length(min = 1, max = 32),
-        regex(pattern = "^(0|([0-9]+d)?([0-9]+[hms])*)$")
+        regex(pattern = crate::duration::PATTERN)
     )]
     #[x_kube(validation = Rule::new(SESSION_BOUNDS).message("sessionExpirationTime must be between 1s and 365d"))]
     pub session_expiration_time: String,
@@ -115,7 +115,7 @@ pub struct TokenPolicySpec {
     #[serde(default = "default_token")]
     #[schemars(
         length(min = 1, max = 32),
-        regex(pattern = "^(0|([0-9]+d)?([0-9]+[hms])*)$")
+        regex(pattern = crate::duration::PATTERN)
     )]
     #[x_kube(validation = Rule::new(TOKEN_BOUNDS).message("tokenExpirationTime must be between 1s and 7d"))]
     pub token_expiration_time: String,
@@ -125,7 +125,7 @@ pub struct TokenPolicySpec {
     #[serde(default = "default_renew_limit")]
     #[schemars(
         length(min = 1, max = 32),
-        regex(pattern = "^(0|([0-9]+d)?([0-9]+[hms])*)$")
+        regex(pattern = crate::duration::PATTERN)
     )]
     #[x_kube(validation = Rule::new(RENEW_BOUNDS).message("expiredTokenRenewLimit must be between 0s and 7d"))]
     pub expired_token_renew_limit: String,
@@ -135,7 +135,7 @@ pub struct TokenPolicySpec {
     #[serde(default = "default_grace")]
     #[schemars(
         length(min = 1, max = 32),
-        regex(pattern = "^(0|([0-9]+d)?([0-9]+[hms])*)$")
+        regex(pattern = crate::duration::PATTERN)
     )]
     #[x_kube(validation = Rule::new(GRACE_BOUNDS).message("refreshGracePeriod must be between 0s and 1m"))]
     pub refresh_grace_period: String,

@@ -25,6 +25,34 @@ pub enum DurationError {
 /// and seconds (`7d`, `1d12h`, `1h30m`, `90s`).
 pub const PATTERN: &str = "^(0|([0-9]+d)?([0-9]+[hms])*)$";
 
+// The recommended defaults, one source for the CRD (its defaults and CEL
+// rules), the policy file and `Policy::default()`. Macros, because the CEL
+// rules are assembled with `concat!`, which takes literals only.
+#[macro_export]
+macro_rules! default_session {
+    () => {
+        "8h"
+    };
+}
+#[macro_export]
+macro_rules! default_token {
+    () => {
+        "30m"
+    };
+}
+#[macro_export]
+macro_rules! default_renew_limit {
+    () => {
+        "10m"
+    };
+}
+#[macro_export]
+macro_rules! default_grace {
+    () => {
+        "10s"
+    };
+}
+
 /// Parses a duration string into whole seconds.
 pub fn parse_seconds(input: &str) -> Result<u64, DurationError> {
     let s = input.trim();

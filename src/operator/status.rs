@@ -1,10 +1,12 @@
 //! The TokenPolicy's status: conditions keyed by type, each with its
 //! observedGeneration, and lastTransitionTime kept while the status holds.
 
+use std::borrow::Cow;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
+use kube::{Resource as _, ResourceExt};
 use serde::Serialize;
 
 use crate::crd::{TokenPolicy, TokenPolicyStatus};
@@ -47,8 +49,8 @@ fn condition(
 #[derive(Serialize, Debug)]
 #[serde(rename_all = "camelCase")]
 struct StatusPatch {
-    api_version: &'static str,
-    kind: &'static str,
+    api_version: Cow<'static, str>,
+    kind: Cow<'static, str>,
     status: TokenPolicyStatus,
 }
 
@@ -75,8 +77,8 @@ pub(crate) async fn write_status(
         endpoint: Some(resources::endpoint(tp)),
     };
     let patch = StatusPatch {
-        api_version: "auth.tokenpolicy.io/v1alpha1",
-        kind: "TokenPolicy",
+        api_version: TokenPolicy::api_version(&()),
+        kind: TokenPolicy::kind(&()),
         status,
     };
     api.patch_status(
