@@ -24,7 +24,9 @@ use crate::operator::keys::{kids, rotate, secret_value, signing_ring};
 pub use crate::operator::metrics::{OperatorMetrics, Reason};
 use crate::operator::resources::{self, MANAGER};
 use crate::operator::rollout::Rollout;
-use crate::operator::status::{Report, degraded_reason, write_status};
+use crate::operator::status::{
+    ConditionReason as R, ConditionState as C, Report, degraded_reason, write_status,
+};
 use crate::policy::Policy;
 
 #[derive(Debug, thiserror::Error)]
@@ -92,23 +94,20 @@ async fn check_secret(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<Option<
 }
 
 /// What stops the service from running, if anything: (reason, message).
-async fn blocker(
-    tp: &TokenPolicy,
-    secrets: &Api<Secret>,
-) -> Result<Option<(&'static str, String)>, Error> {
+async fn blocker(tp: &TokenPolicy, secrets: &Api<Secret>) -> Result<Option<(R, String)>, Error> {
     let Some(users) = &tp.spec.users else {
         return Ok(Some((
-            "UsersSecretMissing",
+            R::USERS_SECRET_MISSING,
             "spec.users is not set: nobody could log in".into(),
         )));
     };
     if let Some(m) = check_secret(secrets, &users.secret_ref).await? {
-        return Ok(Some(("UsersSecretMissing", m)));
+        return Ok(Some((R::USERS_SECRET_MISSING, m)));
     }
     if let Some(redis) = &tp.spec.redis
         && let Some(m) = check_secret(secrets, &redis.url_secret_ref).await?
     {
-        return Ok(Some(("RedisSecretMissing", m)));
+        return Ok(Some((R::REDIS_SECRET_MISSING, m)));
     }
     Ok(None)
 }
@@ -175,24 +174,24 @@ async fn degrade(
     tp: &TokenPolicy,
     ctx: &Context,
     policies: &Api<TokenPolicy>,
-    reason: &'static str,
+    reason: R,
     message: String,
 ) -> Result<Action, Error> {
-    if degraded_reason(tp).as_deref() != Some(reason) {
+    if degraded_reason(tp).as_deref() != Some(reason.as_str()) {
         publish(
             ctx,
             tp,
             EventType::Warning,
-            reason,
+            reason.as_str(),
             "Reconcile",
             message.clone(),
         )
         .await;
     }
     let report = Report {
-        ready: (false, reason, message.clone()),
-        progressing: (false, reason, "waiting for the problem to be fixed".into()),
-        degraded: (true, reason, message),
+        ready: C::no(reason, message.clone()),
+        progressing: C::no(reason, "waiting for the problem to be fixed"),
+        degraded: C::yes(reason, message),
         ready_replicas: tp.status.as_ref().and_then(|s| s.ready_replicas),
     };
     write_status(tp, policies, &report).await?;
@@ -211,7 +210,7 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
 
     let policy = match Policy::from_spec(&tp.spec) {
         Ok(p) => p,
-        Err(e) => return degrade(tp, ctx, &policies, "InvalidSpec", e.to_string()).await,
+        Err(e) => return degrade(tp, ctx, &policies, R::INVALID_SPEC, e.to_string()).await,
     };
     if let Some((reason, message)) = blocker(tp, &secrets).await? {
         return degrade(tp, ctx, &policies, reason, message).await;
@@ -276,28 +275,22 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
     } = rollout;
     let report = Report {
         ready: if ready >= 1 {
-            (
-                true,
-                "DeploymentAvailable",
+            C::yes(
+                R::DEPLOYMENT_AVAILABLE,
                 format!("{ready}/{want} replicas ready"),
             )
         } else {
-            (
-                false,
-                "DeploymentUnavailable",
+            C::no(
+                R::DEPLOYMENT_UNAVAILABLE,
                 format!("0/{want} replicas ready"),
             )
         },
         progressing: if rollout.in_progress() {
-            (
-                true,
-                "RollingOut",
-                format!("{updated}/{want} replicas updated"),
-            )
+            C::yes(R::ROLLING_OUT, format!("{updated}/{want} replicas updated"))
         } else {
-            (false, "Stable", "all replicas run the current spec".into())
+            C::no(R::STABLE, "all replicas run the current spec")
         },
-        degraded: (false, "AsExpected", "no problem found".into()),
+        degraded: C::no(R::AS_EXPECTED, "no problem found"),
         ready_replicas: Some(ready),
     };
     if degraded_reason(tp).is_some() {
