@@ -27,7 +27,7 @@ macro_rules! cel_seconds {
 /// CEL: a spec field's seconds, or its default's when the field is absent
 /// (the API server fills defaults before it validates; offline checks may not).
 macro_rules! cel_field {
-    ($field:literal, $default:literal) => {
+    ($field:literal, $default:expr) => {
         concat!(
             "(has(self.",
             $field,
@@ -41,14 +41,14 @@ macro_rules! cel_field {
 }
 
 const TOKEN_WITHIN_SESSION: &str = concat!(
-    cel_field!("tokenExpirationTime", "1800"),
+    cel_field!("tokenExpirationTime", crate::default_token_secs!()),
     " <= ",
-    cel_field!("sessionExpirationTime", "28800")
+    cel_field!("sessionExpirationTime", crate::default_session_secs!())
 );
 const RENEW_WITHIN_SESSION: &str = concat!(
-    cel_field!("expiredTokenRenewLimit", "600"),
+    cel_field!("expiredTokenRenewLimit", crate::default_renew_limit_secs!()),
     " <= ",
-    cel_field!("sessionExpirationTime", "28800")
+    cel_field!("sessionExpirationTime", crate::default_session_secs!())
 );
 const SESSION_BOUNDS: &str = concat!(
     cel_seconds!("self"),
@@ -66,16 +66,16 @@ const RENEW_BOUNDS: &str = concat!(cel_seconds!("self"), " <= 604800");
 const GRACE_BOUNDS: &str = concat!(cel_seconds!("self"), " <= 60");
 
 fn default_session() -> String {
-    "8h".into()
+    crate::default_session!().into()
 }
 fn default_token() -> String {
-    "30m".into()
+    crate::default_token!().into()
 }
 fn default_renew_limit() -> String {
-    "10m".into()
+    crate::default_renew_limit!().into()
 }
 fn default_grace() -> String {
-    "10s".into()
+    crate::default_grace!().into()
 }
 fn default_replicas() -> i32 {
     1
@@ -111,7 +111,7 @@ pub struct TokenPolicySpec {
     #[serde(default = "default_session")]
     #[schemars(
         length(min = 1, max = 32),
-        regex(pattern = "^(0|([0-9]+d)?([0-9]+[hms])*)$")
+        regex(pattern = crate::duration::PATTERN)
     )]
     #[x_kube(validation = Rule::new(SESSION_BOUNDS).message("sessionExpirationTime must be between 1s and 365d"))]
     pub session_expiration_time: String,
@@ -120,7 +120,7 @@ pub struct TokenPolicySpec {
     #[serde(default = "default_token")]
     #[schemars(
         length(min = 1, max = 32),
-        regex(pattern = "^(0|([0-9]+d)?([0-9]+[hms])*)$")
+        regex(pattern = crate::duration::PATTERN)
     )]
     #[x_kube(validation = Rule::new(TOKEN_BOUNDS).message("tokenExpirationTime must be between 1s and 7d"))]
     pub token_expiration_time: String,
@@ -130,7 +130,7 @@ pub struct TokenPolicySpec {
     #[serde(default = "default_renew_limit")]
     #[schemars(
         length(min = 1, max = 32),
-        regex(pattern = "^(0|([0-9]+d)?([0-9]+[hms])*)$")
+        regex(pattern = crate::duration::PATTERN)
     )]
     #[x_kube(validation = Rule::new(RENEW_BOUNDS).message("expiredTokenRenewLimit must be between 0s and 7d"))]
     pub expired_token_renew_limit: String,
@@ -140,7 +140,7 @@ pub struct TokenPolicySpec {
     #[serde(default = "default_grace")]
     #[schemars(
         length(min = 1, max = 32),
-        regex(pattern = "^(0|([0-9]+d)?([0-9]+[hms])*)$")
+        regex(pattern = crate::duration::PATTERN)
     )]
     #[x_kube(validation = Rule::new(GRACE_BOUNDS).message("refreshGracePeriod must be between 0s and 1m"))]
     pub refresh_grace_period: String,

@@ -25,6 +25,55 @@ pub enum DurationError {
 /// and seconds (`7d`, `1d12h`, `1h30m`, `90s`).
 pub const PATTERN: &str = "^(0|([0-9]+d)?([0-9]+[hms])*)$";
 
+// The recommended defaults, one source for the CRD (its defaults and CEL
+// rules), the policy file and `Policy::default()`. Macros, because the CEL
+// rules are assembled with `concat!`, which takes literals only.
+#[macro_export]
+macro_rules! default_session {
+    () => {
+        "8h"
+    };
+}
+#[macro_export]
+macro_rules! default_token {
+    () => {
+        "30m"
+    };
+}
+#[macro_export]
+macro_rules! default_renew_limit {
+    () => {
+        "10m"
+    };
+}
+#[macro_export]
+macro_rules! default_grace {
+    () => {
+        "10s"
+    };
+}
+
+// The same defaults in whole seconds, for the CEL rules, which compare
+// seconds; a test checks that each equals its duration above.
+#[macro_export]
+macro_rules! default_session_secs {
+    () => {
+        "28800"
+    };
+}
+#[macro_export]
+macro_rules! default_token_secs {
+    () => {
+        "1800"
+    };
+}
+#[macro_export]
+macro_rules! default_renew_limit_secs {
+    () => {
+        "600"
+    };
+}
+
 /// Parses a duration string into whole seconds.
 pub fn parse_seconds(input: &str) -> Result<u64, DurationError> {
     let s = input.trim();
@@ -156,6 +205,20 @@ mod tests {
             let by_pattern = re.is_match(&s);
             let by_parser = !matches!(parse_seconds(&s), Err(DurationError::Syntax(_) | DurationError::Fraction(_) | DurationError::Unit(..) | DurationError::Empty));
             prop_assert_eq!(by_pattern, by_parser, "{}", s);
+        }
+    }
+
+    #[test]
+    fn default_seconds_match_their_durations() {
+        for (d, secs) in [
+            (crate::default_session!(), crate::default_session_secs!()),
+            (crate::default_token!(), crate::default_token_secs!()),
+            (
+                crate::default_renew_limit!(),
+                crate::default_renew_limit_secs!(),
+            ),
+        ] {
+            assert_eq!(parse_seconds(d).unwrap().to_string(), secs, "{d}");
         }
     }
 }

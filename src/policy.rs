@@ -6,9 +6,6 @@ use serde::Deserialize;
 pub use crate::crd::{CookieSpec, TokenPolicySpec};
 use crate::duration::{format_seconds, parse_seconds};
 
-pub const API_VERSION: &str = "auth.tokenpolicy.io/v1alpha1";
-pub const KIND: &str = "TokenPolicy";
-
 const MINUTE: u64 = 60;
 const DAY: u64 = 86_400;
 
@@ -99,13 +96,15 @@ pub struct Policy {
 }
 
 impl Default for Policy {
-    /// The recommended values: session 8h, token 30m, renew limit 10m.
+    /// The recommended values (session 8h, token 30m, renew limit 10m,
+    /// grace 10s), from the same constants as the CRD's defaults.
     fn default() -> Self {
+        let secs = |s: &str| parse_seconds(s).expect("the default durations parse");
         Policy {
-            session: 8 * 3_600,
-            token: 30 * MINUTE,
-            renew_limit: 10 * MINUTE,
-            grace: 10,
+            session: secs(crate::default_session!()),
+            token: secs(crate::default_token!()),
+            renew_limit: secs(crate::default_renew_limit!()),
+            grace: secs(crate::default_grace!()),
             revoke_session_on_reuse: true,
             issuer: None,
             audience: None,
@@ -276,9 +275,15 @@ impl Policy {
                 "unknown field {path} (see `tokenpolicy crd` for the schema)"
             )));
         }
-        if doc.api_version != API_VERSION || doc.kind != KIND {
+        // The apiVersion and kind come from the CRD's derive: one source.
+        use kube::Resource as _;
+        let (api_version, kind) = (
+            crate::crd::TokenPolicy::api_version(&()),
+            crate::crd::TokenPolicy::kind(&()),
+        );
+        if doc.api_version != api_version || doc.kind != kind {
             return Err(PolicyError::Document(format!(
-                "expected apiVersion {API_VERSION} and kind {KIND}, got {} {}",
+                "expected apiVersion {api_version} and kind {kind}, got {} {}",
                 doc.api_version, doc.kind
             )));
         }

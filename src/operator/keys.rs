@@ -1,5 +1,6 @@
 //! The signing-key ring in its Secret: generated once and never overwritten,
-//! then rotated one step at a time as [`rotation::plan`] says.
+//! then rotated one step at a time as [`rotation::plan`] says (the only
+//! place a step is decided).
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
@@ -9,6 +10,7 @@ use kube::runtime::events::EventType;
 use crate::crd::TokenPolicy;
 use crate::operator::reconcile::{Context, Error, publish};
 use crate::operator::resources::{self, MANAGER};
+use crate::operator::rollout::Rollout;
 use crate::operator::rotation::{self, KeyRing, Step};
 use crate::policy::Policy;
 use crate::service::token::Key;
@@ -68,63 +70,89 @@ fn post_params() -> PostParams {
     }
 }
 
-/// The signing keys: generated once and never overwritten, then rotated as
-/// `rotation::plan` says (adding and dropping here; promoting only after a
-/// complete rollout, in `reconcile_inner`).
-pub(crate) async fn signing_keys(
+/// The signing keys as the Secret holds them, generated once if there is
+/// no Secret yet (and never overwritten): the ring and the version read.
+pub(crate) async fn signing_ring(
     tp: &TokenPolicy,
     ctx: &Context,
     secrets: &Api<Secret>,
-    policy: &Policy,
-    now: i64,
 ) -> Result<(KeyRing, Option<String>), Error> {
     let name = resources::signing_secret_name(tp);
-    let rotate = tp.annotations().get(resources::ROTATE_ANNOTATION).cloned();
-    let Some(existing) = secrets.get_opt(&name).await? else {
-        let ring = KeyRing {
-            signing: Key::generate().to_pem(),
-            rotated_for: rotate,
-            ..Default::default()
-        };
-        secrets
-            .create(&post_params(), &resources::signing_secret(tp, &ring))
-            .await?;
-        let note = format!(
-            "generated signing key {} in Secret {name}",
-            kids(&ring, &name)?
-        );
-        publish(
-            ctx,
-            tp,
-            EventType::Normal,
-            "SigningKeyCreated",
-            "Create",
-            note,
-        )
-        .await;
-        return Ok((ring, None));
+    if let Some(existing) = secrets.get_opt(&name).await? {
+        return Ok((
+            ring_of(&existing, &name)?,
+            existing.metadata.resource_version,
+        ));
+    }
+    let ring = KeyRing {
+        signing: Key::generate().to_pem(),
+        rotated_for: tp.annotations().get(resources::ROTATE_ANNOTATION).cloned(),
+        ..Default::default()
     };
-    let ring = ring_of(&existing, &name)?;
-    let step = rotation::plan(&ring, rotate.as_deref(), false, policy, now);
+    let created = secrets
+        .create(&post_params(), &resources::signing_secret(tp, &ring))
+        .await?;
+    let note = format!(
+        "generated signing key {} in Secret {name}",
+        kids(&ring, &name)?
+    );
+    publish(
+        ctx,
+        tp,
+        EventType::Normal,
+        "SigningKeyCreated",
+        "Create",
+        note,
+    )
+    .await;
+    Ok((ring, created.metadata.resource_version))
+}
+
+/// Takes the rotation step [`rotation::plan`] decides for `ring`, given the
+/// Deployment as applied (`rollout`), and writes the new ring. Returns
+/// whether the ring changed (the pods pick it up at the next reconcile).
+pub(crate) async fn rotate(
+    tp: &TokenPolicy,
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    (ring, version): (&KeyRing, Option<String>),
+    rollout: &Rollout,
+    policy: &Policy,
+    now: i64,
+) -> Result<bool, Error> {
+    let name = resources::signing_secret_name(tp);
+    let rotate = tp.annotations().get(resources::ROTATE_ANNOTATION).cloned();
+    let step = rotation::plan(
+        ring,
+        &kids(ring, &name)?,
+        rotate.as_deref(),
+        rollout,
+        policy,
+        now,
+    );
     let (reason, note) = match step {
+        Step::Keep => return Ok(false),
         Step::AddNext => (
             "SigningKeyAdded",
             "new signing key added, verify-only until every replica has it",
+        ),
+        Step::Promote => (
+            "SigningKeyPromoted",
+            "every replica verifies the new key; it signs now",
         ),
         Step::DropPrevious => (
             "SigningKeyRetired",
             "previous signing key removed: no token it signed can still be used",
         ),
-        Step::Keep | Step::Promote => return Ok((ring, existing.metadata.resource_version)),
     };
     let next = rotation::apply(
-        &ring,
+        ring,
         step,
         rotate.as_deref(),
         || Key::generate().to_pem(),
         now,
     );
-    let version = replace_ring(tp, secrets, &next, existing.metadata.resource_version).await?;
+    replace_ring(tp, secrets, &next, version).await?;
     publish(
         ctx,
         tp,
@@ -134,12 +162,12 @@ pub(crate) async fn signing_keys(
         format!("{note}; keys now {}", kids(&next, &name)?),
     )
     .await;
-    Ok((next, version))
+    Ok(true)
 }
 
 /// Replaces the key ring, guarded by the version we read (a concurrent
 /// writer makes this fail with a conflict, and the reconcile is retried).
-pub(crate) async fn replace_ring(
+async fn replace_ring(
     tp: &TokenPolicy,
     secrets: &Api<Secret>,
     ring: &KeyRing,

@@ -1,6 +1,13 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, as client-go does
-//! it, so that two operator replicas never both reconcile. (The published
-//! crates for this depend on kube 4 and do not build with our kube 5.)
+//! it, so that two operator replicas never both reconcile.
+//!
+//! Not `kube-lease-manager` (0.13.1, which does depend on kube 5 and
+//! k8s-openapi 0.29): read from its source, a holder whose renewal fails
+//! logs the error and backs off while its watch channel still says
+//! "leader", past the Lease's expiry; it has no renew deadline and puts no
+//! time bound on its Lease requests or its release. Our safety tests below
+//! (stop at the renew deadline, bounded requests, release on exit) ask for
+//! exactly those.
 
 use std::future::Future;
 use std::time::Duration;

@@ -12,6 +12,7 @@ pub mod leader;
 pub mod metrics;
 pub mod reconcile;
 pub mod resources;
+pub mod rollout;
 pub mod rotation;
 pub mod status;
 

@@ -20,11 +20,14 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 
 use crate::crd::{SecretKeyRef, TokenPolicy};
-use crate::operator::keys::{kids, replace_ring, secret_value, signing_keys};
+use crate::operator::keys::{kids, rotate, secret_value, signing_ring};
 pub use crate::operator::metrics::{OperatorMetrics, Reason};
 use crate::operator::resources::{self, MANAGER};
-use crate::operator::rotation::{self, Step};
-use crate::operator::status::{Report, degraded_reason, write_status};
+use crate::operator::rollout::Rollout;
+use crate::operator::rotation;
+use crate::operator::status::{
+    ConditionReason as R, ConditionState as C, Report, degraded_reason, write_status,
+};
 use crate::policy::Policy;
 
 #[derive(Debug, thiserror::Error)]
@@ -92,70 +95,22 @@ async fn check_secret(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<Option<
 }
 
 /// What stops the service from running, if anything: (reason, message).
-async fn blocker(
-    tp: &TokenPolicy,
-    secrets: &Api<Secret>,
-) -> Result<Option<(&'static str, String)>, Error> {
+async fn blocker(tp: &TokenPolicy, secrets: &Api<Secret>) -> Result<Option<(R, String)>, Error> {
     let Some(users) = &tp.spec.users else {
         return Ok(Some((
-            "UsersSecretMissing",
+            R::USERS_SECRET_MISSING,
             "spec.users is not set: nobody could log in".into(),
         )));
     };
     if let Some(m) = check_secret(secrets, &users.secret_ref).await? {
-        return Ok(Some(("UsersSecretMissing", m)));
+        return Ok(Some((R::USERS_SECRET_MISSING, m)));
     }
     if let Some(redis) = &tp.spec.redis
         && let Some(m) = check_secret(secrets, &redis.url_secret_ref).await?
     {
-        return Ok(Some(("RedisSecretMissing", m)));
+        return Ok(Some((R::REDIS_SECRET_MISSING, m)));
     }
     Ok(None)
-}
-
-/// Where the Deployment's rollout stands, as the applied object reports it.
-struct Rollout {
-    /// The deployment controller has seen the current template.
-    current: bool,
-    ready: i32,
-    updated: i32,
-    available: i32,
-    replicas: i32,
-    template_kids: Option<String>,
-}
-
-impl Rollout {
-    fn of(d: &Deployment) -> Rollout {
-        let st = d.status.clone().unwrap_or_default();
-        Rollout {
-            current: st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0),
-            ready: st.ready_replicas.unwrap_or(0),
-            updated: st.updated_replicas.unwrap_or(0),
-            available: st.available_replicas.unwrap_or(0),
-            replicas: st.replicas.unwrap_or(0),
-            template_kids: d
-                .spec
-                .template
-                .metadata
-                .as_ref()
-                .and_then(|m| m.annotations.as_ref())
-                .and_then(|a| a.get(resources::KEYS_ANNOTATION))
-                .cloned(),
-        }
-    }
-
-    fn in_progress(&self, want: i32) -> bool {
-        !self.current || self.updated < want || self.replicas > want
-    }
-
-    /// Every replica runs the pod template carrying `kids`.
-    fn complete_with(&self, kids: &str, want: i32) -> bool {
-        self.template_kids.as_deref() == Some(kids)
-            && self.current
-            && self.updated == want
-            && self.available == want
-            && self.replicas == want
-    }
 }
 
 pub(crate) async fn publish(
@@ -202,6 +157,11 @@ where
         .await?)
 }
 
+#[tracing::instrument(
+    name = "reconcile",
+    skip_all,
+    fields(policy = %key_of(&tp), generation = tp.metadata.generation.unwrap_or(0))
+)]
 pub async fn reconcile(tp: Arc<TokenPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
@@ -254,24 +214,24 @@ async fn degrade(
     tp: &TokenPolicy,
     ctx: &Context,
     policies: &Api<TokenPolicy>,
-    reason: &'static str,
+    reason: R,
     message: String,
 ) -> Result<Action, Error> {
-    if degraded_reason(tp).as_deref() != Some(reason) {
+    if degraded_reason(tp).as_deref() != Some(reason.as_str()) {
         publish(
             ctx,
             tp,
             EventType::Warning,
-            reason,
+            reason.as_str(),
             "Reconcile",
             message.clone(),
         )
         .await;
     }
     let report = Report {
-        ready: (false, reason, message.clone()),
-        progressing: (false, reason, "waiting for the problem to be fixed".into()),
-        degraded: (true, reason, message),
+        ready: C::no(reason, message.clone()),
+        progressing: C::no(reason, "waiting for the problem to be fixed"),
+        degraded: C::yes(reason, message),
         ready_replicas: tp.status.as_ref().and_then(|s| s.ready_replicas),
     };
     write_status(tp, policies, &report).await?;
@@ -290,7 +250,7 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
 
     let policy = match Policy::from_spec(&tp.spec) {
         Ok(p) => p,
-        Err(e) => return degrade(tp, ctx, &policies, "InvalidSpec", e.to_string()).await,
+        Err(e) => return degrade(tp, ctx, &policies, R::INVALID_SPEC, e.to_string()).await,
     };
     if let Some((reason, message)) = blocker(tp, &secrets).await? {
         return degrade(tp, ctx, &policies, reason, message).await;
@@ -298,7 +258,7 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
 
     let now = Timestamp::now().as_second();
     let key_name = resources::signing_secret_name(tp);
-    let (ring, ring_version) = signing_keys(tp, ctx, &secrets, &policy, now).await?;
+    let (ring, ring_version) = signing_ring(tp, ctx, &secrets).await?;
     let key_ids = kids(&ring, &key_name)?;
     apply(
         Api::<ServiceAccount>::namespaced(client.clone(), &ns),
@@ -336,52 +296,41 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
         }
     }
 
-    let want = tp.spec.replicas;
     let rollout = Rollout::of(&deployment);
-    let mut promoted = false;
-    if ring.next.is_some() && rollout.complete_with(&key_ids, want) {
-        let next = rotation::apply(&ring, Step::Promote, None, String::new, now);
-        replace_ring(tp, &secrets, &next, ring_version).await?;
-        let note = format!(
-            "every replica verifies the new key; it signs now (keys {})",
-            kids(&next, &key_name)?
-        );
-        publish(
-            ctx,
-            tp,
-            EventType::Normal,
-            "SigningKeyPromoted",
-            "Rotate",
-            note,
-        )
-        .await;
-        promoted = true;
-    }
-    let Rollout { ready, updated, .. } = rollout;
+    let rotated = rotate(
+        tp,
+        ctx,
+        &secrets,
+        (&ring, ring_version),
+        &rollout,
+        &policy,
+        now,
+    )
+    .await?;
+    let Rollout {
+        want,
+        ready,
+        updated,
+        ..
+    } = rollout;
     let report = Report {
         ready: if ready >= 1 {
-            (
-                true,
-                "DeploymentAvailable",
+            C::yes(
+                R::DEPLOYMENT_AVAILABLE,
                 format!("{ready}/{want} replicas ready"),
             )
         } else {
-            (
-                false,
-                "DeploymentUnavailable",
+            C::no(
+                R::DEPLOYMENT_UNAVAILABLE,
                 format!("0/{want} replicas ready"),
             )
         },
-        progressing: if rollout.in_progress(want) {
-            (
-                true,
-                "RollingOut",
-                format!("{updated}/{want} replicas updated"),
-            )
+        progressing: if rollout.in_progress() {
+            C::yes(R::ROLLING_OUT, format!("{updated}/{want} replicas updated"))
         } else {
-            (false, "Stable", "all replicas run the current spec".into())
+            C::no(R::STABLE, "all replicas run the current spec")
         },
-        degraded: (false, "AsExpected", "no problem found".into()),
+        degraded: C::no(R::AS_EXPECTED, "no problem found"),
         ready_replicas: Some(ready),
     };
     if degraded_reason(tp).is_some() {
@@ -396,9 +345,9 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
         .await;
     }
     write_status(tp, &policies, &report).await?;
-    // After a promotion, come back at once to roll the pods to the new order;
-    // while a previous key is kept, come back when it may be retired.
-    Ok(Action::requeue(Duration::from_secs(if promoted {
+    // After a rotation step, come back at once to roll the pods to the new
+    // ring; while a previous key is kept, come back when it may be retired.
+    Ok(Action::requeue(Duration::from_secs(if rotated {
         1
     } else {
         rotation::recheck_in(&ring, &policy, now).unwrap_or(300)

@@ -6,7 +6,8 @@
 //!
 //! 1. **add**: a changed rotate annotation adds `next.pem`, verify-only. The
 //!    pods roll out with it.
-//! 2. **promote**: once that rollout is complete, `next` becomes the signing
+//! 2. **promote**: once that rollout is complete (the applied Deployment's
+//!    template carries the ring's kids and every replica runs it), `next` becomes the signing
 //!    key and the old signing key becomes `previous.pem`. The pods roll out
 //!    again; old pods already verify the new key.
 //! 3. **drop**: `previous` is removed once no token it signed can still be
@@ -14,7 +15,13 @@
 //!
 //! A rotation asked for while a `previous` key is still needed waits for
 //! step 3, so the ring never holds more than three keys.
+//!
+//! [`plan`] is the only place that decides a step; the reconciler reads the
+//! ring, applies the Deployment, asks the plan with the Deployment as
+//! applied, and writes the ring the step gives. A changed ring reaches the
+//! pods at the next reconcile.
 
+use crate::operator::rollout::Rollout;
 use crate::policy::Policy;
 
 pub const SIGNING: &str = "signing.pem";
@@ -40,17 +47,19 @@ pub enum Step {
     DropPrevious,
 }
 
-/// What to do now. `rollout_done` tells whether every replica runs with the
-/// ring as it is (so that a pending `next` is known everywhere).
+/// What to do now. `kids` are the ring's kids as the pod template carries
+/// them; `rollout` is the Deployment as applied: a pending `next` is promoted
+/// only once every replica runs the template carrying exactly `kids`.
 pub fn plan(
     ring: &KeyRing,
+    kids: &str,
     rotate: Option<&str>,
-    rollout_done: bool,
+    rollout: &Rollout,
     policy: &Policy,
     now: i64,
 ) -> Step {
     if ring.next.is_some() {
-        return if rollout_done {
+        return if rollout.complete_with(kids) {
             Step::Promote
         } else {
             Step::Keep
@@ -120,6 +129,7 @@ pub fn in_order(ring: &KeyRing) -> Vec<(&'static str, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::operator::rollout::tests::done;
 
     fn policy() -> Policy {
         Policy {
@@ -136,25 +146,43 @@ mod tests {
         }
     }
 
+    /// The ring's "kids" (here the stand-in key strings), first signs.
+    fn kids(r: &KeyRing) -> String {
+        let v: Vec<_> = in_order(r).into_iter().map(|(_, k)| k).collect();
+        v.join(",")
+    }
+
+    /// Plans with every replica running the template of `r` itself.
+    fn settled(r: &KeyRing, rotate: Option<&str>, p: &Policy, now: i64) -> Step {
+        plan(r, &kids(r), rotate, &done(&kids(r), 2), p, now)
+    }
+
     #[test]
     fn a_full_rotation_adds_then_promotes_then_drops() {
         let p = policy();
         let r0 = ring();
-        assert_eq!(plan(&r0, None, true, &p, 0), Step::Keep);
-        assert_eq!(plan(&r0, Some("v1"), true, &p, 0), Step::AddNext);
+        assert_eq!(settled(&r0, None, &p, 0), Step::Keep);
+        assert_eq!(settled(&r0, Some("v1"), &p, 0), Step::AddNext);
         let r1 = apply(&r0, Step::AddNext, Some("v1"), || "B".into(), 0);
         assert_eq!(in_order(&r1), [(SIGNING, "A"), (NEXT, "B")]);
-        // B is not promoted while a replica may not know it yet.
-        assert_eq!(plan(&r1, Some("v1"), false, &p, 10), Step::Keep);
-        assert_eq!(plan(&r1, Some("v1"), true, &p, 10), Step::Promote);
+        // B is not promoted while a replica may not know it yet: the pods
+        // still run the template without it, or its rollout is not done.
+        let old_template = done(&kids(&r0), 2);
+        assert_eq!(
+            plan(&r1, &kids(&r1), Some("v1"), &old_template, &p, 10),
+            Step::Keep
+        );
+        let half = Rollout {
+            updated: 1,
+            ..done(&kids(&r1), 2)
+        };
+        assert_eq!(plan(&r1, &kids(&r1), Some("v1"), &half, &p, 10), Step::Keep);
+        assert_eq!(settled(&r1, Some("v1"), &p, 10), Step::Promote);
         let r2 = apply(&r1, Step::Promote, Some("v1"), || unreachable!(), 100);
         assert_eq!(in_order(&r2), [(SIGNING, "B"), (PREVIOUS, "A")]);
         // A verifies until the longest token it signed is dead: token + renew limit.
-        assert_eq!(plan(&r2, Some("v1"), true, &p, 100 + 899), Step::Keep);
-        assert_eq!(
-            plan(&r2, Some("v1"), true, &p, 100 + 900),
-            Step::DropPrevious
-        );
+        assert_eq!(settled(&r2, Some("v1"), &p, 100 + 899), Step::Keep);
+        assert_eq!(settled(&r2, Some("v1"), &p, 100 + 900), Step::DropPrevious);
         let r3 = apply(
             &r2,
             Step::DropPrevious,
@@ -163,7 +191,7 @@ mod tests {
             1_000,
         );
         assert_eq!(in_order(&r3), [(SIGNING, "B")]);
-        assert_eq!(plan(&r3, Some("v1"), true, &p, 2_000), Step::Keep);
+        assert_eq!(settled(&r3, Some("v1"), &p, 2_000), Step::Keep);
     }
 
     #[test]
@@ -176,10 +204,10 @@ mod tests {
             promoted_at: Some(100),
             ..Default::default()
         };
-        assert_eq!(plan(&r, Some("v2"), true, &p, 200), Step::Keep);
-        assert_eq!(plan(&r, Some("v2"), true, &p, 1_000), Step::DropPrevious);
+        assert_eq!(settled(&r, Some("v2"), &p, 200), Step::Keep);
+        assert_eq!(settled(&r, Some("v2"), &p, 1_000), Step::DropPrevious);
         let r = apply(&r, Step::DropPrevious, Some("v2"), || unreachable!(), 1_000);
-        assert_eq!(plan(&r, Some("v2"), true, &p, 1_000), Step::AddNext);
+        assert_eq!(settled(&r, Some("v2"), &p, 1_000), Step::AddNext);
     }
 
     #[test]
@@ -204,6 +232,6 @@ mod tests {
             previous: Some("A".into()),
             ..Default::default()
         };
-        assert_eq!(plan(&r, None, true, &policy(), i64::MAX), Step::Keep);
+        assert_eq!(settled(&r, None, &policy(), i64::MAX), Step::Keep);
     }
 }

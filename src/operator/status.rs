@@ -1,44 +1,111 @@
 //! The TokenPolicy's status: conditions keyed by type, each with its
 //! observedGeneration, and lastTransitionTime kept while the status holds.
 
+use std::borrow::Cow;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
+use kube::{Resource as _, ResourceExt};
 use serde::Serialize;
 
 use crate::crd::{TokenPolicy, TokenPolicyStatus};
 use crate::operator::reconcile::Error;
 use crate::operator::resources::{self, MANAGER};
 
-/// The conditions, reasons and counters that a reconciliation reports.
+/// A condition type of the TokenPolicy's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConditionType {
+    Ready,
+    Progressing,
+    Degraded,
+}
+
+impl ConditionType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionType::Ready => "Ready",
+            ConditionType::Progressing => "Progressing",
+            ConditionType::Degraded => "Degraded",
+        }
+    }
+}
+
+/// A condition's reason: only the constants below exist. The degrading
+/// ones double as the reasons of the Warning events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConditionReason(&'static str);
+
+impl ConditionReason {
+    pub const DEPLOYMENT_AVAILABLE: Self = Self("DeploymentAvailable");
+    pub const DEPLOYMENT_UNAVAILABLE: Self = Self("DeploymentUnavailable");
+    pub const ROLLING_OUT: Self = Self("RollingOut");
+    pub const STABLE: Self = Self("Stable");
+    pub const AS_EXPECTED: Self = Self("AsExpected");
+    pub const INVALID_SPEC: Self = Self("InvalidSpec");
+    pub const USERS_SECRET_MISSING: Self = Self("UsersSecretMissing");
+    pub const REDIS_SECRET_MISSING: Self = Self("RedisSecretMissing");
+
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+}
+
+/// One condition's state as a reconciliation finds it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ConditionState {
+    pub status: bool,
+    pub reason: ConditionReason,
+    pub message: String,
+}
+
+impl ConditionState {
+    pub fn yes(reason: ConditionReason, message: impl Into<String>) -> Self {
+        ConditionState {
+            status: true,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    pub fn no(reason: ConditionReason, message: impl Into<String>) -> Self {
+        ConditionState {
+            status: false,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// The conditions and counters that a reconciliation reports.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Report {
-    pub ready: (bool, &'static str, String),
-    pub progressing: (bool, &'static str, String),
-    pub degraded: (bool, &'static str, String),
+    pub ready: ConditionState,
+    pub progressing: ConditionState,
+    pub degraded: ConditionState,
     pub ready_replicas: Option<i32>,
 }
 
+/// The one place a condition is made: `lastTransitionTime` changes only
+/// when the status does.
 fn condition(
-    kind: &str,
-    (ok, reason, message): &(bool, &'static str, String),
+    kind: ConditionType,
+    state: &ConditionState,
     old: &[Condition],
     generation: Option<i64>,
     now: &Timestamp,
 ) -> Condition {
-    let status = if *ok { "True" } else { "False" };
-    // lastTransitionTime changes only when the status does.
+    let status = if state.status { "True" } else { "False" };
     let since = old
         .iter()
-        .find(|c| c.type_ == kind && c.status == status)
+        .find(|c| c.type_ == kind.as_str() && c.status == status)
         .map(|c| c.last_transition_time.clone())
         .unwrap_or_else(|| Time(*now));
     Condition {
-        type_: kind.into(),
+        type_: kind.as_str().into(),
         status: status.into(),
-        reason: (*reason).into(),
-        message: message.clone(),
+        reason: state.reason.as_str().into(),
+        message: state.message.clone(),
         observed_generation: generation,
         last_transition_time: since,
     }
@@ -47,8 +114,8 @@ fn condition(
 #[derive(Serialize, Debug)]
 #[serde(rename_all = "camelCase")]
 struct StatusPatch {
-    api_version: &'static str,
-    kind: &'static str,
+    api_version: Cow<'static, str>,
+    kind: Cow<'static, str>,
     status: TokenPolicyStatus,
 }
 
@@ -67,16 +134,28 @@ pub(crate) async fn write_status(
     let status = TokenPolicyStatus {
         observed_generation: generation,
         conditions: vec![
-            condition("Ready", &report.ready, old, generation, &now),
-            condition("Progressing", &report.progressing, old, generation, &now),
-            condition("Degraded", &report.degraded, old, generation, &now),
+            condition(ConditionType::Ready, &report.ready, old, generation, &now),
+            condition(
+                ConditionType::Progressing,
+                &report.progressing,
+                old,
+                generation,
+                &now,
+            ),
+            condition(
+                ConditionType::Degraded,
+                &report.degraded,
+                old,
+                generation,
+                &now,
+            ),
         ],
         ready_replicas: report.ready_replicas,
         endpoint: Some(resources::endpoint(tp)),
     };
     let patch = StatusPatch {
-        api_version: "auth.tokenpolicy.io/v1alpha1",
-        kind: "TokenPolicy",
+        api_version: TokenPolicy::api_version(&()),
+        kind: TokenPolicy::kind(&()),
         status,
     };
     api.patch_status(
@@ -93,6 +172,6 @@ pub(crate) fn degraded_reason(tp: &TokenPolicy) -> Option<String> {
         .as_ref()?
         .conditions
         .iter()
-        .find(|c| c.type_ == "Degraded" && c.status == "True")
+        .find(|c| c.type_ == ConditionType::Degraded.as_str() && c.status == "True")
         .map(|c| c.reason.clone())
 }

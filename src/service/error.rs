@@ -128,3 +128,63 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+#[cfg(test)]
+mod contract {
+    use super::Code;
+
+    /// Every code; the match fails to compile when a code is added.
+    fn every() -> Vec<Code> {
+        use Code::*;
+        let all = vec![
+            EmptyToken,
+            InvalidToken,
+            ExpiredToken,
+            ExpiredSession,
+            TokenAlreadyRefreshed,
+            RevokedSession,
+            InvalidCredentials,
+            TooManyAttempts,
+            StoreUnavailable,
+            InvalidRequest,
+            PayloadTooLarge,
+            InvalidRedirect,
+            ServiceBusy,
+            CrossSiteRequest,
+            UnsupportedMediaType,
+            RequestTimeout,
+            ShuttingDown,
+        ];
+        for c in &all {
+            match c {
+                EmptyToken
+                | InvalidToken
+                | ExpiredToken
+                | ExpiredSession
+                | TokenAlreadyRefreshed
+                | RevokedSession
+                | InvalidCredentials
+                | TooManyAttempts
+                | StoreUnavailable
+                | InvalidRequest
+                | PayloadTooLarge
+                | InvalidRedirect
+                | ServiceBusy
+                | CrossSiteRequest
+                | UnsupportedMediaType
+                | RequestTimeout
+                | ShuttingDown => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn docs_contract_lists_every_code_with_its_status() {
+        let doc = include_str!("../../docs/contract.md");
+        for c in every() {
+            let row = format!("| `{}` | {} |", c.as_str(), c.status().as_u16());
+            assert!(doc.contains(&row), "docs/contract.md lacks the row {row}");
+        }
+    }
+}

@@ -257,6 +257,7 @@ impl TokenService {
     }
 
     /// `POST /v1/refresh`: a valid or renewable token for a new one.
+    #[tracing::instrument(name = "refresh", skip_all, fields(token_len = token.len()))]
     pub async fn refresh(&self, token: &str, now: Millis) -> Result<Issued, ApiError> {
         let policy = self.policy.load_full();
         let result = async {
@@ -285,6 +286,11 @@ impl TokenService {
 
     /// Forward-auth: who holds this token. An expired-but-renewable token is
     /// renewed on the fly when `may_renew`.
+    #[tracing::instrument(
+        name = "verify",
+        skip_all,
+        fields(token_len = token.len(), may_renew = may_renew)
+    )]
     pub async fn verify(
         &self,
         token: &str,
@@ -326,6 +332,7 @@ impl TokenService {
 
     /// Revokes the token's session on every replica (rule 6). Logging out of
     /// a session that is already over or revoked succeeds.
+    #[tracing::instrument(name = "logout", skip_all, fields(token_len = token.len()))]
     pub async fn logout(&self, token: &str, now: Millis) -> Result<(), ApiError> {
         if token.is_empty() {
             return Err(ApiError::new(Code::EmptyToken, "no token in the request"));
@@ -530,3 +537,6 @@ pub(crate) mod tests_support {
         )
     }
 }
+
+#[cfg(test)]
+mod spans;

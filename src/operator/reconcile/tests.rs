@@ -398,6 +398,15 @@ async fn rotation_adds_the_new_key_verify_only_first() {
             ring_secret(&[("signing.pem", &old_pem)], json!({})),
         )
         .await;
+        // The plan reads the Deployment as applied, so the ring is written
+        // after the applies; this pass still applies the ring as it was.
+        let dep = applies(&mut api, 1).await;
+        assert_eq!(
+            dep["spec"]["template"]["metadata"]["annotations"][resources::KEYS_ANNOTATION],
+            old_kid
+        );
+        assert!(args(&dep).contains("--signing-keys-dir /etc/tokenpolicy/keys"));
+        no_pdb(&mut api).await;
         let replaced = api
             .expect("PUT", "/api/v1/namespaces/team/secrets/demo-signing-keys?&fieldManager=tokenpolicy-operator", 200, key_secret())
             .await;
@@ -409,6 +418,7 @@ async fn rotation_adds_the_new_key_verify_only_first() {
             .unwrap()
             .to_string();
         assert_ne!(next, old_pem);
+        assert!(Key::from_pem(&next, "next").is_ok());
         assert_eq!(
             replaced["metadata"]["annotations"][resources::ROTATED_FOR_ANNOTATION],
             "2026-11"
@@ -422,18 +432,43 @@ async fn rotation_adds_the_new_key_verify_only_first() {
             )
             .await;
         assert_eq!(event["reason"], "SigningKeyAdded");
+        status(&mut api).await;
+    });
+    // Back at once, to roll the pods out with the new key.
+    let action = run(rotating("2026-11"), ctx, scenario).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(1)));
+}
+
+#[tokio::test]
+async fn rotation_rolls_the_new_key_out_before_promoting_it() {
+    let (ctx, mut api) = context();
+    let (old, new) = (Key::generate(), Key::generate());
+    let (old_pem, new_pem) = (old.to_pem(), new.to_pem());
+    let kids = format!("{},{}", old.kid(), new.kid());
+    let scenario = tokio::spawn(async move {
+        users_secret_found(&mut api).await;
+        let ring = ring_secret(
+            &[("signing.pem", &old_pem), ("next.pem", &new_pem)],
+            json!({resources::ROTATED_FOR_ANNOTATION: "2026-11"}),
+        );
+        api.expect(
+            "GET",
+            "/api/v1/namespaces/team/secrets/demo-signing-keys",
+            200,
+            ring,
+        )
+        .await;
+        // The template with the new key is not rolled out yet: no promotion.
         let dep = applies_observed(&mut api, 1, 0).await;
-        let next_kid = Key::from_pem(&next, "next").unwrap().kid().to_string();
         assert_eq!(
             dep["spec"]["template"]["metadata"]["annotations"][resources::KEYS_ANNOTATION],
-            format!("{old_kid},{next_kid}")
+            kids
         );
-        assert!(args(&dep).contains("--signing-keys-dir /etc/tokenpolicy/keys"));
-        // The applied template is not rolled out yet: no promotion in this pass.
         no_pdb(&mut api).await;
         status(&mut api).await;
     });
-    run(rotating("2026-11"), ctx, scenario).await.unwrap();
+    let action = run(rotating("2026-11"), ctx, scenario).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
 }
 
 #[tokio::test]
@@ -536,6 +571,15 @@ async fn rotation_retires_the_previous_key_when_no_token_needs_it() {
                 ring,
             )
             .await;
+            let dep = applies(&mut api, 1).await;
+            let keys = dep["spec"]["template"]["metadata"]["annotations"]
+                [resources::KEYS_ANNOTATION]
+                .as_str()
+                .unwrap();
+            // The ring is written after the applies: this pass applies both keys.
+            assert_eq!(keys.split(',').count(), 2);
+            assert!(keys.starts_with(&new_kid));
+            no_pdb(&mut api).await;
             if retire {
                 let written = api
                     .expect("PUT", "/api/v1/namespaces/team/secrets/demo-signing-keys?&fieldManager=tokenpolicy-operator", 200, key_secret())
@@ -552,17 +596,11 @@ async fn rotation_retires_the_previous_key_when_no_token_needs_it() {
                     .await;
                 assert_eq!(event["reason"], "SigningKeyRetired");
             }
-            let dep = applies(&mut api, 1).await;
-            let keys = dep["spec"]["template"]["metadata"]["annotations"]
-                [resources::KEYS_ANNOTATION]
-                .as_str()
-                .unwrap();
-            assert_eq!(keys.split(',').count(), if retire { 1 } else { 2 });
-            assert!(keys.starts_with(&new_kid));
-            no_pdb(&mut api).await;
             status(&mut api).await;
         });
-        run(rotating("2026-11"), ctx, scenario).await.unwrap();
+        let action = run(rotating("2026-11"), ctx, scenario).await.unwrap();
+        let again = if retire { 1 } else { 300 };
+        assert_eq!(action, Action::requeue(Duration::from_secs(again)));
     }
 }
 

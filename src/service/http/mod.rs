@@ -17,7 +17,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 
-use crate::clock::now_millis;
+use crate::clock::{now_millis, rfc3339};
 use crate::policy::Cookie;
 use crate::service::error::{ApiError, Code};
 use crate::service::listen::Draining;
@@ -172,16 +172,6 @@ pub(super) fn set_cookie(c: &Cookie, value: &str, max_age: i64) -> HeaderValue {
         s.push_str(d);
     }
     HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("invalid=; Max-Age=0"))
-}
-
-fn rfc3339(secs: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
 }
 
 /// The login/refresh answer: JSON body and the session cookie.
