@@ -39,6 +39,8 @@ impl TokenService {
 
     /// `clock` is read after the password check, so a token's life starts
     /// when it is issued, not before the (deliberately slow) hash check.
+    /// The span names the user (Debug-escaped), never the password.
+    #[tracing::instrument(name = "login", skip_all, fields(user = ?name))]
     pub async fn login(
         &self,
         name: &str,
