@@ -274,6 +274,14 @@ def test_sentinel_race_failover_and_replay(env, nodes, start_server):
         assert unverified_claims(second)["jti"] != first.claims["jti"]
         print("sentinel lost write: the claim did not reach the replica before the failover; "
               "the replay after the grace got a SECOND new token (WAIT-less asynchronous replication)")
+    elif r.json().get("error", {}).get("code") == "REVOKED_SESSION":
+        # The promoted replica had not finished its first sync: it came up
+        # without the store's epoch key, the service saw the data loss, and
+        # refused every token issued before it (users sign in again).
+        assert_error(r, 401, "REVOKED_SESSION")
+        assert "lost its state" in r.text, describe(r)
+        print("sentinel lost write: the promoted replica lacked the whole data set; "
+              "the data loss was detected and the replay refused (REVOKED_SESSION)")
     else:
         assert_error(r, 401, "TOKEN_ALREADY_REFRESHED")
         print("sentinel lost write: the claim survived the failover (replica had it)")
