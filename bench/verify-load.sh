@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Load run for DESIGN.md §6: forward-auth verify of an already-seen session
+# Load run: forward-auth verify of an already-seen session
 # needs no Redis round trip, so its throughput with the Redis store should
 # match the in-process store's. Runs wrk against a release build on loopback
 # (bounded: a few seconds per run) and prints requests/s and the ratio.

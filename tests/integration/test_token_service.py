@@ -1,4 +1,4 @@
-"""Black-box tests of `tokenpolicy serve` over HTTP (DESIGN.md sections 1 and 4).
+"""Black-box tests of `tokenpolicy serve` over HTTP (the policy rules and the HTTP API).
 
 Most tests run against two replicas (``cluster.a`` / ``cluster.b``) that share
 one Redis and one signing key, under the short policy:
@@ -965,7 +965,7 @@ def test_redis_outage_gives_503_and_recovers(env, start_redis, start_server):
 
 
 # ==========================================================================
-# 13. live changes of the users file and of the policy (DESIGN.md rules 1, 2, 6)
+# 13. live changes of the users file and of the policy (rules 1, 2 and 6)
 #     One replica with the in-process store (no --redis).
 # ==========================================================================
 
