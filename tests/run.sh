@@ -3,7 +3,8 @@
 # tools, Rust components, playwright-core, a Traefik built from the Go module
 # proxy), then lints, unit-tests and runs the black-box integration tests
 # against real redis-server processes, behind real nginx, Traefik and Caddy,
-# and with a real browser (chromium).
+# and with a real browser (chromium); last, each fuzz target runs for a
+# bounded time (tests/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/tokenpolicy-target}"
@@ -95,3 +96,6 @@ export TOKENPOLICY_BIN="$CARGO_TARGET_DIR/debug/tokenpolicy"
 # The store soak (about 60 s, test_store_soak.py); TOKENPOLICY_SOAK=0 skips it.
 export TOKENPOLICY_SOAK="${TOKENPOLICY_SOAK:-1}"
 python3 -m pytest -q -p no:cacheprovider tests/integration
+
+step "fuzz: token decoder, durations, users file, policy YAML (${FUZZ_SECONDS:-30} s each)"
+bash tests/fuzz.sh

@@ -393,3 +393,32 @@ fn malformed_times_are_refused() {
     let t = forge(&header, &no_exp, |m| k.signing_key().sign(m));
     assert!(matches!(k.verify(&t), Err(TokenError::Malformed(_))));
 }
+
+/// The same signature bytes written another way (padding, or a last
+/// character that differs only in bits base64 leaves unused) would make a
+/// second token string for one token: refused, so that a token string is
+/// the token.
+#[test]
+fn padded_and_non_canonical_base64_are_refused() {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let k = set(vec![Key::generate()]);
+    let t = k.sign(&claims());
+    assert!(k.verify(&t).is_ok());
+    assert!(matches!(
+        k.verify(&format!("{t}=")),
+        Err(TokenError::Malformed(_))
+    ));
+    assert!(matches!(
+        k.verify(&format!("{t}==")),
+        Err(TokenError::Malformed(_))
+    ));
+    // An Ed25519 signature is 64 bytes: 86 characters, the last of which
+    // carries 2 bits and 4 unused ones. Flip the lowest unused one.
+    let (signed, sig) = t.rsplit_once('.').unwrap();
+    assert_eq!(sig.len(), 86);
+    let last = *sig.as_bytes().last().unwrap();
+    let i = ALPHABET.iter().position(|&c| c == last).unwrap();
+    let twin = format!("{signed}.{}{}", &sig[..85], ALPHABET[i ^ 1] as char);
+    assert_ne!(twin, t);
+    assert!(matches!(k.verify(&twin), Err(TokenError::Malformed(_))));
+}
