@@ -132,13 +132,24 @@ pub struct ServeArgs {
     pub login_queue: Option<usize>,
     /// How many verified tokens to remember, so that a token seen before
     /// skips its signature check (0: check every time). Bounds memory: about
-    /// 700 bytes per entry.
+    /// 1 KiB per entry (measured by bench/memory.sh).
     #[arg(
         long,
         env = "TOKENPOLICY_VERIFIED_CACHE_SIZE",
         default_value_t = crate::service::verified::DEFAULT_ENTRIES
     )]
     pub verified_cache_size: usize,
+
+    /// With --redis: how many sessions known to be live to remember, so that
+    /// their tokens skip a Redis round trip. Past it, other sessions are
+    /// asked of Redis on each request; revocations are always remembered.
+    /// Bounds memory: about 170 bytes per entry.
+    #[arg(
+        long,
+        env = "TOKENPOLICY_SESSION_CACHE_SIZE",
+        default_value_t = crate::service::store::redis::DEFAULT_LIVE_SESSIONS
+    )]
+    pub session_cache_size: usize,
 }
 
 /// A duration flag in whole seconds (`10s`, `1m`).
@@ -275,7 +286,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| "tokenpolicy".into());
     let keys = KeySet::new(keys, &issuer, &audience)?;
     let store: Arc<dyn OneTimeStore> = match &args.redis {
-        Some(url) => Arc::new(RedisStore::new(url, &args.redis_prefix)?),
+        Some(url) => Arc::new(
+            RedisStore::new(url, &args.redis_prefix)?
+                .with_live_session_limit(args.session_cache_size),
+        ),
         None => Arc::new(MemoryStore::new()),
     };
     let leeway = parse_seconds(&args.leeway).context("--leeway")? as i64 * 1_000;

@@ -12,7 +12,7 @@
 //! missed in between.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -33,6 +33,9 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// A session known to be live is re-checked after this long idle, which also
 /// bounds the cache to the sessions seen recently.
 const LIVE_ENTRY_TTL: Duration = Duration::from_secs(600);
+/// How many sessions known to be live are kept, unless the service says
+/// otherwise ([`RedisStore::with_live_session_limit`]).
+pub const DEFAULT_LIVE_SESSIONS: usize = 50_000;
 
 const FAILURE_SCRIPT: &str = r#"
 local n = redis.call('INCR', KEYS[1])
@@ -80,6 +83,9 @@ struct Known {
 struct Cache {
     /// Sharded, so that verifies on different cores do not queue on one lock.
     entries: DashMap<String, Known>,
+    /// Past this many entries, a session seen live is not remembered: it is
+    /// asked of Redis again next time. Revocations are always kept.
+    max_live: AtomicUsize,
     /// Bumped each time the subscription is (re)established.
     epoch: AtomicU64,
     subscribed: AtomicBool,
@@ -105,6 +111,13 @@ impl Cache {
             epoch,
             until: Instant::now() + LIVE_ENTRY_TTL,
         };
+        // Bounded memory whatever the number of sessions: a full cache only
+        // costs the sessions it cannot hold one Redis round trip each.
+        if self.entries.len() >= self.max_live.load(Ordering::Relaxed)
+            && !self.entries.contains_key(sid)
+        {
+            return;
+        }
         // Check and write under the one shard lock of this entry.
         self.entries
             .entry(sid.to_string())
@@ -163,6 +176,7 @@ impl RedisStore {
         })?;
         let cache = Arc::new(Cache {
             entries: DashMap::new(),
+            max_live: AtomicUsize::new(DEFAULT_LIVE_SESSIONS),
             epoch: AtomicU64::new(0),
             subscribed: AtomicBool::new(false),
         });
@@ -193,6 +207,12 @@ impl RedisStore {
             claim: redis::Script::new(health::CLAIM_SCRIPT),
             failure: redis::Script::new(FAILURE_SCRIPT),
         })
+    }
+
+    /// Keeps at most `n` sessions known to be live in memory (at least 1).
+    pub fn with_live_session_limit(self, n: usize) -> RedisStore {
+        self.cache.max_live.store(n.max(1), Ordering::Relaxed);
+        self
     }
 
     fn session_key(&self, sid: &str, what: &str) -> String {
@@ -459,6 +479,7 @@ mod tests {
     fn a_cached_revocation_is_never_downgraded_to_live() {
         let c = Cache {
             entries: DashMap::new(),
+            max_live: AtomicUsize::new(DEFAULT_LIVE_SESSIONS),
             epoch: AtomicU64::new(1),
             subscribed: AtomicBool::new(true),
         };
@@ -477,6 +498,35 @@ mod tests {
         );
         c.sweep();
         assert_eq!(c.entries.len(), 2);
+    }
+
+    #[test]
+    fn live_sessions_are_bounded_but_revocations_always_kept() {
+        let c = Cache {
+            entries: DashMap::new(),
+            max_live: AtomicUsize::new(2),
+            epoch: AtomicU64::new(1),
+            subscribed: AtomicBool::new(true),
+        };
+        c.mark_live("s1", 1);
+        c.mark_live("s2", 1);
+        c.mark_live("s3", 1);
+        assert_eq!(c.entries.len(), 2);
+        assert!(c.entries.get("s3").is_none());
+        // A session already held is still brought up to date when full.
+        c.mark_live("s1", 2);
+        assert!(c.entries.get("s1").is_some_and(|k| k.epoch == 2));
+        // A revocation is kept even past the bound.
+        c.mark_revoked("s4", 60_000);
+        assert!(c.entries.get("s4").is_some_and(|k| k.revoked));
+        assert_eq!(c.entries.len(), 3);
+        // Once entries lapse and are swept, new sessions fit again.
+        c.mark_revoked("s1", 0);
+        c.mark_revoked("s2", 0);
+        c.sweep();
+        assert_eq!(c.entries.len(), 1);
+        c.mark_live("s5", 2);
+        assert!(c.entries.get("s5").is_some_and(|k| !k.revoked));
     }
 
     #[tokio::test]
