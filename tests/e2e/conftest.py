@@ -55,6 +55,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# A request the API server refused for want of permission, as kube-rs logs
+# it ("... is forbidden: ...", reason Forbidden, code 403). Not a bare
+# "403": request logs carry numbers such as micros=403.
+_REFUSED = re.compile(r"forbidden|code: 403\b", re.IGNORECASE)
+
+
+def refusals(log: str) -> list[str]:
+    """The log lines that record a request refused by RBAC."""
+    return [line for line in log.splitlines() if _REFUSED.search(line)]
+
+
 def wait_until(what: str, fn: Callable[[], object], timeout: float, every: float = 0.25):
     """Calls fn until it returns something truthy; fails with `what`."""
     deadline = time.monotonic() + timeout
