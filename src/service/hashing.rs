@@ -13,6 +13,11 @@
 //! The line in front of them is bounded too (`queue` waiting checks): a
 //! login that finds it full is refused at once (`Busy`), never parked in an
 //! unbounded pile.
+//!
+//! And the threads run at a lower CPU priority than the rest of the
+//! process ([`CHECK_NICENESS`]): in a login flood, hashing takes the CPU
+//! that forward-auth leaves, so the verify answers every application waits
+//! on keep their pace while logins slow down.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -20,6 +25,24 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// How much nicer than the rest of the process the check threads are
+/// (`nice` +10, capped at the lowest priority, 19).
+pub const CHECK_NICENESS: i32 = 10;
+
+/// Lowers the calling thread's CPU priority by [`CHECK_NICENESS`]. On Linux
+/// a priority is per thread; lowering one's own needs no privilege.
+fn run_below_the_rest() {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{getpriority_process, setpriority_process};
+        let me = Some(rustix::thread::gettid());
+        let lower = (getpriority_process(me).unwrap_or(0) + CHECK_NICENESS).min(19);
+        if let Err(e) = setpriority_process(me, lower) {
+            tracing::warn!(error = %e, "cannot lower the priority of a password-check thread");
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolError {
@@ -47,6 +70,7 @@ impl HashPool {
             let spawned = std::thread::Builder::new()
                 .name(format!("password-check-{i}"))
                 .spawn(move || {
+                    run_below_the_rest();
                     loop {
                         // Held only while waiting for the next job.
                         let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
@@ -118,6 +142,18 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn checks_run_below_the_priority_of_the_rest() {
+        use rustix::process::getpriority_process;
+        let mine = || getpriority_process(Some(rustix::thread::gettid())).unwrap();
+        let outside = mine();
+        let pool = HashPool::new(1, 1);
+        let inside = pool.run(mine).await.unwrap();
+        assert_eq!(inside, (outside + CHECK_NICENESS).min(19));
+        assert_eq!(mine(), outside, "only the check threads are lowered");
+    }
 
     #[tokio::test]
     async fn runs_on_at_most_n_threads_and_refuses_past_the_queue() {
