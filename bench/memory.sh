@@ -9,7 +9,6 @@
 #   TOKENS_TOTAL=200000 bash bench/memory.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/tokenpolicy-target}"
 total="${TOKENS_TOTAL:-1000000}"
 
 need=()
@@ -17,14 +16,7 @@ command -v wrk >/dev/null || need+=(wrk)
 command -v redis-server >/dev/null || need+=(redis-server)
 if ((${#need[@]})); then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
 
-cargo build --release --quiet
-bin="$CARGO_TARGET_DIR/release/tokenpolicy"
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 150); do curl -sf "$1" >/dev/null && return 0; sleep 0.1; done; echo "not up: $1" >&2; exit 1; }
+. bench/lib.sh
 rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 allowed() { curl -s "127.0.0.1:$1/metrics" | awk 'BEGIN {n=0} /^tokenpolicy_verify_decisions_total\{outcome="allowed"\}/ {n=$2} END {print int(n)}'; }
 

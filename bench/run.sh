@@ -5,12 +5,14 @@
 # to nginx without auth for the ingress path), and replica A's RSS.
 #
 #   bash bench/run.sh              # about 4 minutes; DURATION=6s by default
+#   PROFILE=1 bash bench/run.sh    # and a CPU profile of each row (perf,
+#                                  # software clock): which process, and
+#                                  # which functions of the service
 #
 # Bench users have a bcrypt cost-4 hash so that 10,000 logins take seconds;
 # the login flood uses the demo user's cost-10 hash, as a real flood would.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/tokenpolicy-target}"
 dur="${DURATION:-6s}"
 conns="${CONNECTIONS:-64}"
 distinct="${DISTINCT:-10000}"
@@ -23,14 +25,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 if ((${#need[@]})); then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
 command -v openssl >/dev/null || { apt-get install -y -qq openssl >/dev/null; }
 
-cargo build --release --quiet
-bin="$CARGO_TARGET_DIR/release/tokenpolicy"
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 150); do curl -sf "$1" >/dev/null && return 0; sleep 0.1; done; echo "not up: $1" >&2; exit 1; }
+. bench/lib.sh
 
 # Redis, a shared key, users and policies.
 rport=$(free_port)
@@ -78,9 +73,17 @@ sleep 1.2   # the short policy's token (1 s) is now expired but renewable
 results="$work/results"
 : >"$results"
 # row name, base, then wrk args: records requests/s and p99 (ms).
+nprof=0
 row() {
   local name=$1 base=$2; shift 2
+  local data="" perfpid=""
+  if [ -n "${PROFILE:-}" ] && [ "$name" != warmup ]; then
+    nprof=$((nprof + 1)); data="$work/perf-$nprof.data"
+    perf record -a -e cpu-clock -F 499 -o "$data" -- sleep "${dur%s}" >/dev/null 2>&1 &
+    perfpid=$!
+  fi
   local out; out=$(wrk -t1 -c"$conns" -d"$dur" --latency "$@")
+  if [ -n "$data" ]; then wait "$perfpid" || true; echo "$name|$data" >>"$work/profiles"; fi
   local rps p99 non2xx
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub("us","",v); v/=1000} else if (v ~ /ms$/) {sub("ms","",v)} else if (v ~ /s$/) {sub("s","",v); v*=1000}; print v}' <<<"$out")
@@ -145,3 +148,15 @@ for name, b, rps, p99, extra in rows:
     print(f"| {name:<44} | {float(rps):>9.0f} | {p99:>12} | {ratio:>13} | {p99r:>9} | {extra}")
 print(f"\nreplica A RSS after the run: {int(sys.argv[2])/1024:.1f} MiB")
 PY
+
+# Where the CPU went in each row: the share of each process (idle is
+# "swapper"), then the service's own hottest functions.
+if [ -n "${PROFILE:-}" ] && [ -s "$work/profiles" ]; then
+  while IFS='|' read -r name data; do
+    echo; echo "== profile: $name"
+    perf report -i "$data" --stdio --sort comm --percent-limit 3 2>/dev/null | grep -v '^#' | grep -v '^$' || true
+    echo "-- tokenpolicy (tokio workers), top functions:"
+    perf report -i "$data" --stdio --comm tokio-rt-worker --sort dso,symbol --percent-limit 2 2>/dev/null \
+      | grep -v '^#' | grep -v '^$' | head -15 || true
+  done <"$work/profiles"
+fi
