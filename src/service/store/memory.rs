@@ -27,6 +27,20 @@ impl Maps {
             self.failures.retain(|_, (_, until)| *until > now);
         }
     }
+
+    /// The failure counter of `key` (count, window end), started afresh
+    /// when missing or when its window has passed. Counts as a write.
+    fn failure_window(&mut self, key: &str, now: Instant, window: Millis) -> &mut (u64, Instant) {
+        self.sweep(now);
+        let entry = self
+            .failures
+            .entry(key.to_string())
+            .or_insert((0, after(now, window)));
+        if entry.1 <= now {
+            *entry = (0, after(now, window));
+        }
+        entry
+    }
 }
 
 #[derive(Default)]
@@ -108,14 +122,7 @@ impl OneTimeStore for MemoryStore {
     async fn add_failure(&self, key: &str, window: Millis) -> Result<Attempts, StoreError> {
         let now = Instant::now();
         let mut m = self.lock();
-        m.sweep(now);
-        let entry = m
-            .failures
-            .entry(key.to_string())
-            .or_insert((0, after(now, window)));
-        if entry.1 <= now {
-            *entry = (0, after(now, window));
-        }
+        let entry = m.failure_window(key, now, window);
         entry.0 += 1;
         Ok(Attempts {
             count: entry.0,
@@ -136,14 +143,7 @@ impl OneTimeStore for MemoryStore {
     ) -> Result<Take, StoreError> {
         let now = Instant::now();
         let mut m = self.lock();
-        m.sweep(now);
-        let entry = m
-            .failures
-            .entry(key.to_string())
-            .or_insert((0, after(now, window)));
-        if entry.1 <= now {
-            *entry = (0, after(now, window));
-        }
+        let entry = m.failure_window(key, now, window);
         if entry.0 >= limit {
             return Ok(Take::Refused {
                 retry_in: (entry.1.duration_since(now).as_millis() as Millis).max(1),
