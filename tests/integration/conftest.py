@@ -290,6 +290,18 @@ class Server(ManagedProcess):
     def __repr__(self) -> str:
         return f"<Server {self.name} {self.url}>"
 
+    def launch(self, wait: bool = True) -> "Server":
+        """Starts the process and, with `wait`, waits until it is ready;
+        a server that never gets ready is stopped before the error goes on."""
+        self.start()
+        if wait:
+            try:
+                self.wait_ready()
+            except Exception:
+                self.stop()
+                raise
+        return self
+
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> "Server":
         deadline = time.monotonic() + timeout
         last = "no answer"
@@ -331,14 +343,7 @@ class Env:
         keys = [self.key_file] if key_files is None else key_files
         srv = Server(name, self.workdir, pfile, users_file or self.users_file, keys, redis_url,
                      extra_args)
-        srv.start()
-        if wait:
-            try:
-                srv.wait_ready()
-            except Exception:
-                srv.stop()
-                raise
-        return srv
+        return srv.launch(wait)
 
 
 def _bcrypt_2y(password: str, rounds: int = 5) -> str:

@@ -38,14 +38,7 @@ def start(env, name: str, variables: dict, extra_args=(), redis_url=None, wait=T
     srv = Server(f"{name}-{_N[0]}", env.workdir, pfile, env.users_file, [env.key_file],
                  redis_url, list(extra_args))
     srv.env.update(variables)
-    srv.start()
-    if wait:
-        try:
-            srv.wait_ready()
-        except Exception:
-            srv.stop()
-            raise
-    return srv
+    return srv.launch(wait)
 
 
 @pytest.fixture
