@@ -1,20 +1,26 @@
 //! Micro-benchmarks of the token service's hot paths:
 //! the policy decision (rules), verify of a token never seen vs one whose
-//! signature is remembered, and the one-time refresh claim (in-process store).
+//! signature is remembered, the one-time refresh claim (in-process store),
+//! and a whole forward-auth request through the router (headers in, headers
+//! out, every middleware) against `/healthz` through the same router.
 //!
 //!     cargo bench --bench service
 
 use std::hint::black_box;
 use std::sync::Arc;
 
+use axum::body::Body;
+use axum::http::Request;
 use criterion::{Criterion, criterion_group, criterion_main};
 use tokenpolicy::clock::{Millis, now_millis};
 use tokenpolicy::policy::Policy;
+use tokenpolicy::service::http::{App, HttpConfig, router};
 use tokenpolicy::service::rules;
 use tokenpolicy::service::store::{MemoryStore, OneTimeStore, RefreshRecord};
 use tokenpolicy::service::token::{Claims, Key, KeySet};
 use tokenpolicy::service::tokens::{Throttle, TokenService};
 use tokenpolicy::service::users::Users;
+use tower::ServiceExt as _;
 
 fn claims(now: Millis) -> Claims {
     let t = now / 1_000;
@@ -117,5 +123,71 @@ fn refresh_claim(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, policy_decision, verify, refresh_claim);
+/// A request as ingress-nginx's auth subrequest sends it.
+fn forward_auth_request(token: &str) -> Request<Body> {
+    Request::get("/v1/verify")
+        .header("host", "tokenpolicy.auth.svc")
+        .header("x-original-url", "https://app.example.com/items?page=2")
+        .header("x-original-method", "GET")
+        .header("x-sent-from", "nginx-ingress-controller")
+        .header("x-real-ip", "203.0.113.7")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Body::empty())
+        .expect("request")
+}
+
+fn http(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let service = Arc::new(service(50_000));
+    let now = now_millis();
+    let tokens: Vec<String> = (0..10_000)
+        .map(|_| {
+            rt.block_on(service.login("alice", "pw", None, || now))
+                .expect("login")
+                .token
+        })
+        .collect();
+    let app = Arc::new(App {
+        service,
+        config: HttpConfig::default(),
+    });
+    let routes = router(app);
+    let send = |req: Request<Body>| {
+        let resp = rt
+            .block_on(routes.clone().oneshot(req))
+            .expect("infallible");
+        assert_eq!(resp.status(), 200);
+        resp
+    };
+    // Every token once, so that all are remembered.
+    for t in &tokens {
+        send(forward_auth_request(t));
+    }
+    c.bench_function("http: GET /healthz", |b| {
+        b.iter(|| {
+            send(
+                Request::get("/healthz")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+        })
+    });
+    c.bench_function("http: forward-auth, 1 token", |b| {
+        b.iter(|| send(forward_auth_request(&tokens[0])))
+    });
+    let mut i = 0usize;
+    c.bench_function("http: forward-auth, 10,000 tokens in turn", |b| {
+        b.iter(|| {
+            // A stride that is prime to 10,000 visits every token.
+            i = (i + 7_919) % tokens.len();
+            send(forward_auth_request(&tokens[i]))
+        })
+    });
+}
+
+criterion_group!(benches, policy_decision, verify, refresh_claim, http);
 criterion_main!(benches);

@@ -27,6 +27,26 @@ pub enum Code {
 }
 
 impl Code {
+    pub const ALL: [Code; 17] = [
+        Code::EmptyToken,
+        Code::InvalidToken,
+        Code::ExpiredToken,
+        Code::ExpiredSession,
+        Code::TokenAlreadyRefreshed,
+        Code::RevokedSession,
+        Code::InvalidCredentials,
+        Code::TooManyAttempts,
+        Code::StoreUnavailable,
+        Code::InvalidRequest,
+        Code::PayloadTooLarge,
+        Code::InvalidRedirect,
+        Code::ServiceBusy,
+        Code::CrossSiteRequest,
+        Code::UnsupportedMediaType,
+        Code::RequestTimeout,
+        Code::ShuttingDown,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Code::EmptyToken => "EMPTY_TOKEN",
@@ -133,29 +153,13 @@ impl IntoResponse for ApiError {
 mod contract {
     use super::Code;
 
-    /// Every code; the match fails to compile when a code is added.
-    fn every() -> Vec<Code> {
+    /// `Code::ALL` holds every code: this match fails to compile when a
+    /// code is added, and the test below when it is left out of `ALL`.
+    #[test]
+    fn all_holds_every_code() {
         use Code::*;
-        let all = vec![
-            EmptyToken,
-            InvalidToken,
-            ExpiredToken,
-            ExpiredSession,
-            TokenAlreadyRefreshed,
-            RevokedSession,
-            InvalidCredentials,
-            TooManyAttempts,
-            StoreUnavailable,
-            InvalidRequest,
-            PayloadTooLarge,
-            InvalidRedirect,
-            ServiceBusy,
-            CrossSiteRequest,
-            UnsupportedMediaType,
-            RequestTimeout,
-            ShuttingDown,
-        ];
-        for c in &all {
+        let mut seen = std::collections::HashSet::new();
+        for c in Code::ALL {
             match c {
                 EmptyToken
                 | InvalidToken
@@ -173,16 +177,20 @@ mod contract {
                 | CrossSiteRequest
                 | UnsupportedMediaType
                 | RequestTimeout
-                | ShuttingDown => {}
-            }
+                | ShuttingDown => seen.insert(c),
+            };
         }
-        all
+        assert_eq!(
+            seen.len(),
+            17,
+            "a code is missing from Code::ALL or listed twice"
+        );
     }
 
     #[test]
     fn docs_contract_lists_every_code_with_its_status() {
         let doc = include_str!("../../docs/contract.md");
-        for c in every() {
+        for c in Code::ALL {
             let row = format!("| `{}` | {} |", c.as_str(), c.status().as_u16());
             assert!(doc.contains(&row), "docs/contract.md lacks the row {row}");
         }

@@ -48,7 +48,7 @@ pub struct Issued {
 /// Who a verified request belongs to; `renewed` when verify refreshed on the fly.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    pub claims: Claims,
+    pub claims: Arc<Claims>,
     pub renewed: Option<Issued>,
 }
 
@@ -137,7 +137,7 @@ impl TokenService {
         token: &str,
         policy: &Policy,
         now: Millis,
-    ) -> Result<(Claims, Standing), ApiError> {
+    ) -> Result<(Arc<Claims>, Standing), ApiError> {
         if token.is_empty() {
             return Err(ApiError::new(Code::EmptyToken, "no token in the request"));
         }
@@ -172,7 +172,6 @@ impl TokenService {
         if !cached {
             self.verified.insert(token, claims.clone(), policy, now);
         }
-        let claims = Arc::unwrap_or_clone(claims);
         let users = self.users.load();
         match users.get(&claims.sub) {
             None => {
@@ -274,11 +273,11 @@ impl TokenService {
         .await;
         match result {
             Ok((issued, outcome)) => {
-                Metrics::count(&self.metrics.refreshes, outcome);
+                self.metrics.refreshes.count(outcome);
                 Ok(issued)
             }
             Err(e) => {
-                Metrics::count(&self.metrics.refreshes, e.code.as_str());
+                self.metrics.refreshes.count(e.code.as_str());
                 Err(e)
             }
         }
@@ -308,7 +307,7 @@ impl TokenService {
                 Standing::Renewable { session_end } if may_renew => {
                     let (issued, _) = self.renew(&claims, session_end, &policy, now).await?;
                     Ok(Identity {
-                        claims: issued.claims.clone(),
+                        claims: Arc::new(issued.claims.clone()),
                         renewed: Some(issued),
                     })
                 }
@@ -326,7 +325,7 @@ impl TokenService {
             Ok(_) => "allowed",
             Err(e) => e.code.as_str(),
         };
-        Metrics::count(&self.metrics.verify, decision);
+        self.metrics.verify.count(decision);
         result
     }
 

@@ -9,6 +9,14 @@ use super::extract::token_of;
 use super::{Shared, set_cookie};
 use crate::clock::now_millis;
 
+// The answer's header names, built once (a `&str` name is parsed on every
+// insert).
+const USER: HeaderName = HeaderName::from_static("x-auth-request-user");
+const REMOTE_USER: HeaderName = HeaderName::from_static("remote-user");
+const SESSION: HeaderName = HeaderName::from_static("x-auth-request-session");
+const EMAIL: HeaderName = HeaderName::from_static("x-auth-request-email");
+const NEW_TOKEN: HeaderName = HeaderName::from_static("x-new-token");
+
 /// Streams (SSE, WebSocket) are never renewed on the fly: a long-lived
 /// connection must not spend the token's one refresh behind the page's back.
 fn is_stream(headers: &HeaderMap) -> bool {
@@ -75,20 +83,22 @@ pub(super) async fn verify(State(app): Shared, req: Request) -> Response {
             let mut resp = StatusCode::OK.into_response();
             let h = resp.headers_mut();
             let c = &id.claims;
-            let mut put = |name: &'static str, value: &str| {
+            if let Ok(user) = HeaderValue::from_str(&c.sub) {
+                if c.sub.contains('@') {
+                    h.insert(EMAIL, user.clone());
+                }
+                h.insert(REMOTE_USER, user.clone());
+                h.insert(USER, user);
+            }
+            let mut put = |name: HeaderName, value: &str| {
                 if let Ok(v) = HeaderValue::from_str(value) {
                     h.insert(name, v);
                 }
             };
-            put("x-auth-request-user", &c.sub);
-            put("remote-user", &c.sub);
-            put("x-auth-request-session", &c.sid);
-            if c.sub.contains('@') {
-                put("x-auth-request-email", &c.sub);
-            }
+            put(SESSION, &c.sid);
             if let Some(issued) = &id.renewed {
-                put("x-new-token", &issued.token);
-                put("authorization", &format!("Bearer {}", issued.token));
+                put(NEW_TOKEN, &issued.token);
+                put(header::AUTHORIZATION, &format!("Bearer {}", issued.token));
                 h.insert(
                     header::SET_COOKIE,
                     set_cookie(

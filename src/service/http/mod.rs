@@ -131,22 +131,13 @@ async fn deadline(State(app): Shared, req: Request, next: Next) -> Response {
 /// Latency by route, and one debug line per request (path only: a query
 /// string may carry a redirect target, never a token, but we keep logs lean).
 async fn observe(State(app): Shared, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_string();
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let method = req.method().clone();
     let started = Instant::now();
     let resp = next.run(req).await;
     let elapsed = started.elapsed();
-    app.service
-        .metrics
-        .latency
-        .get_or_create(&crate::service::metrics::Route {
-            route: route.clone(),
-        })
-        .observe(elapsed.as_secs_f64());
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    app.service.metrics.latency.observe(route, elapsed);
     tracing::debug!(%method, %route, status = resp.status().as_u16(), micros = elapsed.as_micros() as u64, "request");
     resp
 }

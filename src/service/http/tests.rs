@@ -321,3 +321,38 @@ async fn readyz_turns_unready_when_draining() {
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(error_code(resp).await, "SHUTTING_DOWN");
 }
+
+/// Every route the router serves has its own latency histogram: none is
+/// counted as `other`.
+#[tokio::test]
+async fn every_route_has_its_own_latency_histogram() {
+    let app = app(HttpConfig::default());
+    for (method, path) in [
+        ("POST", "/v1/login"),
+        ("GET", "/v1/login"),
+        ("POST", "/v1/refresh"),
+        ("POST", "/v1/logout"),
+        ("GET", "/v1/verify"),
+        ("GET", "/v1/verify/a/b"),
+        ("GET", "/.well-known/jwks.json"),
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/nowhere"),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty())
+            .unwrap();
+        send(&app, req).await;
+    }
+    let text = app.service.metrics.render();
+    for route in crate::service::metrics::ROUTES
+        .iter()
+        .filter(|r| **r != "/metrics")
+    {
+        let count = format!("tokenpolicy_http_request_duration_seconds_count{{route=\"{route}\"}}");
+        assert!(text.contains(&count), "no histogram for {route}:\n{text}");
+    }
+    assert!(!text.contains("route=\"other\""), "{text}");
+}

@@ -15,7 +15,6 @@ use std::net::IpAddr;
 use super::{Issued, TokenService};
 use crate::service::error::{ApiError, Code};
 use crate::service::hashing::{HashPool, PoolError};
-use crate::service::metrics::Metrics;
 use crate::service::rules::{self, Millis};
 use crate::service::store::Take;
 use crate::service::token::Claims;
@@ -53,7 +52,7 @@ impl TokenService {
             Ok(_) => "success",
             Err(e) => e.code.as_str(),
         };
-        Metrics::count(&self.metrics.logins, outcome);
+        self.metrics.logins.count(outcome);
         result
     }
 
