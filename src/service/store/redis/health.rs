@@ -49,9 +49,10 @@ end
 return {e, string.format('%d', now)}
 "#;
 
-/// KEYS: marker, epoch. ARGV: record (JSON), ttl ms, expected epoch,
-/// deadline (ms, Redis clock). The marker's `at` is the Redis clock at the
-/// moment of the claim. On a Redis Cluster the epoch key lives on another
+/// KEYS: marker, epoch. ARGV: the record's JSON up to its `at` value
+/// ([`record_head`]), ttl ms, expected epoch, deadline (ms, Redis clock). The
+/// script appends `at`, the Redis clock at the moment of the claim, and the
+/// closing brace: no JSON decoding or encoding inside Redis. On a Redis Cluster the epoch key lives on another
 /// shard than the session's keys, and a script may touch one shard only:
 /// there the script gets the marker alone, and the epoch is checked by
 /// [`watch`] (every [`BEAT`]) instead of inside the claim.
@@ -65,9 +66,7 @@ end
 if now > tonumber(ARGV[4]) then return {'late', '', string.format('%d', now)} end
 local v = redis.call('GET', KEYS[1])
 if v then return {'lost', v, string.format('%d', now)} end
-local rec = cjson.decode(ARGV[1])
-rec['at'] = now
-redis.call('SET', KEYS[1], cjson.encode(rec), 'PX', ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1] .. string.format('%d', now) .. '}', 'PX', ARGV[2])
 return {'won', '', string.format('%d', now)}
 "#;
 
@@ -197,7 +196,7 @@ pub(super) async fn claim(
     record: &RefreshRecord,
     ttl: Millis,
 ) -> Result<Claim, StoreError> {
-    let value = serde_json::to_string(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let value = record_head(record)?;
     for _ in 0..2 {
         let epoch = match guard.current() {
             Some(e) => e,
@@ -242,6 +241,17 @@ pub(super) async fn claim(
     }
     Err(StoreError::Unavailable(
         "the store's epoch keeps changing".into(),
+    ))
+}
+
+/// The JSON of `record` without its `at` value and closing brace, which the
+/// claim script appends: the marker it stores is `record` as serde writes it,
+/// with Redis's clock for `at`.
+fn record_head(record: &RefreshRecord) -> Result<String, StoreError> {
+    let jti = serde_json::to_string(&record.jti).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(format!(
+        r#"{{"jti":{jti},"iat":{},"exp":{},"at":"#,
+        record.iat, record.exp
     ))
 }
 
@@ -312,6 +322,29 @@ pub(super) async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the claim script stores (the head, Redis's clock, `}`) reads
+    /// back as the record with that clock, quotes and escapes included.
+    #[test]
+    fn the_stored_marker_is_the_record_with_the_redis_clock() {
+        for jti in ["0b7e-11", "with \"quotes\" and \\ and \u{e9}", ""] {
+            let record = RefreshRecord {
+                jti: jti.into(),
+                iat: 1_800_000_000,
+                exp: -5,
+                at: 1,
+            };
+            let stored = format!("{}{}}}", record_head(&record).unwrap(), 1_800_000_000_123i64);
+            let back: RefreshRecord = serde_json::from_str(&stored).unwrap();
+            assert_eq!(
+                back,
+                RefreshRecord {
+                    at: 1_800_000_000_123,
+                    ..record
+                }
+            );
+        }
+    }
 
     #[test]
     fn epoch_parses_and_dates_tokens() {
