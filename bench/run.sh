@@ -8,6 +8,8 @@
 #   PROFILE=1 bash bench/run.sh    # and a CPU profile of each row (perf,
 #                                  # software clock): which process, and
 #                                  # which functions of the service
+#   NGINX_WORKERS=1 bash bench/run.sh  # nginx worker processes (default
+#                                  # auto, one per core, as ingress-nginx)
 #
 # Bench users have a bcrypt cost-4 hash so that 10,000 logins take seconds;
 # the login flood uses the demo user's cost-10 hash, as a real flood would.
@@ -64,7 +66,7 @@ invalid=$(python3 -c 'import sys;t=sys.argv[1];i=len(t)-10;print(t[:i]+("A" if t
 
 nport=$(free_port); aport=$(free_port); mkdir -p "$work/nginx/tmp"
 sed -e "s#@@PREFIX@@#$work/nginx#g" -e "s/@@PORT@@/$nport/" -e "s/@@APP_PORT@@/$aport/g" \
-    -e "s/@@TP_PORT@@/$pa/" bench/nginx-bench.conf.template >"$work/nginx/nginx.conf"
+    -e "s/@@TP_PORT@@/$pa/" -e "s/@@WORKERS@@/${NGINX_WORKERS:-auto}/" bench/nginx-bench.conf.template >"$work/nginx/nginx.conf"
 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" &
 pids+=($!)
 wait_http "127.0.0.1:$nport/open/"
@@ -98,6 +100,7 @@ TOKENS="$work/tokens" row "/v1/verify, $distinct tokens at random" healthz -s be
 row "/v1/verify, invalid signature" healthz -H "Authorization: Bearer $invalid" "http://127.0.0.1:$pa/v1/verify"
 row "/v1/verify, expired, renewable" healthz -H "Authorization: Bearer $expired" "http://127.0.0.1:$ps/v1/verify"
 row "nginx, no auth"                nginx "http://127.0.0.1:$nport/open/x"
+row "nginx + auth_request to a no-op (204)" nginx "${auth[@]}" "http://127.0.0.1:$nport/noop/x"
 row "nginx + auth_request verify"   nginx "${auth[@]}" "http://127.0.0.1:$nport/app/x"
 VERIFY_PATH=/app/x TOKENS="$work/tokens" row "nginx + auth, $distinct tokens" nginx -s bench/lua/verify-random.lua "http://127.0.0.1:$nport/app/x"
 
@@ -130,6 +133,7 @@ base = {}
 for name, b, rps, p99, extra in rows:
     if name == "/healthz": base["healthz"] = (float(rps), float(p99))
     if name == "nginx, no auth": base["nginx"] = (float(rps), float(p99))
+noop = next((float(r[2]) for r in rows if "no-op" in r[0]), None)
 flood_ref = next((float(r[2]) for r in rows if r[0].startswith("/v1/verify, %s tokens at" % sys.argv[3])), None)
 print(f"| {'path':<44} | {'req/s':>9} | {'p99 ms':>12} | {'ratio':>13} | {'p99 ratio':>9} | notes")
 print(f"|{'-'*46}|{'-'*11}|{'-'*14}|{'-'*15}|{'-'*11}|------")
@@ -141,6 +145,8 @@ for name, b, rps, p99, extra in rows:
         except ValueError: pass
     if "login flood" in name and flood_ref:
         extra = f"{float(rps)/flood_ref:.2f}x without flood; " + ("non-2xx " + extra if extra != "0" else "")
+    elif name.startswith("nginx + auth") and "no-op" not in name and noop:
+        extra = f"{float(rps)/noop:.2f}x no-op auth"
     elif extra not in ("0", ""):
         extra = extra if "=" in extra else f"non-2xx {extra}"
     else:
@@ -155,8 +161,8 @@ if [ -n "${PROFILE:-}" ] && [ -s "$work/profiles" ]; then
   while IFS='|' read -r name data; do
     echo; echo "== profile: $name"
     perf report -i "$data" --stdio --sort comm --percent-limit 3 2>/dev/null | grep -v '^#' | grep -v '^$' || true
-    echo "-- tokenpolicy (tokio workers), top functions:"
-    perf report -i "$data" --stdio --comm tokio-rt-worker --sort dso,symbol --percent-limit 2 2>/dev/null \
+    echo "-- tokenpolicy (tokio workers), top functions (share of the workers' samples):"
+    perf report -i "$data" --stdio --comm tokio-rt-worker --percentage relative --sort dso,symbol --percent-limit 2 2>/dev/null \
       | grep -v '^#' | grep -v '^$' | head -15 || true
   done <"$work/profiles"
 fi
