@@ -108,6 +108,17 @@ impl HashPool {
         self.threads
     }
 
+    /// A place in the line, or `Busy` at once when it is full. Taken
+    /// before anything else a login does, so that a login turned away costs
+    /// nothing more (no store round trip).
+    pub fn admit(&self) -> Result<Place, PoolError> {
+        self.admission
+            .clone()
+            .try_acquire_owned()
+            .map(|permit| Place { _permit: permit })
+            .map_err(|_| PoolError::Busy)
+    }
+
     /// Runs `f` on a pool thread, or answers `Busy` at once when the
     /// waiting line is full. The place in line is held until `f` has
     /// finished, even if the caller stops waiting.
@@ -116,14 +127,19 @@ impl HashPool {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        let permit: OwnedSemaphorePermit = self
-            .admission
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| PoolError::Busy)?;
+        let place = self.admit()?;
+        self.run_in(place, f).await
+    }
+
+    /// Runs `f` on a pool thread in the place taken by [`HashPool::admit`].
+    pub async fn run_in<T, F>(&self, place: Place, f: F) -> Result<T, PoolError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move || {
-            let _permit = permit;
+            let _place = place;
             // The caller has gone (client disconnected): skip the work.
             if tx.is_closed() {
                 return;
@@ -135,6 +151,11 @@ impl HashPool {
         self.jobs.send(job).map_err(|_| PoolError::Failed)?;
         rx.await.map_err(|_| PoolError::Failed)
     }
+}
+
+/// A place in the pool's line (running or waiting), given back when dropped.
+pub struct Place {
+    _permit: OwnedSemaphorePermit,
 }
 
 #[cfg(test)]

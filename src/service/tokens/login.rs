@@ -20,6 +20,20 @@ use crate::service::store::Take;
 use crate::service::token::Claims;
 use crate::service::users::{MAX_NAME_LEN, MAX_PASSWORD_LEN, User};
 
+fn busy(e: PoolError) -> ApiError {
+    match e {
+        PoolError::Busy => ApiError::new(
+            Code::ServiceBusy,
+            "too many logins at once; try again shortly",
+        ),
+        PoolError::Failed => ApiError::new(
+            Code::ServiceBusy,
+            "the password check did not run; try again",
+        ),
+    }
+    .retry_after(1)
+}
+
 fn too_many(retry_in: Millis) -> ApiError {
     ApiError::new(
         Code::TooManyAttempts,
@@ -76,6 +90,9 @@ impl TokenService {
                 "password must not be empty",
             ));
         }
+        // A place in the hashing line first: a login that finds it full is
+        // turned away before it costs a store round trip.
+        let place = self.hashing.admit().map_err(busy)?;
         let user_key = format!("user:{name}");
         let addr_key = client.map(|ip| format!("addr:{ip}"));
         let taken = self.take_attempts(&user_key, addr_key.as_deref()).await?;
@@ -84,25 +101,14 @@ impl TokenService {
         let (n, p) = (name.to_string(), password.to_string());
         let checked = self
             .hashing
-            .run(move || users.authenticate(&n, &p).cloned())
+            .run_in(place, move || users.authenticate(&n, &p).cloned())
             .await;
         let user: Option<User> = match checked {
             Ok(u) => u,
             Err(e) => {
                 // Never checked: the attempts go back.
                 self.release_attempts(&taken).await;
-                return Err(match e {
-                    PoolError::Busy => ApiError::new(
-                        Code::ServiceBusy,
-                        "too many logins at once; try again shortly",
-                    )
-                    .retry_after(1),
-                    PoolError::Failed => ApiError::new(
-                        Code::ServiceBusy,
-                        "the password check did not run; try again",
-                    )
-                    .retry_after(1),
-                });
+                return Err(busy(e));
             }
         };
         let Some(user) = user else {
@@ -185,7 +191,9 @@ mod tests {
 
     use super::*;
     use crate::policy::Policy;
-    use crate::service::store::MemoryStore;
+    use crate::service::store::{
+        Attempts, Claim, MemoryStore, OneTimeStore, RefreshRecord, StoreError, Take,
+    };
     use crate::service::token::{Key, KeySet};
     use crate::service::tokens::Throttle;
     use crate::service::users::Users;
@@ -363,5 +371,91 @@ mod tests {
             s.store.failures("user:slow").await.unwrap().count,
             checked as u64
         );
+    }
+
+    /// Counts the throttle's store calls, and does what the in-process
+    /// store does.
+    #[derive(Default)]
+    struct CountingStore {
+        inner: MemoryStore,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl OneTimeStore for CountingStore {
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+        async fn claim_refresh(
+            &self,
+            sid: &str,
+            jti: &str,
+            issued_at: i64,
+            record: &RefreshRecord,
+            ttl: Millis,
+        ) -> Result<Claim, StoreError> {
+            self.inner
+                .claim_refresh(sid, jti, issued_at, record, ttl)
+                .await
+        }
+        async fn revoke_session(&self, sid: &str, ttl: Millis) -> Result<(), StoreError> {
+            self.inner.revoke_session(sid, ttl).await
+        }
+        async fn is_revoked(&self, sid: &str) -> Result<bool, StoreError> {
+            self.inner.is_revoked(sid).await
+        }
+        async fn failures(&self, key: &str) -> Result<Attempts, StoreError> {
+            self.inner.failures(key).await
+        }
+        async fn add_failure(&self, key: &str, window: Millis) -> Result<Attempts, StoreError> {
+            self.inner.add_failure(key, window).await
+        }
+        async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
+            self.inner.clear_failures(key).await
+        }
+        async fn take_attempt(
+            &self,
+            key: &str,
+            limit: u64,
+            window: Millis,
+        ) -> Result<Take, StoreError> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.take_attempt(key, limit, window).await
+        }
+        async fn release_attempt(&self, key: &str) -> Result<(), StoreError> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.release_attempt(key).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_login_turned_away_by_a_full_line_costs_no_store_call() {
+        let users =
+            Users::parse(&format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap()), "t").unwrap();
+        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
+        let store = Arc::new(CountingStore::default());
+        let s = TokenService::new(
+            Policy::default(),
+            users,
+            keys,
+            store.clone(),
+            0,
+            Throttle::default(),
+        )
+        .with_login_capacity(1, 0);
+        // The one place in line is taken.
+        let place = s.hashing.admit().unwrap();
+        let ip: IpAddr = "203.0.113.7".parse().unwrap();
+        let e = s.login("alice", "pw", Some(ip), || T0).await.unwrap_err();
+        assert_eq!((e.code, e.retry_after), (Code::ServiceBusy, Some(1)));
+        assert_eq!(store.calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // Once the place is free, a login takes and gives back its two
+        // attempts (user and address).
+        drop(place);
+        s.login("alice", "pw", Some(ip), || T0).await.unwrap();
+        assert_eq!(store.calls.load(std::sync::atomic::Ordering::SeqCst), 4);
     }
 }

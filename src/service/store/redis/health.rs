@@ -334,7 +334,11 @@ mod tests {
                 exp: -5,
                 at: 1,
             };
-            let stored = format!("{}{}}}", record_head(&record).unwrap(), 1_800_000_000_123i64);
+            let stored = format!(
+                "{}{}}}",
+                record_head(&record).unwrap(),
+                1_800_000_000_123i64
+            );
             let back: RefreshRecord = serde_json::from_str(&stored).unwrap();
             assert_eq!(
                 back,
