@@ -45,10 +45,9 @@ pub const ROUTES: &[&str] = &[
 
 /// A counter by outcome. The outcomes named at start (and every rejection
 /// code) are counted without a lock; any other still lands in the family.
-#[derive(Clone)]
 pub struct Outcomes {
     family: Family<Outcome, Counter>,
-    known: Arc<HashMap<&'static str, Counter>>,
+    known: HashMap<&'static str, Counter>,
 }
 
 impl Outcomes {
@@ -67,10 +66,7 @@ impl Outcomes {
                 (name, counter)
             })
             .collect();
-        Outcomes {
-            family,
-            known: Arc::new(known),
-        }
+        Outcomes { family, known }
     }
 
     pub fn count(&self, outcome: &str) {
@@ -94,15 +90,16 @@ fn latency_bounds() -> Vec<f64> {
     (0..14).map(|i| 0.0001 * 2.5f64.powi(i)).collect()
 }
 
-/// A histogram of durations kept in atomics: an observation is a few
-/// relaxed atomic adds. A scrape may see a count one observation ahead of
-/// the sum; Prometheus tolerates that, and the next scrape is whole.
+/// A histogram of durations kept in atomics: an observation is two
+/// relaxed atomic adds. The count is the buckets' total. A scrape may see a
+/// count one observation ahead of the sum; Prometheus tolerates that, and
+/// the next scrape is whole.
+#[derive(Debug)]
 struct AtomicHistogram {
     bounds: Arc<[f64]>,
     /// Observations per bucket (not cumulative); the last is `+Inf`.
     buckets: Box<[AtomicU64]>,
     sum_nanos: AtomicU64,
-    count: AtomicU64,
 }
 
 impl AtomicHistogram {
@@ -111,7 +108,6 @@ impl AtomicHistogram {
             buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
             bounds,
             sum_nanos: AtomicU64::new(0),
-            count: AtomicU64::new(0),
         }
     }
 
@@ -125,7 +121,10 @@ impl AtomicHistogram {
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
@@ -137,14 +136,14 @@ impl AtomicHistogram {
             .zip(self.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
             .collect();
         let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let count = self.count.load(Ordering::Relaxed);
+        let count = buckets.iter().map(|(_, n)| n).sum();
         encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 }
 
 /// Request latency by route: one histogram per route of [`ROUTES`], plus
 /// `other`, found by a lookup in a map that never changes.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Latency {
     by_route: Arc<HashMap<&'static str, AtomicHistogram>>,
 }
@@ -186,7 +185,7 @@ impl EncodeMetric for Latency {
         let mut routes: Vec<_> = self
             .by_route
             .iter()
-            .filter(|(_, h)| h.count.load(Ordering::Relaxed) > 0)
+            .filter(|(_, h)| h.count() > 0)
             .collect();
         routes.sort_by_key(|(r, _)| **r);
         for (route, h) in routes {
@@ -200,12 +199,6 @@ impl EncodeMetric for Latency {
 
     fn metric_type(&self) -> MetricType {
         Self::TYPE
-    }
-}
-
-impl std::fmt::Debug for Latency {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Latency")
     }
 }
 
