@@ -28,7 +28,10 @@ pub struct Route {
     pub route: String,
 }
 
-/// The routes the router serves, and `unmatched` for the rest; a route
+/// The route label of a request that matched no route.
+pub const UNMATCHED: &str = "unmatched";
+
+/// The routes the router serves, and [`UNMATCHED`] for the rest; a route
 /// missing here is counted as `other`.
 pub const ROUTES: &[&str] = &[
     "/v1/login",
@@ -40,7 +43,7 @@ pub const ROUTES: &[&str] = &[
     "/healthz",
     "/readyz",
     "/metrics",
-    "unmatched",
+    UNMATCHED,
 ];
 
 /// A counter by outcome. The outcomes named at start (and every rejection

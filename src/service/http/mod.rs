@@ -21,6 +21,7 @@ use crate::clock::{now_millis, rfc3339};
 use crate::policy::Cookie;
 use crate::service::error::{ApiError, Code};
 use crate::service::listen::Draining;
+use crate::service::metrics::UNMATCHED;
 use crate::service::tokens::{Issued, TokenService};
 
 /// Request bodies are small JSON or form posts.
@@ -115,7 +116,7 @@ fn request_span(req: &Request) -> tracing::Span {
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str());
+        .map_or(UNMATCHED, |p| p.as_str());
     tracing::debug_span!("request", method = %req.method(), route = %route)
 }
 
@@ -136,7 +137,7 @@ async fn observe(State(app): Shared, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let resp = next.run(req).await;
     let elapsed = started.elapsed();
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let route = route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
     app.service.metrics.latency.observe(route, elapsed);
     tracing::debug!(%method, %route, status = resp.status().as_u16(), micros = elapsed.as_micros() as u64, "request");
     resp
