@@ -1,8 +1,14 @@
 # Shared by the bench scripts (sourced): a release build, a scratch
 # directory, processes stopped on exit, free loopback ports.
+# BIN=/path/to/tokenpolicy runs that binary instead of building one (to
+# compare two builds on the same machine, one after the other).
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/tokenpolicy-target}"
-cargo build --release --quiet
-bin="$CARGO_TARGET_DIR/release/tokenpolicy"
+if [ -n "${BIN:-}" ]; then
+  bin=$BIN
+else
+  cargo build --release --quiet
+  bin="$CARGO_TARGET_DIR/release/tokenpolicy"
+fi
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }

@@ -11,6 +11,7 @@
 #                                  # which functions of the service
 #   NGINX_WORKERS=1 bash bench/run.sh  # nginx worker processes (default
 #                                  # auto, one per core, as ingress-nginx)
+#   BIN=/path/tokenpolicy bash bench/run.sh  # bench that binary, no build
 #
 # Bench users have a bcrypt cost-4 hash so that 10,000 logins take seconds;
 # the login flood uses the demo user's cost-10 hash, as a real flood would.
@@ -98,10 +99,15 @@ auth=(-H "Authorization: Bearer $one")
 row warmup - "http://127.0.0.1:$pa/healthz" >/dev/null; sed -i '/^warmup/d' "$results"
 # The machine's speed drifts over minutes (a shared VM): the verify rows run
 # in rounds, each beside its own /healthz, and the table gives the median.
+# A row driven by a Lua script pays the script in wrk, on the same two cores
+# as the server: its baseline is /healthz sent the same requests by the
+# same script (the same random Authorization headers), so that the ratio
+# compares the server's work and not the client's.
 for round in $(seq "$rounds"); do
   row "/healthz"                      healthz "http://127.0.0.1:$pa/healthz"
   row "/v1/verify, 1 token"           healthz "${auth[@]}" "http://127.0.0.1:$pa/v1/verify"
-  TOKENS="$work/tokens" row "/v1/verify, $distinct tokens at random" healthz -s bench/lua/verify-random.lua "http://127.0.0.1:$pa/v1/verify"
+  VERIFY_PATH=/healthz TOKENS="$work/tokens" row "/healthz, $distinct tokens' requests" healthz -s bench/lua/verify-random.lua "http://127.0.0.1:$pa/healthz"
+  TOKENS="$work/tokens" row "/v1/verify, $distinct tokens at random" healthz-lua -s bench/lua/verify-random.lua "http://127.0.0.1:$pa/v1/verify"
 done
 round=1
 row "/v1/verify, invalid signature" healthz -H "Authorization: Bearer $invalid" "http://127.0.0.1:$pa/v1/verify"
@@ -109,7 +115,8 @@ row "/v1/verify, expired, renewable" healthz -H "Authorization: Bearer $expired"
 row "nginx, no auth"                nginx "http://127.0.0.1:$nport/open/x"
 row "nginx + auth_request to a no-op (204)" nginx "${auth[@]}" "http://127.0.0.1:$nport/noop/x"
 row "nginx + auth_request verify"   nginx "${auth[@]}" "http://127.0.0.1:$nport/app/x"
-VERIFY_PATH=/app/x TOKENS="$work/tokens" row "nginx + auth, $distinct tokens" nginx -s bench/lua/verify-random.lua "http://127.0.0.1:$nport/app/x"
+VERIFY_PATH=/open/x TOKENS="$work/tokens" row "nginx, no auth, $distinct tokens' requests" nginx -s bench/lua/verify-random.lua "http://127.0.0.1:$nport/open/x"
+VERIFY_PATH=/app/x TOKENS="$work/tokens" row "nginx + auth, $distinct tokens" nginx-lua -s bench/lua/verify-random.lua "http://127.0.0.1:$nport/app/x"
 
 # Refresh chains on both replicas at once; first-time claims from the metric.
 issued() { curl -s "127.0.0.1:$1/metrics" | awk 'BEGIN {n=0} /^tokenpolicy_refreshes_total\{outcome="issued"\}/ {n=$2} END {print int(n)}'; }
@@ -141,9 +148,12 @@ rss_a=$(awk '/VmRSS/ {print $2}' "/proc/$pida/status")
 python3 - "$results" "$rss_a" "$distinct" "${flood_rps:-0}" "${flood_non2xx:-0}" "${flood_total:-0}" <<'PY'
 import statistics, sys
 raw = [l.rstrip("\n").split("|") for l in open(sys.argv[1]) if l.strip()]
-# Rows run in rounds: each round's ratio is to that round's /healthz; the
-# table gives medians, and the spread of the ratio over the rounds.
-by_round = {int(r[5]): (float(r[2]), float(r[3])) for r in raw if r[0] == "/healthz"}
+# Rows run in rounds: each round's ratio is to its baseline row of the same
+# round; the table gives medians, and the spread of the ratio over the rounds.
+base_row = {"healthz": "/healthz", "nginx": "nginx, no auth",
+            "healthz-lua": f"/healthz, {sys.argv[3]} tokens' requests",
+            "nginx-lua": f"nginx, no auth, {sys.argv[3]} tokens' requests"}
+by_round = {(r[0], int(r[5])): float(r[2]) for r in raw}
 spread, rows, seen = {}, [], {}
 for name, b, rps, p99, extra, rnd in raw:
     seen.setdefault(name, []).append((b, float(rps), p99, extra, int(rnd)))
@@ -152,39 +162,41 @@ for name, runs in seen.items():
     rps = statistics.median(r[1] for r in runs)
     try: p99 = f"{statistics.median(float(r[2]) for r in runs):.2f}"
     except ValueError: p99 = runs[-1][2]
-    if len(runs) > 1 and b == "healthz":
-        ratios = sorted(r[1] / by_round[r[4]][0] for r in runs)
+    if len(runs) > 1 and b in base_row:
+        ratios = sorted(r[1] / by_round[(base_row[b], r[4])] for r in runs)
         spread[name] = (statistics.median(ratios),
                         f"{len(runs)} rounds, ratio {ratios[0]:.2f}-{ratios[-1]:.2f}")
     rows.append((name, b, str(rps), p99, extra))
 base = {}
 for name, b, rps, p99, extra in rows:
-    if name == "/healthz": base["healthz"] = (float(rps), float(p99))
-    if name == "nginx, no auth": base["nginx"] = (float(rps), float(p99))
+    for k, v in base_row.items():
+        if name == v: base[k] = (float(rps), float(p99))
 noop = next((float(r[2]) for r in rows if "no-op" in r[0]), None)
 flood_ref = next((float(r[2]) for r in rows if r[0].endswith("before the flood")), None)
-print(f"| {'path':<44} | {'req/s':>9} | {'p99 ms':>12} | {'ratio':>13} | {'p99 ratio':>9} | notes")
-print(f"|{'-'*46}|{'-'*11}|{'-'*14}|{'-'*15}|{'-'*11}|------")
+print(f"| {'path':<44} | {'req/s':>9} | {'p99 ms':>12} | {'ratio':>17} | {'p99 ratio':>9} | notes")
+print(f"|{'-'*46}|{'-'*11}|{'-'*14}|{'-'*19}|{'-'*11}|------")
 for name, b, rps, p99, extra in rows:
     ratio = p99r = ""
+    notes = []
     if b in base:
         r = spread[name][0] if name in spread else float(rps) / base[b][0]
         ratio = f"{r:.2f}x {b}"
         try: p99r = f"{float(p99)/base[b][1]:.2f}x"
         except ValueError: pass
+        plain = b.removesuffix("-lua")
+        if plain != b and plain in base:
+            notes.append(f"{float(rps)/base[plain][0]:.2f}x {base_row[plain]} without the script")
     if "login flood" in name and flood_ref:
         flood, refused, total = (float(a) for a in sys.argv[4:7])
-        extra = (f"{float(rps)/flood_ref:.2f}x before the flood; the flood: {flood:.0f} logins/s, "
-                 f"{refused / max(total, 1):.0%} refused")
+        notes.append(f"{float(rps)/flood_ref:.2f}x before the flood; the flood: {flood:.0f} logins/s, "
+                     f"{refused / max(total, 1):.0%} refused")
     elif name.startswith("nginx + auth") and "no-op" not in name and noop:
-        extra = f"{float(rps)/noop:.2f}x no-op auth"
+        notes.append(f"{float(rps)/noop:.2f}x no-op auth")
     elif extra not in ("0", ""):
-        extra = extra if "=" in extra else f"non-2xx {extra}"
-    else:
-        extra = ""
+        notes.append(extra if "=" in extra else f"non-2xx {extra}")
     if name in spread and name != "/healthz":
-        extra = (extra + "; " if extra else "") + spread[name][1]
-    print(f"| {name:<44} | {float(rps):>9.0f} | {p99:>12} | {ratio:>13} | {p99r:>9} | {extra}")
+        notes.append(spread[name][1])
+    print(f"| {name:<44} | {float(rps):>9.0f} | {p99:>12} | {ratio:>17} | {p99r:>9} | {'; '.join(notes)}")
 print(f"\nreplica A RSS after the run: {int(sys.argv[2])/1024:.1f} MiB")
 PY
 
