@@ -56,7 +56,6 @@ pub struct HashPool {
     jobs: mpsc::Sender<Job>,
     /// Permits for running + waiting checks: `threads + queue`.
     admission: Arc<Semaphore>,
-    threads: usize,
 }
 
 impl HashPool {
@@ -88,7 +87,6 @@ impl HashPool {
         HashPool {
             jobs,
             admission: Arc::new(Semaphore::new(threads + queue)),
-            threads,
         }
     }
 
@@ -102,10 +100,6 @@ impl HashPool {
     /// default costs.
     pub fn default_queue(threads: usize) -> usize {
         threads.max(1) * 8
-    }
-
-    pub fn threads(&self) -> usize {
-        self.threads
     }
 
     /// A place in the line, or `Busy` at once when it is full. Taken
@@ -212,6 +206,20 @@ mod tests {
         assert_eq!(peak.load(Ordering::SeqCst), 2);
         // The line is free again afterwards.
         assert_eq!(pool.run(|| 7).await, Ok(7));
+    }
+
+    #[tokio::test]
+    async fn the_defaults_are_one_thread_per_core_up_to_4_and_8_waiting_per_thread() {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        assert_eq!(HashPool::default_threads(), cores.clamp(1, 4));
+        assert_eq!(HashPool::default_queue(3), 24);
+        assert_eq!(
+            HashPool::default_queue(0),
+            8,
+            "a pool has at least one thread"
+        );
+        // Asked for no thread, a pool still runs checks, on one.
+        assert_eq!(HashPool::new(0, 0).run(|| 1).await, Ok(1));
     }
 
     #[tokio::test]
