@@ -4,7 +4,7 @@
 # table: requests/s, p99 latency, ratios to /healthz of the same server (and
 # to nginx without auth for the ingress path), and replica A's RSS.
 #
-#   bash bench/run.sh              # about 6 minutes; DURATION=6s by default,
+#   bash bench/run.sh              # about 5 minutes; DURATION=6s by default,
 #                                  # ROUNDS=3 rounds of /healthz and verify
 #   PROFILE=1 bash bench/run.sh    # and a CPU profile of each row (perf,
 #                                  # software clock): which process, and
