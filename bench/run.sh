@@ -140,12 +140,21 @@ wf=$!
 sleep 0.5
 TOKENS="$work/tokens" row "/v1/verify, $distinct tokens, login flood" healthz -s bench/lua/verify-random.lua "http://127.0.0.1:$pa/v1/verify"
 wait "$wf"
+# The same closed-loop flood shape (wrk -c32 on the same two cores) sending
+# GET /healthz instead: what any flood of the cheapest requests costs
+# verify on this machine, the floor of the login-flood row.
+wrk -t1 -c32 -d"$dur" "http://127.0.0.1:$pa/healthz" >"$work/hflood" &
+wf=$!
+sleep 0.5
+TOKENS="$work/tokens" row "/v1/verify, $distinct tokens, /healthz flood" healthz -s bench/lua/verify-random.lua "http://127.0.0.1:$pa/v1/verify"
+wait "$wf"
 flood_rps=$(awk '/Requests\/sec/ {print $2}' "$work/flood")
 flood_non2xx=$(awk '/Non-2xx/ {print $NF}' "$work/flood")
 flood_total=$(awk '/requests in/ {print $1}' "$work/flood")
+hflood_rps=$(awk '/Requests\/sec/ {print $2}' "$work/hflood")
 
 rss_a=$(awk '/VmRSS/ {print $2}' "/proc/$pida/status")
-python3 - "$results" "$rss_a" "$distinct" "${flood_rps:-0}" "${flood_non2xx:-0}" "${flood_total:-0}" <<'PY'
+python3 - "$results" "$rss_a" "$distinct" "${flood_rps:-0}" "${flood_non2xx:-0}" "${flood_total:-0}" "${hflood_rps:-0}" <<'PY'
 import statistics, sys
 raw = [l.rstrip("\n").split("|") for l in open(sys.argv[1]) if l.strip()]
 # Rows run in rounds: each round's ratio is to its baseline row of the same
@@ -173,6 +182,7 @@ for name, b, rps, p99, extra in rows:
         if name == v: base[k] = (float(rps), float(p99))
 noop = next((float(r[2]) for r in rows if "no-op" in r[0]), None)
 flood_ref = next((float(r[2]) for r in rows if r[0].endswith("before the flood")), None)
+hflood = next((float(r[2]) for r in rows if r[0].endswith("/healthz flood")), None)
 print(f"| {'path':<44} | {'req/s':>9} | {'p99 ms':>12} | {'ratio':>17} | {'p99 ratio':>9} | notes")
 print(f"|{'-'*46}|{'-'*11}|{'-'*14}|{'-'*19}|{'-'*11}|------")
 for name, b, rps, p99, extra in rows:
@@ -190,6 +200,10 @@ for name, b, rps, p99, extra in rows:
         flood, refused, total = (float(a) for a in sys.argv[4:7])
         notes.append(f"{float(rps)/flood_ref:.2f}x before the flood; the flood: {flood:.0f} logins/s, "
                      f"{refused / max(total, 1):.0%} refused")
+        if hflood:
+            notes.append(f"{float(rps)/hflood:.2f}x under the /healthz flood")
+    elif "/healthz flood" in name and flood_ref:
+        notes.append(f"{float(rps)/flood_ref:.2f}x before the flood; the flood: {float(sys.argv[7]):.0f} /healthz/s")
     elif name.startswith("nginx + auth") and "no-op" not in name and noop:
         notes.append(f"{float(rps)/noop:.2f}x no-op auth")
     elif extra not in ("0", ""):
