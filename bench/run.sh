@@ -132,22 +132,23 @@ claims=$(python3 -c "print(round(($ia1-${ia0:-0}+$ib1-${ib0:-0})/($t1-$t0)))")
 p99r=$(awk '$1=="99%" {print $2}' "$work/refresh-a" "$work/refresh-b" | tr '\n' ' ')
 echo "/v1/refresh chains, 2 replicas (first-time claims/s)|-|$claims|$p99r|evalsha=$((${calls1:-0}-${calls0:-0})) issued=$((ia1+ib1-ia0-ib0))|1" >>"$results"
 
-# Verify during a login flood (the demo user's real cost-10 bcrypt hash),
-# against the same verify run just before it.
-TOKENS="$work/tokens" row "/v1/verify, $distinct tokens, before the flood" healthz -s bench/lua/verify-random.lua "http://127.0.0.1:$pa/v1/verify"
-wrk -t1 -c32 -d"$dur" -s bench/lua/login-flood.lua "http://127.0.0.1:$pa/v1/login" >"$work/flood" &
-wf=$!
-sleep 0.5
-TOKENS="$work/tokens" row "/v1/verify, $distinct tokens, login flood" healthz -s bench/lua/verify-random.lua "http://127.0.0.1:$pa/v1/verify"
-wait "$wf"
-# The same closed-loop flood shape (wrk -c32 on the same two cores) sending
-# GET /healthz instead: what any flood of the cheapest requests costs
-# verify on this machine, the floor of the login-flood row.
-wrk -t1 -c32 -d"$dur" "http://127.0.0.1:$pa/healthz" >"$work/hflood" &
-wf=$!
-sleep 0.5
-TOKENS="$work/tokens" row "/v1/verify, $distinct tokens, /healthz flood" healthz -s bench/lua/verify-random.lua "http://127.0.0.1:$pa/v1/verify"
-wait "$wf"
+# Verify during a flood (wrk -c32, closed loop, on the same two cores),
+# against the same verify run just before it: a flood of logins (the demo
+# user's real cost-10 bcrypt hash), then the same shape sending GET /healthz
+# instead, what any flood of the cheapest requests costs verify on this
+# machine: the floor of the login-flood row.
+verify_10k() { TOKENS="$work/tokens" row "/v1/verify, $distinct tokens, $1" healthz -s bench/lua/verify-random.lua "http://127.0.0.1:$pa/v1/verify"; }
+beside_flood() { # row suffix, flood output file, flood wrk args...
+  local name=$1 out=$2 wf; shift 2
+  wrk -t1 -c32 -d"$dur" "$@" >"$out" &
+  wf=$!
+  sleep 0.5
+  verify_10k "$name"
+  wait "$wf"
+}
+verify_10k "before the flood"
+beside_flood "login flood" "$work/flood" -s bench/lua/login-flood.lua "http://127.0.0.1:$pa/v1/login"
+beside_flood "/healthz flood" "$work/hflood" "http://127.0.0.1:$pa/healthz"
 flood_rps=$(awk '/Requests\/sec/ {print $2}' "$work/flood")
 flood_non2xx=$(awk '/Non-2xx/ {print $NF}' "$work/flood")
 flood_total=$(awk '/requests in/ {print $1}' "$work/flood")
