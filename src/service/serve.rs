@@ -12,6 +12,7 @@ use crate::duration::parse_seconds;
 use crate::policy::Policy;
 use crate::service::http::{App, HttpConfig, router};
 use crate::service::listen::{self, Draining, Limits};
+use crate::service::store::redis_conn::RedisTls;
 use crate::service::store::{MemoryStore, OneTimeStore, RedisStore};
 use crate::service::token::{Key, KeySet};
 use crate::service::tokens::{Throttle, TokenService};
@@ -37,6 +38,21 @@ pub struct ServeArgs {
     /// Without it: an in-process store, for one replica only.
     #[arg(long, env = "TOKENPOLICY_REDIS", hide_env_values = true)]
     pub redis: Option<String>,
+    /// `rediss`: PEM certificate authorities to trust instead of the system's
+    /// bundle (a private CA, as managed Redis services often use).
+    #[arg(long, env = "TOKENPOLICY_REDIS_CA_FILE", requires = "redis")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// `rediss`: PEM client certificate (chain), for a Redis that asks
+    /// clients for one (`tls-auth-clients`). Needs --redis-client-key.
+    #[arg(long, env = "TOKENPOLICY_REDIS_CLIENT_CERT", requires_all = ["redis_client_key", "redis"])]
+    pub redis_client_cert: Option<PathBuf>,
+    /// `rediss`: the client certificate's PEM private key.
+    #[arg(
+        long,
+        env = "TOKENPOLICY_REDIS_CLIENT_KEY",
+        requires = "redis_client_cert"
+    )]
+    pub redis_client_key: Option<PathBuf>,
     /// Key prefix in Redis, so that several policies can share one Redis.
     #[arg(long, env = "TOKENPOLICY_REDIS_PREFIX", default_value = "tokenpolicy")]
     pub redis_prefix: String,
@@ -171,6 +187,39 @@ fn modified(path: &Path) -> Option<(SystemTime, u64)> {
     Some((m.modified().ok()?, m.len()))
 }
 
+/// The `--redis-ca-file` / `--redis-client-*` files, checked to hold what
+/// they are for: a file with no certificate would leave nothing to trust.
+fn redis_tls(args: &ServeArgs) -> anyhow::Result<RedisTls> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let read =
+        |path: &Path| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+    let certificates = |path: &Path, bytes: &[u8]| -> anyhow::Result<()> {
+        let n = CertificateDer::pem_slice_iter(bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("{}: not PEM certificates", path.display()))?
+            .len();
+        anyhow::ensure!(n > 0, "{}: no PEM certificate in it", path.display());
+        Ok(())
+    };
+    let mut tls = RedisTls::default();
+    if let Some(path) = &args.redis_ca_file {
+        let ca = read(path)?;
+        certificates(path, &ca).context("--redis-ca-file")?;
+        tls.ca = Some(ca);
+    }
+    if let (Some(cert_path), Some(key_path)) = (&args.redis_client_cert, &args.redis_client_key) {
+        let (cert, key) = (read(cert_path)?, read(key_path)?);
+        certificates(cert_path, &cert).context("--redis-client-cert")?;
+        // The error would quote nothing of the key, but say which file.
+        PrivateKeyDer::from_pem_slice(&key)
+            .map_err(|_| anyhow::anyhow!("{}: no PEM private key in it", key_path.display()))
+            .context("--redis-client-key")?;
+        tls.client = Some((cert, key));
+    }
+    Ok(tls)
+}
+
 fn load_policy(path: &Path) -> anyhow::Result<Policy> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -287,7 +336,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let keys = KeySet::new(keys, &issuer, &audience)?;
     let store: Arc<dyn OneTimeStore> = match &args.redis {
         Some(url) => Arc::new(
-            RedisStore::new(url, &args.redis_prefix)?
+            RedisStore::with_tls(url, &args.redis_prefix, &redis_tls(&args)?)?
                 .with_live_session_limit(args.session_cache_size),
         ),
         None => Arc::new(MemoryStore::new()),

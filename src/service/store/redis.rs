@@ -20,7 +20,7 @@ use dashmap::DashMap;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
-use super::redis_conn::RedisConn;
+use super::redis_conn::{RedisConn, RedisTls};
 use super::redis_url::RedisTarget;
 use super::{Attempts, Claim, OneTimeStore, RefreshRecord, StoreError, Take};
 use crate::clock::Millis;
@@ -170,8 +170,21 @@ impl RedisStore {
     /// Redis is away, and reconnects by itself. Needs a Tokio runtime.
     /// `url` is one server, Sentinels or Cluster seeds (see `redis_url`).
     pub fn new(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        RedisStore::with_tls(url, prefix, &RedisTls::default())
+    }
+
+    /// [`RedisStore::new`] with the certificates a `rediss` target is
+    /// dialled with: refused for a target without TLS, which would ignore them.
+    pub fn with_tls(url: &str, prefix: &str, tls: &RedisTls) -> Result<RedisStore, StoreError> {
         let target = RedisTarget::parse(url).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let conn = RedisConn::new(&target).map_err(|e| {
+        if tls.is_set() && !target.is_tls() {
+            return Err(StoreError::Unavailable(format!(
+                "Redis {} is not TLS: certificates (--redis-ca-file, --redis-client-cert) \
+                 need a rediss:// URL (rediss+sentinel://, rediss+cluster://)",
+                target.describe()
+            )));
+        }
+        let conn = RedisConn::new(&target, tls).map_err(|e| {
             StoreError::Unavailable(format!("cannot use Redis {}: {e}", target.describe()))
         })?;
         let cache = Arc::new(Cache {
@@ -533,6 +546,23 @@ mod tests {
     async fn bad_url_is_a_clear_error() {
         let err = RedisStore::new("http://nope", "p").err().unwrap();
         assert!(err.to_string().contains("invalid Redis URL"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn certificates_need_a_tls_url() {
+        let tls = RedisTls {
+            ca: Some(b"-----BEGIN CERTIFICATE-----".to_vec()),
+            client: None,
+        };
+        for url in [
+            "redis://127.0.0.1:1/",
+            "redis+sentinel://127.0.0.1:1/m",
+            "redis+cluster://127.0.0.1:1",
+        ] {
+            let err = RedisStore::with_tls(url, "p", &tls).err().unwrap();
+            assert!(err.to_string().contains("need a rediss:// URL"), "{err}");
+        }
+        assert!(RedisStore::with_tls("redis://127.0.0.1:1/", "p", &RedisTls::default()).is_ok());
     }
 
     #[tokio::test]

@@ -28,10 +28,11 @@ use redis::aio::{
 };
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
-    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline,
-    RedisConnectionInfo, RedisError, RedisFuture, RedisResult, TlsMode, Value,
+    AsyncConnectionConfig, ClientTlsConfig, Cmd, ConnectionAddr, ConnectionInfo,
+    IntoConnectionInfo, Pipeline, RedisConnectionInfo, RedisError, RedisFuture, RedisResult,
+    TlsCertificates, TlsMode, Value,
 };
 use tokio::sync::Mutex;
 
@@ -41,6 +42,49 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Below the store's own 2 s bound, so that a master that stopped
 /// answering is noticed here (and looked up again) before the caller gives up.
 const RESPONSE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// What `rediss` connections trust and present: the certificate
+/// authorities (PEM; instead of the system's bundle when given) and a client
+/// certificate with its key (PEM), for servers that ask for one.
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    pub ca: Option<Vec<u8>>,
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RedisTls {
+    pub fn is_set(&self) -> bool {
+        self.ca.is_some() || self.client.is_some()
+    }
+
+    fn certificates(&self) -> Option<TlsCertificates> {
+        self.is_set().then(|| TlsCertificates {
+            client_tls: self.client.as_ref().map(|(cert, key)| ClientTlsConfig {
+                client_cert: cert.clone(),
+                client_key: key.clone(),
+            }),
+            root_cert: self.ca.clone(),
+        })
+    }
+}
+
+/// Never shows the key.
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca.is_some())
+            .field("client_certificate", &self.client.is_some())
+            .finish()
+    }
+}
+
+/// A client for one node, with `tls`'s certificates when it has any.
+fn client_for(info: impl IntoConnectionInfo, tls: &RedisTls) -> RedisResult<redis::Client> {
+    match tls.certificates() {
+        Some(certs) => redis::Client::build_with_tls(info, certs),
+        None => redis::Client::open(info),
+    }
+}
 
 #[derive(Clone)]
 pub enum RedisConn {
@@ -97,11 +141,12 @@ impl RedisConn {
         matches!(self, RedisConn::Cluster(_))
     }
 
-    /// Builds the connection without dialling anything yet.
-    pub fn new(target: &RedisTarget) -> RedisResult<RedisConn> {
+    /// Builds the connection without dialling anything yet. `tls` applies
+    /// to `rediss` targets (the caller refuses it for the others).
+    pub fn new(target: &RedisTarget, tls: &RedisTls) -> RedisResult<RedisConn> {
         match target {
             RedisTarget::Single { url } => {
-                let client = redis::Client::open(url.as_str())?;
+                let client = client_for(url.as_str(), tls)?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(CONNECT_TIMEOUT))
                     .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -116,34 +161,46 @@ impl RedisConn {
                 auth,
                 sentinel_password,
                 db,
-                tls,
+                tls: secure,
             } => {
-                let sentinel_auth = Auth {
-                    username: None,
-                    password: sentinel_password.clone(),
-                };
-                let infos = sentinels
-                    .iter()
-                    .map(|n| node_info(n, *tls, &sentinel_auth, 0))
-                    .collect::<RedisResult<Vec<_>>>()?;
-                let sentinel = Sentinel::build(infos)?;
-                let mut master_info = SentinelNodeConnectionInfo::default()
-                    .set_redis_connection_info(settings(auth, *db));
-                if *tls {
-                    master_info = master_info.set_tls_mode(TlsMode::Secure);
+                let addrs = sentinels.iter().map(|n| addr(n, *secure));
+                let mut builder =
+                    SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)?
+                        .set_client_to_redis_db(*db);
+                if let Some(u) = &auth.username {
+                    builder = builder.set_client_to_redis_username(u);
+                }
+                if let Some(p) = &auth.password {
+                    builder = builder.set_client_to_redis_password(p);
+                }
+                if let Some(p) = sentinel_password {
+                    builder = builder.set_client_to_sentinel_password(p);
+                }
+                if *secure {
+                    builder = builder
+                        .set_client_to_redis_tls_mode(TlsMode::Secure)
+                        .set_client_to_sentinel_tls_mode(TlsMode::Secure);
+                    if let Some(certs) = tls.certificates() {
+                        builder = builder
+                            .set_client_to_redis_certificates(certs.clone())
+                            .set_client_to_sentinel_certificates(certs);
+                    }
                 }
                 Ok(RedisConn::Sentinel(Arc::new(SentinelConn {
-                    sentinel: Mutex::new(sentinel),
+                    sentinel: Mutex::new(builder.build()?),
                     master: master.clone(),
-                    master_info,
                     db: *db,
                     current: Mutex::new(None),
                 })))
             }
-            RedisTarget::Cluster { nodes, auth, tls } => {
+            RedisTarget::Cluster {
+                nodes,
+                auth,
+                tls: secure,
+            } => {
                 let seeds = nodes
                     .iter()
-                    .map(|n| node_info(n, *tls, auth, 0))
+                    .map(|n| node_info(n, *secure, auth, 0))
                     .collect::<RedisResult<Vec<_>>>()?;
                 let mut builder = ClusterClient::builder(seeds.clone())
                     .connection_timeout(CONNECT_TIMEOUT)
@@ -157,15 +214,19 @@ impl RedisConn {
                 if let Some(p) = &auth.password {
                     builder = builder.password(p);
                 }
-                if *tls {
+                if *secure {
                     builder = builder.tls(TlsMode::Secure);
+                    if let Some(certs) = tls.certificates() {
+                        builder = builder.certs(certs);
+                    }
                 }
                 Ok(RedisConn::Cluster(Arc::new(ClusterConn {
                     client: builder.build()?,
                     conn: Mutex::new(None),
                     known: std::sync::Mutex::new(seeds),
                     auth: auth.clone(),
-                    tls: *tls,
+                    secure: *secure,
+                    tls: tls.clone(),
                     next: AtomicUsize::new(0),
                 })))
             }
@@ -262,9 +323,8 @@ pub fn lost_master(e: &RedisError) -> bool {
 }
 
 pub struct SentinelConn {
-    sentinel: Mutex<Sentinel>,
+    sentinel: Mutex<SentinelClient>,
     master: String,
-    master_info: SentinelNodeConnectionInfo,
     db: i64,
     /// The connection to the master last found, with a generation number so
     /// that a late error on an old connection does not drop a newer one.
@@ -273,10 +333,7 @@ pub struct SentinelConn {
 
 impl SentinelConn {
     async fn master_client(&self) -> RedisResult<redis::Client> {
-        let mut sentinel = self.sentinel.lock().await;
-        sentinel
-            .async_master_for(&self.master, Some(&self.master_info))
-            .await
+        self.sentinel.lock().await.async_get_client().await
     }
 
     async fn connection(&self) -> RedisResult<(u64, MultiplexedConnection)> {
@@ -315,7 +372,8 @@ pub struct ClusterConn {
     /// Seeds and every node seen since, for the subscriber.
     known: std::sync::Mutex<Vec<ConnectionInfo>>,
     auth: Auth,
-    tls: bool,
+    secure: bool,
+    tls: RedisTls,
     next: AtomicUsize,
 }
 
@@ -363,7 +421,7 @@ impl ClusterConn {
                 host: host.trim_matches(['[', ']']).to_string(),
                 port,
             };
-            if let Ok(info) = node_info(&node, self.tls, &self.auth, 0) {
+            if let Ok(info) = node_info(&node, self.secure, &self.auth, 0) {
                 found.push(info);
             }
         }
@@ -386,7 +444,7 @@ impl ClusterConn {
         for i in 0..known.len() {
             let info = known[(start + i) % known.len()].clone();
             let attempt = async {
-                let client = redis::Client::open(info)?;
+                let client = client_for(info, &self.tls)?;
                 let mut conn = client
                     .get_multiplexed_async_connection_with_config(&async_config())
                     .await?;
@@ -421,7 +479,7 @@ mod tests {
     #[test]
     fn cluster_nodes_are_learnt_without_failed_ones() {
         let target = RedisTarget::parse("redis+cluster://127.0.0.1:7000").unwrap();
-        let RedisConn::Cluster(c) = RedisConn::new(&target).unwrap() else {
+        let RedisConn::Cluster(c) = RedisConn::new(&target, &RedisTls::default()).unwrap() else {
             panic!("not a cluster")
         };
         c.learn(
@@ -433,6 +491,33 @@ mod tests {
         );
         let ports: Vec<String> = c.known().iter().map(|i| i.addr().to_string()).collect();
         assert_eq!(ports, ["127.0.0.1:7000", "127.0.0.1:7001"]);
+    }
+
+    #[test]
+    fn tls_certificates_are_handed_over_only_when_given() {
+        assert!(!RedisTls::default().is_set());
+        assert!(RedisTls::default().certificates().is_none());
+        let ca = RedisTls {
+            ca: Some(b"ca".to_vec()),
+            client: None,
+        };
+        let c = ca.certificates().unwrap();
+        assert_eq!(c.root_cert.as_deref(), Some(&b"ca"[..]));
+        assert!(c.client_tls.is_none());
+        let client = RedisTls {
+            ca: None,
+            client: Some((b"cert".to_vec(), b"secret key".to_vec())),
+        };
+        assert!(client.is_set());
+        let c = client.certificates().unwrap();
+        assert!(c.root_cert.is_none());
+        let id = c.client_tls.unwrap();
+        assert_eq!(
+            (&id.client_cert[..], &id.client_key[..]),
+            (&b"cert"[..], &b"secret key"[..])
+        );
+        // Never the key in a log line.
+        assert!(!format!("{client:?}").contains("secret"));
     }
 
     #[test]

@@ -179,6 +179,16 @@ impl RedisTarget {
     }
 
     /// For the log: the mode and the nodes, no credentials.
+    /// Dialled over TLS (`rediss`).
+    pub fn is_tls(&self) -> bool {
+        match self {
+            RedisTarget::Single { url } => url
+                .get(..9)
+                .is_some_and(|s| s.eq_ignore_ascii_case("rediss://")),
+            RedisTarget::Sentinel { tls, .. } | RedisTarget::Cluster { tls, .. } => *tls,
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             RedisTarget::Single { url } => redacted(url),
@@ -314,6 +324,18 @@ mod tests {
                 RedisTarget::Single { url: u.into() }
             );
         }
+    }
+
+    #[test]
+    fn tls_is_told_by_the_scheme() {
+        let tls = |u: &str| RedisTarget::parse(u).unwrap().is_tls();
+        assert!(tls("rediss://r:6380"));
+        assert!(tls("REDISS://r:6380"));
+        assert!(tls("rediss+sentinel://s1/m"));
+        assert!(tls("rediss+cluster://c1:7000"));
+        assert!(!tls("redis://r:6379"));
+        assert!(!tls("redis+sentinel://s1/m"));
+        assert!(!tls("redis+cluster://c1:7000"));
     }
 
     #[test]

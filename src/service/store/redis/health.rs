@@ -274,7 +274,18 @@ pub(super) async fn watch(
             return;
         };
         let checked = refresh_epoch(&conn, &epoch_key, &g).await;
-        g.away.store(checked.is_err(), Ordering::SeqCst);
+        let was_away = g.away.swap(checked.is_err(), Ordering::SeqCst);
+        match (&checked, was_away) {
+            // Said once per outage, with its cause (refused, timed out, a
+            // certificate not trusted...), at the level operators read.
+            (Err(e), false) => tracing::warn!(
+                error = %e,
+                "Redis unavailable: not ready, and what needs Redis answers 503 \
+                 STORE_UNAVAILABLE, until it answers again"
+            ),
+            (Ok(_), true) => tracing::info!("Redis available again"),
+            _ => {}
+        }
         match checked {
             Ok((epoch, true)) => {
                 tracing::warn!(
