@@ -252,6 +252,25 @@ pub struct RedisSpec {
     /// The Secret key holding the Redis URL: `redis://`, `redis+sentinel://`
     /// or `redis+cluster://` (`rediss...` for TLS).
     pub url_secret_ref: SecretKeyRef,
+    /// Certificates for a `rediss` URL (the service refuses them with a
+    /// plaintext one). Without them, the system's certificate authorities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RedisTlsSpec>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.caSecretRef) || has(self.clientSecretName)").message("redis.tls needs caSecretRef, clientSecretName or both"))]
+pub struct RedisTlsSpec {
+    /// The Secret key holding the PEM certificate authorities to trust
+    /// instead of the system's (e.g. `ca.crt` of a cert-manager Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+    /// A `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`): the client
+    /// certificate for a Redis that asks for one (`tls-auth-clients`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub client_secret_name: Option<String>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -404,6 +423,43 @@ mod tests {
             let tp = policy(durations(s, t, r, g));
             assert_eq!(cel_errors(&tp), "", "{s} {t} {r} {g}");
             assert!(Policy::from_spec(&tp.spec).is_ok());
+        }
+    }
+
+    #[test]
+    fn redis_tls_names_at_least_one_secret() {
+        let with_tls = |tls: RedisTlsSpec| {
+            let mut tp = policy(durations("8h", "30m", "10m", "10s"));
+            tp.spec.redis = Some(RedisSpec {
+                url_secret_ref: SecretKeyRef {
+                    name: "redis".into(),
+                    key: "url".into(),
+                },
+                tls: Some(tls),
+            });
+            cel_errors(&tp)
+        };
+        let message = "redis.tls needs caSecretRef, clientSecretName or both";
+        assert!(with_tls(RedisTlsSpec::default()).contains(message));
+        let ca = SecretKeyRef {
+            name: "redis-ca".into(),
+            key: "ca.crt".into(),
+        };
+        for tls in [
+            RedisTlsSpec {
+                ca_secret_ref: Some(ca.clone()),
+                client_secret_name: None,
+            },
+            RedisTlsSpec {
+                ca_secret_ref: None,
+                client_secret_name: Some("redis-client".into()),
+            },
+            RedisTlsSpec {
+                ca_secret_ref: Some(ca),
+                client_secret_name: Some("redis-client".into()),
+            },
+        ] {
+            assert_eq!(with_tls(tls), "");
         }
     }
 

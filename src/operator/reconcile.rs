@@ -105,10 +105,27 @@ async fn blocker(tp: &TokenPolicy, secrets: &Api<Secret>) -> Result<Option<(R, S
     if let Some(m) = check_secret(secrets, &users.secret_ref).await? {
         return Ok(Some((R::USERS_SECRET_MISSING, m)));
     }
-    if let Some(redis) = &tp.spec.redis
-        && let Some(m) = check_secret(secrets, &redis.url_secret_ref).await?
-    {
-        return Ok(Some((R::REDIS_SECRET_MISSING, m)));
+    let Some(redis) = &tp.spec.redis else {
+        return Ok(None);
+    };
+    let tls = redis.tls.as_ref();
+    let client = tls.and_then(|t| t.client_secret_name.as_ref());
+    let wanted = [
+        Some(redis.url_secret_ref.clone()),
+        tls.and_then(|t| t.ca_secret_ref.clone()),
+    ]
+    .into_iter()
+    .flatten()
+    .chain(client.into_iter().flat_map(|name| {
+        ["tls.crt", "tls.key"].map(|key| SecretKeyRef {
+            name: name.clone(),
+            key: key.into(),
+        })
+    }));
+    for r in wanted {
+        if let Some(m) = check_secret(secrets, &r).await? {
+            return Ok(Some((R::REDIS_SECRET_MISSING, m)));
+        }
     }
     Ok(None)
 }

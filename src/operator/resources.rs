@@ -7,7 +7,7 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
     Secret, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
     ServicePort, ServiceSpec, Volume, VolumeMount,
@@ -36,6 +36,45 @@ pub const PROMOTED_AT_ANNOTATION: &str = "auth.tokenpolicy.io/promoted-at";
 pub const KEYS_ANNOTATION: &str = "auth.tokenpolicy.io/signing-keys";
 const KEYS_DIR: &str = "/etc/tokenpolicy/keys";
 const USERS_DIR: &str = "/etc/tokenpolicy/users";
+const REDIS_CA_DIR: &str = "/etc/tokenpolicy/redis-ca";
+const REDIS_CLIENT_DIR: &str = "/etc/tokenpolicy/redis-client";
+
+/// A Secret's keys as files of a read-only directory (0440, readable by the
+/// pod's group): the volume, its mount, and the paths of the files.
+fn secret_files(
+    volume: &str,
+    secret: &str,
+    dir: &str,
+    items: &[(&str, &str)],
+) -> (Volume, VolumeMount, Vec<String>) {
+    let volume_ = Volume {
+        name: volume.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            default_mode: Some(0o440),
+            items: Some(
+                items
+                    .iter()
+                    .map(|(key, path)| KeyToPath {
+                        key: (*key).into(),
+                        path: (*path).into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mount = VolumeMount {
+        name: volume.into(),
+        mount_path: dir.into(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    let paths = items.iter().map(|(_, p)| format!("{dir}/{p}")).collect();
+    (volume_, mount, paths)
+}
 
 pub fn labels(tp: &TokenPolicy) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -276,6 +315,29 @@ pub fn deployment(tp: &TokenPolicy, default_image: &str, keys: &str) -> Deployme
             value: Some(format!("tokenpolicy:{namespace}/{}", tp.name_any())),
             ..Default::default()
         });
+        let tls = redis.tls.as_ref();
+        if let Some(ca) = tls.and_then(|t| t.ca_secret_ref.as_ref()) {
+            let (v, m, paths) =
+                secret_files("redis-ca", &ca.name, REDIS_CA_DIR, &[(&ca.key, "ca.crt")]);
+            volumes.push(v);
+            mounts.push(m);
+            args.push("--redis-ca-file".into());
+            args.extend(paths);
+        }
+        if let Some(client) = tls.and_then(|t| t.client_secret_name.as_ref()) {
+            let (v, m, paths) = secret_files(
+                "redis-client",
+                client,
+                REDIS_CLIENT_DIR,
+                &[("tls.crt", "tls.crt"), ("tls.key", "tls.key")],
+            );
+            volumes.push(v);
+            mounts.push(m);
+            args.push("--redis-client-cert".into());
+            args.push(paths[0].clone());
+            args.push("--redis-client-key".into());
+            args.push(paths[1].clone());
+        }
     }
     let container = Container {
         name: "token-service".into(),
@@ -367,7 +429,7 @@ pub fn deployment(tp: &TokenPolicy, default_image: &str, keys: &str) -> Deployme
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::crd::{RedisSpec, SecretKeyRef, TokenPolicySpec, UsersSpec};
+    use crate::crd::{RedisSpec, RedisTlsSpec, SecretKeyRef, TokenPolicySpec, UsersSpec};
 
     /// A TokenPolicy `team/demo` with a users Secret, and Redis above one replica.
     pub(crate) fn policy(replicas: i32) -> TokenPolicy {
@@ -386,6 +448,7 @@ pub(crate) mod tests {
                         name: "redis".into(),
                         key: "url".into(),
                     },
+                    tls: None,
                 }),
                 ..Default::default()
             },
@@ -394,6 +457,111 @@ pub(crate) mod tests {
         tp.metadata.uid = Some("uid-1".into());
         tp.metadata.generation = Some(1);
         tp
+    }
+
+    #[test]
+    fn redis_tls_secrets_become_read_only_files_that_serve_is_told_of() {
+        let pod_of =
+            |tp: &TokenPolicy| deployment(tp, "img:1", "kid-a").spec.template.spec.unwrap();
+        let plain = pod_of(&policy(3));
+        assert!(
+            !plain.containers[0]
+                .args
+                .as_ref()
+                .unwrap()
+                .join(" ")
+                .contains("--redis-c")
+        );
+        assert_eq!(
+            plain.volumes.as_ref().unwrap().len(),
+            2,
+            "signing keys and users only"
+        );
+
+        let mut tp = policy(3);
+        tp.spec.redis.as_mut().unwrap().tls = Some(RedisTlsSpec {
+            ca_secret_ref: Some(SecretKeyRef {
+                name: "redis-ca".into(),
+                key: "ca.pem".into(),
+            }),
+            client_secret_name: Some("redis-client".into()),
+        });
+        let pod = pod_of(&tp);
+        let c = &pod.containers[0];
+        let args = c.args.clone().unwrap();
+        let joined = args.join(" ");
+        assert!(
+            joined.contains("--redis-ca-file /etc/tokenpolicy/redis-ca/ca.crt"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains(
+                "--redis-client-cert /etc/tokenpolicy/redis-client/tls.crt \
+                 --redis-client-key /etc/tokenpolicy/redis-client/tls.key"
+            ),
+            "{joined}"
+        );
+        let volumes = pod.volumes.unwrap();
+        let files = |name: &str| {
+            let s = volumes
+                .iter()
+                .find(|v| v.name == name)
+                .unwrap()
+                .secret
+                .clone()
+                .unwrap();
+            assert_eq!(s.default_mode, Some(0o440));
+            let items = s
+                .items
+                .unwrap()
+                .into_iter()
+                .map(|i| (i.key, i.path))
+                .collect::<Vec<_>>();
+            (s.secret_name.unwrap(), items)
+        };
+        let pair = |k: &str, p: &str| (k.to_string(), p.to_string());
+        assert_eq!(
+            files("redis-ca"),
+            ("redis-ca".into(), vec![pair("ca.pem", "ca.crt")])
+        );
+        assert_eq!(
+            files("redis-client"),
+            (
+                "redis-client".into(),
+                vec![pair("tls.crt", "tls.crt"), pair("tls.key", "tls.key")]
+            )
+        );
+        for (name, dir) in [
+            ("redis-ca", "/etc/tokenpolicy/redis-ca"),
+            ("redis-client", "/etc/tokenpolicy/redis-client"),
+        ] {
+            let m = c
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap();
+            assert_eq!((m.mount_path.as_str(), m.read_only), (dir, Some(true)));
+        }
+        // The service takes these flags (its URL comes from TOKENPOLICY_REDIS).
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: crate::service::serve::ServeArgs,
+            /// The binary's own flag, beside `serve`'s.
+            #[arg(long)]
+            log_format: String,
+        }
+        let argv = std::iter::once("tokenpolicy")
+            .chain(args[1..].iter().map(String::as_str))
+            .chain(["--redis", "rediss://redis:6380/"]);
+        let parsed = <Serve as clap::Parser>::try_parse_from(argv).unwrap().args;
+        assert_eq!(
+            parsed.redis_ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/tokenpolicy/redis-ca/ca.crt"))
+        );
+        assert!(parsed.redis_client_cert.is_some() && parsed.redis_client_key.is_some());
     }
 
     #[test]

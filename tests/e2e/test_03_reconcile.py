@@ -5,6 +5,7 @@ deletion through the garbage collector."""
 
 from __future__ import annotations
 
+import json
 
 from conftest import condition, token_policy, users_secret, wait_ready, wait_until
 
@@ -66,6 +67,51 @@ def test_three_replicas_get_a_disruption_budget_and_one_loses_it(kube, operator)
     kube("patch", "tp", "demo", "-n", ns, "--type=merge", "-p", '{"spec":{"replicas":1}}')
     wait_ready(kube, ns, "demo", replicas=1)
     wait_until("PDB deleted", lambda: kube.get("pdb", "demo", ns) is None, 30)
+
+
+def test_redis_tls_secrets_are_awaited_then_mounted_as_files(kube, operator):
+    ns = "e2e-reconcile"
+    tls = {"caSecretRef": {"name": "redis-ca", "key": "ca.crt"}, "clientSecretName": "redis-client"}
+    # A tls block naming nothing is refused by the API server itself.
+    empty = token_policy(ns, "demo", redis={"urlSecretRef": {"name": "redis", "key": "url"}, "tls": {}})
+    p = kube.run("apply", "--dry-run=server", "-f", "-", input=json.dumps(empty), check=False)
+    assert p.returncode != 0 and "redis.tls needs caSecretRef, clientSecretName or both" in p.stderr, \
+        p.stderr
+    before = kube.get("deployment", "demo", ns)["spec"]["template"]
+    kube("patch", "tp", "demo", "-n", ns, "--type=merge", "-p", json.dumps({"spec": {"redis": {"tls": tls}}}))
+
+    def degraded():
+        tp = kube.get("tp", "demo", ns)
+        c = condition(tp, "Degraded")
+        return c and c["status"] == "True" and c["reason"] == "RedisSecretMissing" and c["message"]
+    assert "redis-ca" in wait_until("RedisSecretMissing (CA)", degraded, 30)
+    # Nothing applied meanwhile: the running pods keep their template.
+    assert kube.get("deployment", "demo", ns)["spec"]["template"] == before
+    kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "redis-ca", "namespace": ns},
+                "type": "Opaque", "stringData": {"ca.crt": "-----BEGIN CERTIFICATE-----\n"}})
+    # Referenced Secrets are re-checked every 30 s; now the client certificate is missing.
+    wait_until("RedisSecretMissing (client)", lambda: "redis-client" in (degraded() or ""), 45)
+    kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "redis-client", "namespace": ns},
+                "type": "kubernetes.io/tls",
+                "stringData": {"tls.crt": "-----BEGIN CERTIFICATE-----\n",
+                               "tls.key": "-----BEGIN PRIVATE KEY-----\n"}})
+    wait_ready(kube, ns, "demo", timeout=90)
+    pod = kube.get("deployment", "demo", ns)["spec"]["template"]["spec"]
+    args = " ".join(pod["containers"][0]["args"])
+    assert "--redis-ca-file /etc/tokenpolicy/redis-ca/ca.crt" in args, args
+    assert ("--redis-client-cert /etc/tokenpolicy/redis-client/tls.crt "
+            "--redis-client-key /etc/tokenpolicy/redis-client/tls.key") in args, args
+    volumes = {v["name"]: v["secret"] for v in pod["volumes"]}
+    assert volumes["redis-ca"]["secretName"] == "redis-ca"
+    assert volumes["redis-ca"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    assert [i["key"] for i in volumes["redis-client"]["items"]] == ["tls.crt", "tls.key"]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["redis-client"]["readOnly"] is True
+    # Back to the system's CAs: the files and flags go away.
+    kube("patch", "tp", "demo", "-n", ns, "--type=json", "-p",
+         '[{"op":"remove","path":"/spec/redis/tls"}]')
+    wait_until("the TLS files removed", lambda: "redis-ca" not in json.dumps(
+        kube.get("deployment", "demo", ns)["spec"]["template"]), 30)
 
 
 def test_missing_secrets_degrade_until_they_exist(kube, operator):
