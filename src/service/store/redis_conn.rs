@@ -41,7 +41,7 @@ use super::redis_url::{Auth, Node, RedisTarget};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Below the store's own 2 s bound, so that a master that stopped
 /// answering is noticed here (and looked up again) before the caller gives up.
-const RESPONSE_TIMEOUT: Duration = Duration::from_millis(1500);
+pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// What `rediss` connections trust and present: the certificate
 /// authorities (PEM; instead of the system's bundle when given) and a client

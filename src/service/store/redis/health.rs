@@ -25,6 +25,7 @@ use super::RedisConn;
 
 use super::{COMMAND_TIMEOUT, Cache, unavailable};
 use crate::clock::{Millis, now_millis};
+use crate::service::store::redis_conn::RESPONSE_TIMEOUT;
 use crate::service::store::{Claim, RefreshRecord, StoreError};
 
 /// How often the watch task checks the epoch and publishes a heartbeat.
@@ -37,6 +38,18 @@ pub(super) const HEARTBEAT: &str = "hb";
 /// A claim must run on Redis this much before the caller gives up on it, so
 /// that a claim the caller reported as failed is not applied afterwards.
 const CLAIM_MARGIN: Millis = 200;
+/// The soonest a caller gives up on a command: the connection's own
+/// response timeout or the store's bound, whichever is shorter.
+const GIVES_UP_AFTER: Millis = {
+    let (conn, store) = (RESPONSE_TIMEOUT.as_millis(), COMMAND_TIMEOUT.as_millis());
+    (if conn < store { conn } else { store }) as Millis
+};
+
+/// The last moment (Redis clock) a claim sent at `sent` (replica clock)
+/// may run: before its caller can have answered STORE_UNAVAILABLE.
+fn claim_deadline(sent: Millis, offset: Millis) -> Millis {
+    sent + offset + GIVES_UP_AFTER - CLAIM_MARGIN
+}
 /// Creates the epoch if it is missing; returns it and the Redis clock.
 pub(super) const EPOCH_SCRIPT: &str = r#"
 local t = redis.call('TIME')
@@ -207,7 +220,7 @@ pub(super) async fn claim(
             return Ok(Claim::Forgotten);
         }
         let sent = now_millis();
-        let deadline = sent + offset + COMMAND_TIMEOUT.as_millis() as Millis - CLAIM_MARGIN;
+        let deadline = claim_deadline(sent, offset);
         let mut inv = script.key(marker_key);
         if !conn.is_cluster() {
             inv.key(epoch_key);
@@ -333,6 +346,23 @@ pub(super) async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A claim may not run once its caller could have answered 503: the
+    /// connection's response timeout (1.5 s) ends the wait before the
+    /// store's own bound (2 s) does.
+    #[test]
+    fn a_claim_must_run_before_the_first_timeout_can_fire() {
+        let first = RESPONSE_TIMEOUT.min(COMMAND_TIMEOUT).as_millis() as Millis;
+        assert_eq!(GIVES_UP_AFTER, first);
+        let (sent, offset) = (1_000_000, -250);
+        assert_eq!(
+            claim_deadline(sent, offset),
+            sent + offset + first - CLAIM_MARGIN
+        );
+        assert!(
+            claim_deadline(sent, offset) < sent + offset + RESPONSE_TIMEOUT.as_millis() as Millis
+        );
+    }
 
     /// What the claim script stores (the head, Redis's clock, `}`) reads
     /// back as the record with that clock, quotes and escapes included.
