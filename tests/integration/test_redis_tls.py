@@ -282,6 +282,8 @@ def test_certificate_flags_are_checked_at_start(env, pki, tmp_path):
         (["--redis", "redis://127.0.0.1:6379/", *client_flags(pki)], "rediss://"),
         (["--redis", "redis+cluster://127.0.0.1:7000", "--redis-ca-file", pki.path("ca.pem")],
          "rediss://"),
+        # No way to turn the certificate check off.
+        (["--redis", "rediss://127.0.0.1:6379/#insecure"], "#insecure (no certificate check) is refused"),
         # A CA file with nothing to trust in it.
         (["--redis", "rediss://127.0.0.1:6379/", "--redis-ca-file", str(not_pem)],
          "no PEM certificate"),

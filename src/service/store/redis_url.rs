@@ -122,6 +122,13 @@ impl RedisTarget {
                 // The redis crate reads this form itself; checked here so that
                 // a bad value stops the start with the forms expected.
                 redis::Client::open(url).map_err(|_| fail("not a valid single-server address"))?;
+                // The crate's one fragment turns the certificate check off.
+                if url::Url::parse(url).is_ok_and(|u| u.fragment().is_some()) {
+                    return Err(fail(
+                        "#insecure (no certificate check) is refused; \
+                         trust a private CA with --redis-ca-file",
+                    ));
+                }
                 Ok(RedisTarget::Single {
                     url: url.to_string(),
                 })
@@ -324,6 +331,13 @@ mod tests {
                 RedisTarget::Single { url: u.into() }
             );
         }
+    }
+
+    #[test]
+    fn the_certificate_check_cannot_be_turned_off() {
+        let err = RedisTarget::parse("rediss://:pw@r:6380/0#insecure").unwrap_err();
+        assert!(err.to_string().contains("#insecure"), "{err}");
+        assert!(!err.to_string().contains("pw"), "{err}");
     }
 
     #[test]
