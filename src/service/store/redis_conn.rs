@@ -516,8 +516,13 @@ mod tests {
             (&id.client_cert[..], &id.client_key[..]),
             (&b"cert"[..], &b"secret key"[..])
         );
-        // Never the key in a log line.
-        assert!(!format!("{client:?}").contains("secret"));
+        // What is set, never the key itself.
+        let shown = format!("{client:?}");
+        assert!(
+            shown.contains("ca: false") && shown.contains("client_certificate: true"),
+            "{shown}"
+        );
+        assert!(!shown.contains("secret"), "{shown}");
     }
 
     #[test]

@@ -372,6 +372,15 @@ mod tests {
                 tls: false,
             }
         );
+        // An empty Sentinel password is no password (a template left blank).
+        let t = RedisTarget::parse("redis+sentinel://s1/m?sentinel_password=").unwrap();
+        let RedisTarget::Sentinel {
+            sentinel_password, ..
+        } = t
+        else {
+            panic!("not sentinel")
+        };
+        assert_eq!(sentinel_password, None);
         let t = RedisTarget::parse("rediss+sentinel://app:pw@s1:1/m/3").unwrap();
         let RedisTarget::Sentinel { tls, db, auth, .. } = t else {
             panic!("not sentinel")
