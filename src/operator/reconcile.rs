@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::crd::{SecretKeyRef, TokenPolicy};
 use crate::operator::keys::{kids, rotate, secret_value, signing_ring};
 pub use crate::operator::metrics::{OperatorMetrics, Reason};
-use crate::operator::resources::{self, MANAGER};
+use crate::operator::resources::{self, MANAGER, TLS_SECRET_KEYS};
 use crate::operator::rollout::Rollout;
 use crate::operator::rotation;
 use crate::operator::status::{
@@ -108,20 +108,16 @@ async fn blocker(tp: &TokenPolicy, secrets: &Api<Secret>) -> Result<Option<(R, S
     let Some(redis) = &tp.spec.redis else {
         return Ok(None);
     };
-    let tls = redis.tls.as_ref();
-    let client = tls.and_then(|t| t.client_secret_name.as_ref());
-    let wanted = [
-        Some(redis.url_secret_ref.clone()),
-        tls.and_then(|t| t.ca_secret_ref.clone()),
-    ]
-    .into_iter()
-    .flatten()
-    .chain(client.into_iter().flat_map(|name| {
-        ["tls.crt", "tls.key"].map(|key| SecretKeyRef {
-            name: name.clone(),
-            key: key.into(),
-        })
-    }));
+    let mut wanted = vec![redis.url_secret_ref.clone()];
+    if let Some(tls) = &redis.tls {
+        wanted.extend(tls.ca_secret_ref.clone());
+        if let Some(name) = &tls.client_secret_name {
+            wanted.extend(TLS_SECRET_KEYS.map(|key| SecretKeyRef {
+                name: name.clone(),
+                key: key.into(),
+            }));
+        }
+    }
     for r in wanted {
         if let Some(m) = check_secret(secrets, &r).await? {
             return Ok(Some((R::REDIS_SECRET_MISSING, m)));

@@ -39,20 +39,18 @@ const USERS_DIR: &str = "/etc/tokenpolicy/users";
 const REDIS_CA_DIR: &str = "/etc/tokenpolicy/redis-ca";
 const REDIS_CLIENT_DIR: &str = "/etc/tokenpolicy/redis-client";
 
-/// A Secret's keys as files of a read-only directory (0440, readable by the
-/// pod's group): the volume, its mount, and the paths of the files.
-fn secret_files(
-    volume: &str,
-    secret: &str,
-    dir: &str,
-    items: &[(&str, &str)],
-) -> (Volume, VolumeMount, Vec<String>) {
-    let volume_ = Volume {
+/// The keys of a client-certificate Secret (`kubernetes.io/tls`).
+pub const TLS_SECRET_KEYS: [&str; 2] = ["tls.crt", "tls.key"];
+
+/// A Secret as a volume of 0440 files (readable by the pod's group): all of
+/// its keys, or only `items` (key, file name) when given.
+fn secret_volume(volume: &str, secret: &str, items: Option<&[(&str, &str)]>) -> Volume {
+    Volume {
         name: volume.into(),
         secret: Some(SecretVolumeSource {
             secret_name: Some(secret.into()),
             default_mode: Some(0o440),
-            items: Some(
+            items: items.map(|items| {
                 items
                     .iter()
                     .map(|(key, path)| KeyToPath {
@@ -60,20 +58,21 @@ fn secret_files(
                         path: (*path).into(),
                         ..Default::default()
                     })
-                    .collect(),
-            ),
+                    .collect()
+            }),
             ..Default::default()
         }),
         ..Default::default()
-    };
-    let mount = VolumeMount {
+    }
+}
+
+fn read_only_mount(volume: &str, dir: &str) -> VolumeMount {
+    VolumeMount {
         name: volume.into(),
         mount_path: dir.into(),
         read_only: Some(true),
         ..Default::default()
-    };
-    let paths = items.iter().map(|(_, p)| format!("{dir}/{p}")).collect();
-    (volume_, mount, paths)
+    }
 }
 
 pub fn labels(tp: &TokenPolicy) -> BTreeMap<String, String> {
@@ -259,39 +258,17 @@ pub fn deployment(tp: &TokenPolicy, default_image: &str, keys: &str) -> Deployme
         KEYS_DIR.into(),
     ];
     let mut env = Vec::new();
-    let mut volumes = vec![Volume {
-        name: "signing-keys".into(),
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(signing_secret_name(tp)),
-            default_mode: Some(0o440),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }];
-    let mut mounts = vec![VolumeMount {
-        name: "signing-keys".into(),
-        mount_path: KEYS_DIR.into(),
-        read_only: Some(true),
-        ..Default::default()
-    }];
+    let mut volumes = vec![secret_volume(
+        "signing-keys",
+        &signing_secret_name(tp),
+        None,
+    )];
+    let mut mounts = vec![read_only_mount("signing-keys", KEYS_DIR)];
     if let Some(users) = &spec.users {
         // The whole Secret as a directory (not subPath), so that kubelet
         // updates reach the running service, which re-reads the file.
-        volumes.push(Volume {
-            name: "users".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(users.secret_ref.name.clone()),
-                default_mode: Some(0o440),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        mounts.push(VolumeMount {
-            name: "users".into(),
-            mount_path: USERS_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        });
+        volumes.push(secret_volume("users", &users.secret_ref.name, None));
+        mounts.push(read_only_mount("users", USERS_DIR));
         args.extend([
             "--users".into(),
             format!("{USERS_DIR}/{}", users.secret_ref.key),
@@ -317,26 +294,25 @@ pub fn deployment(tp: &TokenPolicy, default_image: &str, keys: &str) -> Deployme
         });
         let tls = redis.tls.as_ref();
         if let Some(ca) = tls.and_then(|t| t.ca_secret_ref.as_ref()) {
-            let (v, m, paths) =
-                secret_files("redis-ca", &ca.name, REDIS_CA_DIR, &[(&ca.key, "ca.crt")]);
-            volumes.push(v);
-            mounts.push(m);
-            args.push("--redis-ca-file".into());
-            args.extend(paths);
+            volumes.push(secret_volume(
+                "redis-ca",
+                &ca.name,
+                Some(&[(&ca.key, "ca.crt")]),
+            ));
+            mounts.push(read_only_mount("redis-ca", REDIS_CA_DIR));
+            args.extend(["--redis-ca-file".into(), format!("{REDIS_CA_DIR}/ca.crt")]);
         }
         if let Some(client) = tls.and_then(|t| t.client_secret_name.as_ref()) {
-            let (v, m, paths) = secret_files(
-                "redis-client",
-                client,
-                REDIS_CLIENT_DIR,
-                &[("tls.crt", "tls.crt"), ("tls.key", "tls.key")],
-            );
-            volumes.push(v);
-            mounts.push(m);
-            args.push("--redis-client-cert".into());
-            args.push(paths[0].clone());
-            args.push("--redis-client-key".into());
-            args.push(paths[1].clone());
+            let files = TLS_SECRET_KEYS.map(|k| (k, k));
+            volumes.push(secret_volume("redis-client", client, Some(&files)));
+            mounts.push(read_only_mount("redis-client", REDIS_CLIENT_DIR));
+            let [cert, key] = TLS_SECRET_KEYS.map(|k| format!("{REDIS_CLIENT_DIR}/{k}"));
+            args.extend([
+                "--redis-client-cert".into(),
+                cert,
+                "--redis-client-key".into(),
+                key,
+            ]);
         }
     }
     let container = Container {
