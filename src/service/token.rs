@@ -51,6 +51,11 @@ pub enum TokenError {
     AlgorithmMismatch,
     #[error("token signature does not verify")]
     BadSignature,
+    /// Signed by our key, but with a header our signer never writes: `crit`
+    /// (RFC 7515 §4.1.11: a member we would have to understand), `jku`,
+    /// `x5u`, `jwk`, no `typ`, no `kid`, or members in another order.
+    #[error("token header is not the one this service writes")]
+    ForeignHeader,
     #[error("token was issued for another issuer or audience")]
     WrongAudience,
 }
@@ -88,11 +93,13 @@ enum Secret {
     P256(p256::ecdsa::SigningKey),
 }
 
-/// One private key, its public half and `kid`.
+/// One private key, its public half, `kid`, and the one JWS header that
+/// tokens signed with it carry.
 pub struct Key {
     kid: String,
     secret: Secret,
     jwk: serde_json::Value,
+    header: String,
 }
 
 impl Key {
@@ -149,7 +156,17 @@ impl Key {
         let kid = B64.encode(Sha256::digest(thumb_input.as_bytes()));
         jwk["kid"] = kid.clone().into();
         jwk["use"] = "sig".into();
-        Key { kid, secret, jwk }
+        let alg = match &secret {
+            Secret::Ed25519(_) => Alg::EdDsa,
+            Secret::P256(_) => Alg::Es256,
+        };
+        let header = format!(r#"{{"alg":"{}","typ":"JWT","kid":"{kid}"}}"#, alg.as_str());
+        Key {
+            kid,
+            secret,
+            jwk,
+            header,
+        }
     }
 
     pub fn kid(&self) -> &str {
@@ -264,13 +281,8 @@ impl KeySet {
     /// the same token on every replica that shares the key.
     pub fn sign(&self, claims: &Claims) -> String {
         let key = self.signing_key();
-        let header = format!(
-            r#"{{"alg":"{}","typ":"JWT","kid":"{}"}}"#,
-            key.alg().as_str(),
-            key.kid
-        );
         let payload = serde_json::to_vec(claims).expect("claims serialize");
-        let mut out = B64.encode(header.as_bytes());
+        let mut out = B64.encode(key.header.as_bytes());
         out.push('.');
         out.push_str(&B64.encode(payload));
         let sig = key.sign(out.as_bytes());
@@ -296,12 +308,13 @@ impl KeySet {
             .map_err(|_| TokenError::Malformed("header is not base64url"))?;
         let header: Header = serde_json::from_slice(&header_bytes)
             .map_err(|_| TokenError::Malformed("header is not a JWS header"))?;
-        let key = match &header.kid {
-            Some(kid) => self.by_kid.get(kid).map(|&i| &self.keys[i]),
-            None if self.keys.len() == 1 => Some(&self.keys[0]),
-            None => None,
-        }
-        .ok_or(TokenError::UnknownKey)?;
+        // Our signer always names the key: a token without a `kid` is not ours.
+        let key = header
+            .kid
+            .as_ref()
+            .and_then(|kid| self.by_kid.get(kid))
+            .map(|&i| &self.keys[i])
+            .ok_or(TokenError::UnknownKey)?;
         if header.alg != key.alg().as_str() {
             return Err(TokenError::AlgorithmMismatch);
         }
@@ -311,6 +324,12 @@ impl KeySet {
         let signed_len = h.len() + 1 + p.len();
         if !key.verify(&token.as_bytes()[..signed_len], &sig) {
             return Err(TokenError::BadSignature);
+        }
+        // The header must be byte for byte the one our signer writes, so a
+        // member that would change its meaning (`crit`, `jku`, `x5u`) is
+        // refused rather than ignored.
+        if header_bytes != key.header.as_bytes() {
+            return Err(TokenError::ForeignHeader);
         }
         let payload = B64
             .decode(p)

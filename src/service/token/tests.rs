@@ -239,12 +239,15 @@ fn none_and_hmac_with_public_key_material_are_refused() {
         x.clone().into_bytes(),
         jwk.to_string().into_bytes(),
     ] {
-        for header in [
-            format!(r#"{{"alg":"HS256","kid":"{kid}"}}"#),
-            r#"{"alg":"HS256"}"#.to_string(),
+        for (header, want) in [
+            (
+                format!(r#"{{"alg":"HS256","kid":"{kid}"}}"#),
+                TokenError::AlgorithmMismatch,
+            ),
+            (r#"{"alg":"HS256"}"#.to_string(), TokenError::UnknownKey),
         ] {
             let t = forge(&header, &payload(), |m| hmac_sha256(&secret, m));
-            assert_eq!(k.verify(&t), Err(TokenError::AlgorithmMismatch));
+            assert_eq!(k.verify(&t), Err(want), "{header}");
         }
     }
     // An Ed25519 token relabelled ES256, and an ES256 one relabelled EdDSA.
@@ -273,7 +276,7 @@ fn keys_embedded_in_the_header_are_never_used() {
         ),
         (
             format!(r#"{{"alg":"EdDSA","jwk":{ajwk}}}"#),
-            TokenError::BadSignature,
+            TokenError::UnknownKey,
         ),
         (
             format!(r#"{{"alg":"EdDSA","kid":"{akid}","jwk":{ajwk}}}"#),
@@ -324,11 +327,47 @@ fn kid_tricks_find_no_key() {
             "{header}"
         );
     }
-    // The control: a lone key verifies without a kid.
-    let t = forge(r#"{"alg":"EdDSA"}"#, &payload(), |m| {
+    // Our signer always names its key, so even a lone key does not guess.
+    let t = forge(r#"{"alg":"EdDSA","typ":"JWT"}"#, &payload(), |m| {
         one.signing_key().sign(m)
     });
-    assert_eq!(one.verify(&t).unwrap(), claims());
+    assert_eq!(one.verify(&t), Err(TokenError::UnknownKey));
+    // The control: the same key's own token verifies.
+    assert_eq!(one.verify(&one.sign(&claims())).unwrap(), claims());
+}
+
+/// Signed with our own key, but with a header our signer never writes:
+/// `crit` names extensions the verifier must understand (RFC 7515
+/// §4.1.11), `jku`/`x5u` point at keys elsewhere, and a missing or other
+/// `typ` is not our token type. Each is refused, not ignored.
+#[test]
+fn headers_our_signer_never_writes_are_refused() {
+    for k in [set(vec![Key::generate()]), es256_set()] {
+        let kid = k.signing_key().kid().to_string();
+        let alg = k.signing_key().alg().as_str();
+        let sign = |m: &[u8]| k.signing_key().sign(m);
+        let ours = format!(r#"{{"alg":"{alg}","typ":"JWT","kid":"{kid}"}}"#);
+        // The control: our own header, forged by hand, verifies.
+        assert_eq!(k.verify(&forge(&ours, &payload(), sign)).unwrap(), claims());
+        for header in [
+            format!(r#"{{"alg":"{alg}","typ":"JWT","kid":"{kid}","crit":["exp"],"exp":1}}"#),
+            format!(r#"{{"alg":"{alg}","typ":"JWT","kid":"{kid}","crit":[]}}"#),
+            format!(
+                r#"{{"alg":"{alg}","typ":"JWT","kid":"{kid}","jku":"https://127.0.0.1:1/jwks.json"}}"#
+            ),
+            format!(
+                r#"{{"alg":"{alg}","typ":"JWT","kid":"{kid}","x5u":"https://127.0.0.1:1/cert.pem"}}"#
+            ),
+            format!(r#"{{"alg":"{alg}","kid":"{kid}"}}"#),
+            format!(r#"{{"alg":"{alg}","typ":"at+jwt","kid":"{kid}"}}"#),
+            format!(r#"{{"alg":"{alg}","typ":"jwt","kid":"{kid}"}}"#),
+            format!(r#"{{"typ":"JWT","alg":"{alg}","kid":"{kid}"}}"#),
+            format!(r#"{{ "alg":"{alg}","typ":"JWT","kid":"{kid}"}}"#),
+        ] {
+            let t = forge(&header, &payload(), sign);
+            assert_eq!(k.verify(&t), Err(TokenError::ForeignHeader), "{header}");
+        }
+    }
 }
 
 #[test]
@@ -336,7 +375,7 @@ fn duplicate_members_are_malformed_not_first_or_last_wins() {
     let k = set(vec![Key::generate()]);
     let kid = k.signing_key().kid().to_string();
     let sign = |m: &[u8]| k.signing_key().sign(m);
-    let header = format!(r#"{{"alg":"EdDSA","kid":"{kid}"}}"#);
+    let header = format!(r#"{{"alg":"EdDSA","typ":"JWT","kid":"{kid}"}}"#);
     // The control: the same header and payload, without duplicates, verify.
     assert!(k.verify(&forge(&header, &payload(), sign)).is_ok());
     let dup_alg = format!(r#"{{"alg":"none","alg":"EdDSA","kid":"{kid}"}}"#);
@@ -368,7 +407,7 @@ fn duplicate_members_are_malformed_not_first_or_last_wins() {
 fn malformed_times_are_refused() {
     let k = set(vec![Key::generate()]);
     let kid = k.signing_key().kid().to_string();
-    let header = format!(r#"{{"alg":"EdDSA","kid":"{kid}"}}"#);
+    let header = format!(r#"{{"alg":"EdDSA","typ":"JWT","kid":"{kid}"}}"#);
     let p = payload();
     let good = r#""exp":1800000060"#;
     assert!(p.contains(good));
