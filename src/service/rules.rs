@@ -59,6 +59,23 @@ pub fn standing(c: &Claims, p: &Policy, now: Millis, leeway: Millis) -> Standing
     Standing::Expired
 }
 
+/// Rules 1 and 3 for an explicit refresh: the session end that the new
+/// token keeps, or `None` when this token may not be exchanged. A token
+/// inside its validity, or expired within the renew limit, may be; one past
+/// its end that only the clock-skew leeway keeps valid may not, so the
+/// leeway never stretches the renew limit (a limit of `0s` stays none).
+pub fn refreshable(s: Standing, p: &Policy, now: Millis) -> Option<i64> {
+    match s {
+        Standing::Valid { until, session_end }
+            if now < ms(until.saturating_add(p.renew_limit as i64)) =>
+        {
+            Some(session_end)
+        }
+        Standing::Renewable { session_end } => Some(session_end),
+        _ => None,
+    }
+}
+
 /// The `iat`/`exp` of a token issued at `now` in a session that ends at
 /// `session_end` (rule 3: `exp = min(now + tokenExpirationTime, session end)`).
 pub fn issue_times(p: &Policy, now: Millis, session_end: i64) -> (i64, i64) {
@@ -204,6 +221,39 @@ mod tests {
             standing(&ahead, &p, ms(T0), 1_000),
             Standing::Valid { .. }
         ));
+    }
+
+    #[test]
+    fn rule3_leeway_alone_never_makes_a_token_refreshable() {
+        let c = claims(T0, T0, T0 + 60);
+        let leeway = 60_000;
+        // No renew limit: inside its validity a token may be refreshed; past
+        // `exp` the leeway keeps it valid for verify, but not refreshable.
+        let none = policy(3_600, 60, 0);
+        let s = standing(&c, &none, ms(T0 + 59), leeway);
+        assert_eq!(refreshable(s, &none, ms(T0 + 59)), Some(T0 + 3_600));
+        let s = standing(&c, &none, ms(T0 + 60), leeway);
+        assert!(matches!(s, Standing::Valid { .. }));
+        assert_eq!(refreshable(s, &none, ms(T0 + 60)), None);
+        let s = standing(&c, &none, ms(T0 + 62) + 500, leeway);
+        assert_eq!(refreshable(s, &none, ms(T0 + 62) + 500), None);
+        // A renew limit shorter than the leeway ends where the limit does.
+        let short = policy(3_600, 60, 5);
+        let s = standing(&c, &short, ms(T0 + 65) - 1, leeway);
+        assert_eq!(refreshable(s, &short, ms(T0 + 65) - 1), Some(T0 + 3_600));
+        let s = standing(&c, &short, ms(T0 + 65), leeway);
+        assert!(matches!(s, Standing::Valid { .. }));
+        assert_eq!(refreshable(s, &short, ms(T0 + 65)), None);
+        // Renewable, and what is never exchanged.
+        let s = standing(&c, &short, ms(T0 + 62), 0);
+        assert_eq!(refreshable(s, &short, ms(T0 + 62)), Some(T0 + 3_600));
+        for s in [
+            Standing::Expired,
+            Standing::SessionExpired,
+            Standing::Malformed,
+        ] {
+            assert_eq!(refreshable(s, &short, ms(T0)), None);
+        }
     }
 
     #[test]

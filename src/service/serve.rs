@@ -175,6 +175,21 @@ fn seconds(value: &str, flag: &str) -> anyhow::Result<Duration> {
     ))
 }
 
+/// The most clock skew `--leeway` may tolerate: enough for replicas whose
+/// clocks drift between NTP syncs, and short enough that it cannot stand in
+/// for the policy's token validity.
+pub const MAX_LEEWAY_SECS: u64 = 60;
+
+/// `--leeway` in milliseconds, at most [`MAX_LEEWAY_SECS`].
+fn leeway(value: &str) -> anyhow::Result<i64> {
+    let secs = parse_seconds(value).context("--leeway")?;
+    anyhow::ensure!(
+        secs <= MAX_LEEWAY_SECS,
+        "--leeway {value}: at most {MAX_LEEWAY_SECS}s; it tolerates clock skew between replicas, it does not lengthen tokens"
+    );
+    Ok(secs as i64 * 1_000)
+}
+
 /// A timeout flag: at least one second.
 fn timeout(value: &str, flag: &str) -> anyhow::Result<Duration> {
     let d = seconds(value, flag)?;
@@ -341,7 +356,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => Arc::new(MemoryStore::new()),
     };
-    let leeway = parse_seconds(&args.leeway).context("--leeway")? as i64 * 1_000;
+    let leeway = leeway(&args.leeway)?;
     let window =
         parse_seconds(&args.failed_login_window).context("--failed-login-window")? as i64 * 1_000;
     let throttle = Throttle {
@@ -444,4 +459,22 @@ async fn shutdown() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leeway_is_at_most_a_minute() {
+        assert_eq!(leeway("0s").unwrap(), 0);
+        assert_eq!(leeway("60s").unwrap(), 60_000);
+        assert_eq!(leeway("1m").unwrap(), 60_000);
+        for too_long in ["61s", "1h"] {
+            let e = format!("{:#}", leeway(too_long).unwrap_err());
+            assert!(e.contains("at most 60s"), "{e}");
+        }
+        let e = format!("{:#}", leeway("soon").unwrap_err());
+        assert!(e.contains("--leeway"), "{e}");
+    }
 }

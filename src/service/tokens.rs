@@ -214,7 +214,7 @@ impl TokenService {
         {
             Claim::Won => (mine, "issued"),
             Claim::Forgotten => {
-                tracing::warn!(user = %old.sub, sid = %old.sid, "refresh refused: the store lost its state since this token was issued");
+                tracing::warn!(user = ?old.sub, sid = %old.sid, "refresh refused: the store lost its state since this token was issued");
                 return Err(ApiError::new(
                     Code::RevokedSession,
                     "the session store lost its state since this token was issued; log in again",
@@ -228,7 +228,7 @@ impl TokenService {
                             .revoke_session(&old.sid, rules::revocation_ttl(old, now))
                             .await?;
                         self.metrics.revocations.inc();
-                        tracing::warn!(user = %old.sub, sid = %old.sid, "spent token presented again: session revoked");
+                        tracing::warn!(user = ?old.sub, sid = %old.sid, "spent token presented again: session revoked");
                     }
                     return Err(ApiError::new(
                         Code::TokenAlreadyRefreshed,
@@ -261,13 +261,14 @@ impl TokenService {
         let policy = self.policy.load_full();
         let result = async {
             let (claims, standing) = self.judge(token, &policy, now).await?;
-            let session_end = match standing {
-                Standing::Valid { session_end, .. } | Standing::Renewable { session_end } => {
-                    session_end
-                }
-                // judge() lets only the two above through.
-                _ => return Err(ApiError::new(Code::ExpiredToken, "token expired")),
-            };
+            // Past `exp`, only the renew limit makes a token exchangeable:
+            // the clock-skew leeway lets it verify, never refresh.
+            let session_end = rules::refreshable(standing, &policy, now).ok_or_else(|| {
+                ApiError::new(
+                    Code::ExpiredToken,
+                    "token expired past the renew limit; log in again",
+                )
+            })?;
             self.renew(&claims, session_end, &policy, now).await
         }
         .await;
@@ -351,7 +352,7 @@ impl TokenService {
             .revoke_session(&claims.sid, rules::revocation_ttl(&claims, now))
             .await?;
         self.metrics.revocations.inc();
-        tracing::info!(user = %claims.sub, sid = %claims.sid, "logout");
+        tracing::info!(user = ?claims.sub, sid = %claims.sid, "logout");
         Ok(())
     }
 }
@@ -365,6 +366,10 @@ mod tests {
     const T0: Millis = 1_800_000_000_000;
 
     fn service(policy: Policy) -> (TokenService, String) {
+        service_with_leeway(policy, 0)
+    }
+
+    fn service_with_leeway(policy: Policy, leeway: Millis) -> (TokenService, String) {
         let hash = bcrypt::hash("pw", 4).unwrap();
         let users = Users::parse(&format!("alice:{hash}\n"), "test").unwrap();
         let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
@@ -373,7 +378,7 @@ mod tests {
             users,
             keys,
             Arc::new(MemoryStore::new()),
-            0,
+            leeway,
             Throttle::default(),
         );
         (s, hash)
@@ -391,6 +396,28 @@ mod tests {
 
     fn code<T: std::fmt::Debug>(r: Result<T, ApiError>) -> &'static str {
         r.unwrap_err().code.as_str()
+    }
+
+    /// The leeway tolerates clock skew on verify; it never makes a token
+    /// refreshable that the renew limit does not (here `0s`: none).
+    #[tokio::test]
+    async fn leeway_lets_a_token_verify_but_never_refresh_past_the_renew_limit() {
+        let policy = Policy {
+            session: 3_600,
+            token: 60,
+            renew_limit: 0,
+            grace: 0,
+            ..Policy::default()
+        };
+        let (s, _) = service_with_leeway(policy, 60_000);
+        let t = s.login("alice", "pw", None, || T0).await.unwrap();
+        let past_exp = T0 + 62_500;
+        assert!(s.verify(&t.token, true, past_exp).await.is_ok());
+        assert_eq!(code(s.refresh(&t.token, past_exp).await), "EXPIRED_TOKEN");
+        // Inside its validity the same token refreshes.
+        let (s, _) = service_with_leeway(short(), 60_000);
+        let t = s.login("alice", "pw", None, || T0).await.unwrap();
+        assert!(s.refresh(&t.token, T0 + 1_000).await.is_ok());
     }
 
     #[tokio::test]
