@@ -164,10 +164,16 @@ impl Users {
             let (name, hash) = line
                 .split_once(':')
                 .ok_or_else(|| err("expected name:hash".into()))?;
-            if name.is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_whitespace)
+            // The name travels in identity headers and log lines: no space,
+            // and no control character (NUL, 0x01, DEL, U+0085), which no
+            // header value may carry.
+            if name.is_empty()
+                || name.len() > MAX_NAME_LEN
+                || name.chars().any(|c| c.is_whitespace() || c.is_control())
             {
                 return Err(err(
-                    "user name must be 1-256 characters without spaces".into()
+                    "user name must be 1-256 characters without spaces or control characters"
+                        .into(),
                 ));
             }
             let scheme = scheme_of(hash).map_err(err)?;
@@ -194,6 +200,17 @@ impl Users {
             names,
         };
         Ok(Users { by_name, decoys })
+    }
+
+    /// The same users with `from` renamed to `to`, past the file's checks:
+    /// for tests of what a name the file refuses would do downstream.
+    #[cfg(test)]
+    pub(crate) fn renamed_unchecked(mut self, from: &str, to: &str) -> Users {
+        if let Some(mut u) = self.by_name.remove(from) {
+            u.name = to.to_string();
+            self.by_name.insert(to.to_string(), u);
+        }
+        self
     }
 
     /// The known user whose hash an unknown `name` is checked against.
@@ -305,6 +322,31 @@ mod tests {
                 .reason
                 .contains("twice")
         );
+    }
+
+    /// A name that no header can carry would make verify answer without
+    /// the identity headers; a name with ESC or U+2028 would forge log lines.
+    #[test]
+    fn names_with_control_characters_are_refused() {
+        for name in [
+            "ali\u{0}ce",
+            "\u{1}alice",
+            "alice\u{7f}",
+            "ali\u{1b}[31mce",
+            "ali\u{85}ce",
+            "ali\u{2028}ce",
+            "ali\rce",
+        ] {
+            let e = Users::parse(&bcrypt_line(name, "x"), "f").unwrap_err();
+            assert!(e.reason.contains("control characters"), "{name:?}: {e}");
+        }
+        // The control: names beyond ASCII, and punctuation, are fine.
+        let ok = format!(
+            "{}\n{}\n",
+            bcrypt_line("zoë", "x"),
+            bcrypt_line("a.b@c-d_e", "y")
+        );
+        assert_eq!(Users::parse(&ok, "f").unwrap().len(), 2);
     }
 
     #[test]

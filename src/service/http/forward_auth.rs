@@ -6,8 +6,10 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::extract::token_of;
+use super::origin::last_hop;
 use super::{Shared, set_cookie};
 use crate::clock::now_millis;
+use crate::service::error::{ApiError, Code};
 
 // The answer's header names, built once (a `&str` name is parsed on every
 // insert).
@@ -53,8 +55,10 @@ fn original_url(trust_forwarded: bool, headers: &HeaderMap, path: &str) -> Optio
     if let Some(u) = forwarded("x-original-url") {
         return Some(u.to_string());
     }
-    let host = forwarded("x-forwarded-host").or_else(|| get("host"))?;
-    let proto = forwarded("x-forwarded-proto").unwrap_or("http");
+    let host = forwarded("x-forwarded-host")
+        .map(last_hop)
+        .or_else(|| get("host"))?;
+    let proto = forwarded("x-forwarded-proto").map_or("http", last_hop);
     let uri = forwarded("x-forwarded-uri")
         .map(str::to_string)
         .or_else(|| {
@@ -78,18 +82,26 @@ pub(super) async fn verify(State(app): Shared, req: Request) -> Response {
         }
         Err(e) => Err(e),
     };
+    // Never a 200 without the identity headers: behind a proxy that keeps
+    // the client's own `X-Auth-Request-User` when the answer lacks one, that
+    // would let the client name itself.
+    let decision = decision.and_then(|id| match HeaderValue::from_str(&id.claims.sub) {
+        Ok(user) => Ok((id, user)),
+        Err(_) => Err(ApiError::new(
+            Code::InvalidToken,
+            "the token's user name cannot be sent in a header",
+        )),
+    });
     match decision {
-        Ok(id) => {
+        Ok((id, user)) => {
             let mut resp = StatusCode::OK.into_response();
             let h = resp.headers_mut();
             let c = &id.claims;
-            if let Ok(user) = HeaderValue::from_str(&c.sub) {
-                if c.sub.contains('@') {
-                    h.insert(EMAIL, user.clone());
-                }
-                h.insert(REMOTE_USER, user.clone());
-                h.insert(USER, user);
+            if c.sub.contains('@') {
+                h.insert(EMAIL, user.clone());
             }
+            h.insert(REMOTE_USER, user.clone());
+            h.insert(USER, user);
             let mut put = |name: HeaderName, value: &str| {
                 if let Ok(v) = HeaderValue::from_str(value) {
                     h.insert(name, v);
@@ -177,6 +189,16 @@ mod tests {
         ]);
         assert_eq!(
             original_url(true, &traefik, "/v1/verify").unwrap(),
+            "https://app.example.com/x"
+        );
+        // Behind a chain of proxies the nearest one's entry is the last.
+        let chained = headers(&[
+            ("x-forwarded-proto", "http, https"),
+            ("x-forwarded-host", "evil.example, app.example.com"),
+            ("x-forwarded-uri", "/x"),
+        ]);
+        assert_eq!(
+            original_url(true, &chained, "/v1/verify").unwrap(),
             "https://app.example.com/x"
         );
         // Untrusted, the client's own X-Forwarded-* are ignored.

@@ -30,13 +30,21 @@ pub(super) fn request_host(config: &HttpConfig, headers: &HeaderMap) -> Option<S
     let forwarded = config
         .trust_forwarded_headers
         .then(|| headers.get("x-forwarded-host"))
-        .flatten();
-    let h = forwarded
-        .or_else(|| headers.get(header::HOST))?
-        .to_str()
-        .ok()?;
-    let h = h.split(',').next()?.trim();
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .map(last_hop);
+    let h = match forwarded {
+        Some(h) => h,
+        None => headers.get(header::HOST)?.to_str().ok()?.trim(),
+    };
     Some(strip_port(h).to_ascii_lowercase())
+}
+
+/// The entry of a forwarded header (`X-Forwarded-Host`, `-Proto`) that the
+/// nearest proxy wrote: each proxy appends its own after what it was sent,
+/// so the first entries are the client's to choose and the last is not.
+pub(super) fn last_hop(value: &str) -> &str {
+    value.rsplit(',').next().unwrap_or(value).trim()
 }
 
 fn strip_port(h: &str) -> &str {
@@ -144,6 +152,15 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(request_host(&trusting, &h).as_deref(), Some("evil.example"));
+        // A proxy appends its own entry: the client's entries come first.
+        let chain = headers(&[
+            ("host", "auth:8080"),
+            ("x-forwarded-host", "evil.example, auth.example.net:8443"),
+        ]);
+        assert_eq!(
+            request_host(&trusting, &chain).as_deref(),
+            Some("auth.example.net")
+        );
         let v6 = headers(&[("host", "[::1]:8080")]);
         assert_eq!(request_host(&plain, &v6).as_deref(), Some("[::1]"));
     }

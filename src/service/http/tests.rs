@@ -284,6 +284,56 @@ async fn malformed_last_forwarded_hop_falls_back_to_the_peer() {
     );
 }
 
+/// A name no header can carry (the users file refuses it; this test slips
+/// one past it) never gets a 200 from verify, which would carry no identity
+/// headers: a proxy that keeps the client's own would pass a forged one on.
+#[tokio::test]
+async fn verify_never_allows_without_the_identity_headers() {
+    let app = app(HttpConfig::default());
+    let odd = "ali\u{1}ce";
+    let users = Users::parse(
+        &format!(
+            "alice:{}\n",
+            bcrypt::hash(PASSWORD, 4)
+                .expect("bcrypt")
+                .replacen("$2b$", "$2y$", 1)
+        ),
+        "test",
+    )
+    .expect("users")
+    .renamed_unchecked("alice", odd);
+    app.service.set_users(users);
+    let login = Request::post("/v1/login")
+        .header("host", "auth.example.net")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(format!(
+            r#"{{"username":"ali\u0001ce","password":"{PASSWORD}"}}"#
+        )))
+        .unwrap();
+    let resp = send(&app, login).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let tok = json(resp).await["access_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let verify = |t: &str| {
+        Request::get("/v1/verify")
+            .header(header::AUTHORIZATION, format!("Bearer {t}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let resp = send(&app, verify(&tok)).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert!(resp.headers().get("x-auth-request-user").is_none());
+    assert_eq!(error_code(resp).await, "INVALID_TOKEN");
+    // The control: a plain name verifies, with its headers.
+    let app = self::app(HttpConfig::default());
+    let tok = token(&app).await;
+    let resp = send(&app, verify(&tok)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-auth-request-user"], "alice");
+}
+
 #[tokio::test]
 async fn errors_are_json_with_a_code() {
     let app = app(HttpConfig::default());
