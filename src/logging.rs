@@ -1,8 +1,14 @@
-//! Log lines that a request cannot forge: the text format writes values
-//! (a user name, a path) as they are, so a name holding a newline could
-//! start a line of its own. Each event reaches the writer as one buffer
-//! ending in a newline; every other line break or control character in it
-//! is written escaped (`\n`, `\r`, `\x07`), so one event is always one line.
+//! Log lines that a request cannot forge.
+//!
+//! Two layers. Values a client chooses (a user name) are logged with `?`,
+//! quoted and escaped by `Debug` (`user="eve user=admin"`, ESC as
+//! `\u{1b}`), so they cannot add fields or terminal sequences. Under that,
+//! each event reaches the writer as one buffer ending in a newline; every
+//! other line break in it, control character, NEL (U+0085) and line or
+//! paragraph separator (U+2028, U+2029) is written escaped (`\n`, `\r`,
+//! `\x07`, `\u{2028}`), so one event is always one line, whatever a value
+//! logged with `%` holds. ESC itself passes this layer: the text format
+//! colours its own output with it.
 
 use std::io::{self, Write};
 
@@ -16,16 +22,31 @@ pub fn escape_event(buf: &[u8]) -> Vec<u8> {
         _ => (buf, &b""[..]),
     };
     let mut out = Vec::with_capacity(buf.len() + 8);
-    for &b in body {
-        match b {
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            // Tab is harmless; ESC starts the formatter's own colours (and
-            // tracing-subscriber escapes it in values already).
-            b'\t' | 0x1b => out.push(b),
-            0..=0x1f | 0x7f => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+    let mut i = 0;
+    while i < body.len() {
+        let b = body[i];
+        match (b, body.get(i + 1), body.get(i + 2)) {
+            (b'\n', ..) => out.extend_from_slice(b"\\n"),
+            (b'\r', ..) => out.extend_from_slice(b"\\r"),
+            // Tab is harmless; ESC starts the formatter's own colours.
+            (b'\t' | 0x1b, ..) => out.push(b),
+            (0..=0x1f | 0x7f, ..) => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+            // NEL (U+0085), and U+2028/U+2029: line breaks to some readers.
+            (0xc2, Some(0x85), _) => {
+                out.extend_from_slice(b"\\u{85}");
+                i += 1;
+            }
+            (0xe2, Some(0x80), Some(&c @ (0xa8 | 0xa9))) => {
+                out.extend_from_slice(if c == 0xa8 {
+                    b"\\u{2028}"
+                } else {
+                    b"\\u{2029}"
+                });
+                i += 2;
+            }
             _ => out.push(b),
         }
+        i += 1;
     }
     out.extend_from_slice(end);
     out
@@ -59,6 +80,13 @@ mod tests {
         assert_eq!(escape_event(b"a\rb\x07c\td\n"), b"a\\rb\\x07c\td\n");
         assert_eq!(escape_event(b"plain"), b"plain");
         assert_eq!(escape_event(b""), b"");
+        let seps = "a\u{85}b\u{2028}c\u{2029}d\u{e9}\u{2027}\n";
+        assert_eq!(
+            escape_event(seps.as_bytes()),
+            "a\\u{85}b\\u{2028}c\\u{2029}d\u{e9}\u{2027}\n".as_bytes()
+        );
+        // A truncated sequence at the end is left as it is.
+        assert_eq!(escape_event(b"a\xe2\x80"), b"a\xe2\x80");
     }
 
     #[test]
@@ -87,9 +115,17 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             let name = "eve\n2026-01-01T00:00:00Z  INFO login user=admin";
             tracing::info!(user = %name, "login refused");
+            // As the service logs a name a client chose: quoted, escaped.
+            let name = "eve\u{1b}[2J\u{2028}\u{85} user=admin";
+            tracing::info!(user = ?name, "login refused");
         });
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-        assert_eq!(text.lines().count(), 1, "{text}");
+        assert_eq!(text.lines().count(), 2, "{text}");
         assert!(text.contains("eve\\n2026"), "{text}");
+        assert!(
+            text.contains(r#"user="eve\u{1b}[2J\u{2028}\u{85} user=admin""#),
+            "{text}"
+        );
+        assert!(!text.contains('\u{1b}'), "{text}");
     }
 }

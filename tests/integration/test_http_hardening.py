@@ -231,6 +231,16 @@ def test_a_user_name_cannot_forge_a_log_line(env, servers):
     assert "eve" in log, log
     assert not any(line.startswith("2026-01-01T00:00:00") for line in log.splitlines()), log
     assert "eve\\n2026-01-01" in log, log
+    # Terminal sequences, Unicode line breaks and a fake field stay inside
+    # the quoted, escaped name.
+    offset = srv.log_size()
+    name = "mallory\x1b[2J\u2028\u0085 user=admin"
+    r = requests.post(srv.url + "/v1/login", json={"username": name, "password": "x"}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 401
+    time.sleep(0.3)
+    log = srv.log_text(offset, limit=100000)
+    assert 'user="mallory\\u{1b}[2J\\u{2028}\\u{85} user=admin"' in log, log
+    assert "\x1b[2J" not in log and "\u2028" not in log and "\u0085" not in log, repr(log)
 
 
 def test_redis_password_is_not_logged(env, servers, tmp_path):

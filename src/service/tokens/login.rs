@@ -112,7 +112,7 @@ impl TokenService {
             }
         };
         let Some(user) = user else {
-            tracing::info!(user = %name, "login refused: invalid credentials");
+            tracing::info!(user = ?name, "login refused: invalid credentials");
             return Err(ApiError::new(
                 Code::InvalidCredentials,
                 "invalid username or password",
@@ -132,7 +132,7 @@ impl TokenService {
             auth_time,
             pwv: Some(user.password_version.clone()),
         };
-        tracing::info!(user = %user.name, sid = %claims.sid, "login");
+        tracing::info!(user = ?user.name, sid = %claims.sid, "login");
         self.store.note_issued(&claims.sid);
         let issued = self.sign(claims, auth_time + policy.session as i64);
         self.remember(&issued, &policy, iat * 1_000);
