@@ -156,17 +156,18 @@ impl Key {
         let kid = B64.encode(Sha256::digest(thumb_input.as_bytes()));
         jwk["kid"] = kid.clone().into();
         jwk["use"] = "sig".into();
-        let alg = match &secret {
-            Secret::Ed25519(_) => Alg::EdDsa,
-            Secret::P256(_) => Alg::Es256,
-        };
-        let header = format!(r#"{{"alg":"{}","typ":"JWT","kid":"{kid}"}}"#, alg.as_str());
-        Key {
+        let mut key = Key {
             kid,
             secret,
             jwk,
-            header,
-        }
+            header: String::new(),
+        };
+        key.header = format!(
+            r#"{{"alg":"{}","typ":"JWT","kid":"{}"}}"#,
+            key.alg().as_str(),
+            key.kid
+        );
+        key
     }
 
     pub fn kid(&self) -> &str {
