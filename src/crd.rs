@@ -169,7 +169,10 @@ pub struct TokenPolicySpec {
     #[x_kube(validation = Rule::new("self >= 1 && self <= 50").message("replicas must be between 1 and 50"))]
     pub replicas: i32,
 
-    /// Token service image; default: the operator's own image.
+    /// Token service image; default: the operator's own image. Only images
+    /// on the operator's allow-list run (chart value
+    /// tokenService.allowedImages); any other turns the policy Degraded
+    /// (reason ImageNotAllowed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 

@@ -8,8 +8,11 @@ use kube::api::{Api, PostParams};
 use kube::runtime::events::EventType;
 
 use crate::crd::TokenPolicy;
-use crate::operator::reconcile::{Context, Error, publish};
-use crate::operator::resources::{self, MANAGER};
+use crate::operator::context::{Context, Error, publish};
+use crate::operator::names::{
+    MANAGER, PROMOTED_AT_ANNOTATION, ROTATE_ANNOTATION, ROTATED_FOR_ANNOTATION, signing_secret_name,
+};
+use crate::operator::resources;
 use crate::operator::rollout::Rollout;
 use crate::operator::rotation::{self, KeyRing, Step};
 use crate::policy::Policy;
@@ -43,10 +46,8 @@ fn ring_of(secret: &Secret, name: &str) -> Result<KeyRing, Error> {
         signing,
         next: pem_of(secret, rotation::NEXT),
         previous: pem_of(secret, rotation::PREVIOUS),
-        rotated_for: ann.get(resources::ROTATED_FOR_ANNOTATION).cloned(),
-        promoted_at: ann
-            .get(resources::PROMOTED_AT_ANNOTATION)
-            .and_then(|t| t.parse().ok()),
+        rotated_for: ann.get(ROTATED_FOR_ANNOTATION).cloned(),
+        promoted_at: ann.get(PROMOTED_AT_ANNOTATION).and_then(|t| t.parse().ok()),
     })
 }
 
@@ -70,15 +71,17 @@ fn post_params() -> PostParams {
     }
 }
 
-/// The signing keys as the Secret holds them, generated once if there is
-/// no Secret yet (and never overwritten): the ring and the version read.
+/// The signing keys as `existing` (the Secret as read, known to be this
+/// TokenPolicy's) holds them, generated once if there is no Secret yet (and
+/// never overwritten): the ring and the version read.
 pub(crate) async fn signing_ring(
     tp: &TokenPolicy,
     ctx: &Context,
     secrets: &Api<Secret>,
+    existing: Option<Secret>,
 ) -> Result<(KeyRing, Option<String>), Error> {
-    let name = resources::signing_secret_name(tp);
-    if let Some(existing) = secrets.get_opt(&name).await? {
+    let name = signing_secret_name(tp);
+    if let Some(existing) = existing {
         return Ok((
             ring_of(&existing, &name)?,
             existing.metadata.resource_version,
@@ -86,7 +89,7 @@ pub(crate) async fn signing_ring(
     }
     let ring = KeyRing {
         signing: Key::generate().to_pem(),
-        rotated_for: tp.annotations().get(resources::ROTATE_ANNOTATION).cloned(),
+        rotated_for: tp.annotations().get(ROTATE_ANNOTATION).cloned(),
         ..Default::default()
     };
     let created = secrets
@@ -120,8 +123,8 @@ pub(crate) async fn rotate(
     policy: &Policy,
     now: i64,
 ) -> Result<bool, Error> {
-    let name = resources::signing_secret_name(tp);
-    let rotate = tp.annotations().get(resources::ROTATE_ANNOTATION).cloned();
+    let name = signing_secret_name(tp);
+    let rotate = tp.annotations().get(ROTATE_ANNOTATION).cloned();
     let step = rotation::plan(
         ring,
         &kids(ring, &name)?,
@@ -176,7 +179,7 @@ async fn replace_ring(
     let mut secret = resources::signing_secret(tp, ring);
     secret.metadata.resource_version = resource_version;
     let written = secrets
-        .replace(&resources::signing_secret_name(tp), &post_params(), &secret)
+        .replace(&signing_secret_name(tp), &post_params(), &secret)
         .await?;
     Ok(written.metadata.resource_version)
 }

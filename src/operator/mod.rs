@@ -7,24 +7,44 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::routing::get;
 
+pub mod context;
+pub mod images;
 pub mod keys;
 pub mod leader;
 pub mod metrics;
+pub mod names;
+pub mod ownership;
 pub mod reconcile;
 pub mod resources;
 pub mod rollout;
 pub mod rotation;
 pub mod status;
 
+use context::Context;
+use images::AllowedImages;
 use leader::LeaseConfig;
 use metrics::OperatorMetrics;
-use reconcile::Context;
+use resources::NetworkPolicyConfig;
+
+fn parse_network_policy(json: &str) -> Result<NetworkPolicyConfig, String> {
+    serde_json::from_str(json).map_err(|e| format!("not a token service NetworkPolicy: {e}"))
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct OperatorArgs {
     /// Token service image for TokenPolicies that do not name one.
     #[arg(long, env = "TOKENPOLICY_IMAGE", default_value = concat!("tokenpolicy:", env!("CARGO_PKG_VERSION")))]
     pub image: String,
+    /// Image repositories a TokenPolicy's `spec.image` may name (comma
+    /// separated; `registry/path/*` for every repository under a path).
+    /// Default: the repository of --image.
+    #[arg(long, env = "TOKENPOLICY_ALLOWED_IMAGES", value_delimiter = ',')]
+    pub allowed_images: Vec<String>,
+    /// A NetworkPolicy for every token service, as JSON:
+    /// `{"from": [NetworkPolicyPeer...], "metricsFrom": [NetworkPolicyPeer...]}`
+    /// (ingress controllers, and the metrics scraper). Unset: none.
+    #[arg(long, env = "TOKENPOLICY_NETWORK_POLICY", value_parser = parse_network_policy)]
+    pub token_service_network_policy: Option<NetworkPolicyConfig>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -45,7 +65,13 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         .await
         .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
     let metrics = Arc::new(OperatorMetrics::default());
-    let ctx = Arc::new(Context::new(client, args.image.clone(), metrics.clone()));
+    let allowed = AllowedImages::new(&args.allowed_images, &args.image);
+    tracing::info!(allowed = ?allowed.entries(), "images a TokenPolicy may run");
+    let ctx = Arc::new(
+        Context::new(client, args.image.clone(), metrics.clone())
+            .with_allowed_images(allowed)
+            .with_network_policy(args.token_service_network_policy.clone()),
+    );
 
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))

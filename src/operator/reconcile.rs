@@ -2,87 +2,39 @@
 //! running token service (README: "Run on Kubernetes"). The objects themselves
 //! are built in `resources.rs`; this module decides what to apply.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::fmt::Debug;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::crd::{SecretKeyRef, TokenPolicy};
+pub use crate::operator::context::{Context, Error};
+use crate::operator::context::{namespace_terminating, publish};
 use crate::operator::keys::{kids, rotate, secret_value, signing_ring};
 pub use crate::operator::metrics::{OperatorMetrics, Reason};
-use crate::operator::resources::{self, MANAGER, TLS_SECRET_KEYS};
+use crate::operator::names::{MANAGER, object_name, signing_secret_name};
+use crate::operator::ownership::{self, Found, conflict_message, find};
+use crate::operator::resources::{self, TLS_SECRET_KEYS};
 use crate::operator::rollout::Rollout;
 use crate::operator::rotation;
 use crate::operator::status::{
     ConditionReason as R, ConditionState as C, Report, degraded_reason, write_status,
 };
 use crate::policy::Policy;
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("TokenPolicy has no namespace")]
-    NoNamespace,
-    #[error("signing-key Secret {0} is unusable: {1}")]
-    KeySecret(String, String),
-}
-
-impl Error {
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube(kube::Error::Api(_)) => "api_error",
-            Error::Kube(_) => "kube_client",
-            Error::NoNamespace => "no_namespace",
-            Error::KeySecret(..) => "key_secret",
-        }
-    }
-}
-
-pub struct Context {
-    pub client: Client,
-    pub recorder: Recorder,
-    /// The token service image when a TokenPolicy does not name one.
-    pub image: String,
-    pub metrics: Arc<OperatorMetrics>,
-    /// Consecutive failures per object, for the backoff.
-    failures: Mutex<HashMap<String, u32>>,
-}
-
-impl Context {
-    pub fn new(client: Client, image: String, metrics: Arc<OperatorMetrics>) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: MANAGER.into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        );
-        Context {
-            client,
-            recorder,
-            image,
-            metrics,
-            failures: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
-        self.failures.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// A referenced Secret key that must exist before the service can run.
 async fn check_secret(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<Option<String>, Error> {
@@ -126,36 +78,38 @@ async fn blocker(tp: &TokenPolicy, secrets: &Api<Secret>) -> Result<Option<(R, S
     Ok(None)
 }
 
-pub(crate) async fn publish(
-    ctx: &Context,
-    tp: &TokenPolicy,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
-) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: action.into(),
-        secondary: None,
+fn api<K>(client: &Client, ns: &str) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    Api::namespaced(client.clone(), ns)
+}
+
+/// Deletes `name` if this TokenPolicy controls it, guarded by the uid read
+/// (an object made again by someone else in between is not deleted).
+async fn delete_ours<K>(api: &Api<K>, name: &str, found: &Found<K>) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let Found::Ours(obj) = found else {
+        return Ok(());
     };
-    match ctx.recorder.publish(&event, &tp.object_ref(&())).await {
-        Ok(()) => {}
-        Err(e) if namespace_terminating(&e) => {}
-        Err(e) => tracing::warn!(error = %e, "could not publish event"),
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: obj.meta().uid.clone(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
-/// The API server refuses anything new in a namespace being deleted (403,
-/// cause `NamespaceTerminating`): the namespace takes the TokenPolicy and
-/// everything made for it along, so there is nothing to reconcile or report.
-fn namespace_terminating(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 403
-        && s.details.as_ref().is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating")))
-}
-
+/// Server-side apply of an object that is absent or already ours (checked
+/// just before, in the same reconcile).
 async fn apply<K>(api: Api<K>, obj: &K) -> Result<K, Error>
 where
     K: Resource + Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
@@ -265,48 +219,89 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
         Ok(p) => p,
         Err(e) => return degrade(tp, ctx, &policies, R::INVALID_SPEC, e.to_string()).await,
     };
+    if let Some(image) = tp.spec.image.as_deref()
+        && !ctx.allowed_images.allows(image)
+    {
+        let message = format!(
+            "spec.image {image:?} is not an allowed image (allowed: {}); the operator's \
+             allowedImages setting decides which images a TokenPolicy may run",
+            ctx.allowed_images.entries().join(", ")
+        );
+        return degrade(tp, ctx, &policies, R::IMAGE_NOT_ALLOWED, message).await;
+    }
     if let Some((reason, message)) = blocker(tp, &secrets).await? {
         return degrade(tp, ctx, &policies, reason, message).await;
     }
 
+    // Every object this reconcile may write or delete, read first: anything
+    // under our names that this TokenPolicy does not control stops it here,
+    // before a single write.
+    let name = object_name(tp);
+    let key_name = signing_secret_name(tp);
+    let key_secret = ownership::classify(secrets.get_opt(&key_name).await?, tp);
+    let sa = find(&api::<ServiceAccount>(&client, &ns), &name, tp).await?;
+    let role = find(&api::<Role>(&client, &ns), &name, tp).await?;
+    let binding = find(&api::<RoleBinding>(&client, &ns), &name, tp).await?;
+    let service = find(&api::<Service>(&client, &ns), &name, tp).await?;
+    let deploy = find(&api::<Deployment>(&client, &ns), &name, tp).await?;
+    let pdb = find(&api::<PodDisruptionBudget>(&client, &ns), &name, tp).await?;
+    let netpol = find(&api::<NetworkPolicy>(&client, &ns), &name, tp).await?;
+    let wants_pdb = tp.spec.replicas > 1;
+    let wants_netpol = ctx.network_policy.is_some();
+    let mut foreign = Vec::new();
+    for (found, needed) in [
+        (key_secret.foreign(), true),
+        (sa.foreign(), true),
+        (role.foreign(), true),
+        (binding.foreign(), true),
+        (service.foreign(), true),
+        (deploy.foreign(), true),
+        (pdb.foreign(), wants_pdb),
+        (netpol.foreign(), wants_netpol),
+    ] {
+        foreign.extend(found.filter(|_| needed).map(str::to_string));
+    }
+    if !foreign.is_empty() {
+        let message = conflict_message(&foreign);
+        return degrade(tp, ctx, &policies, R::OBJECT_NOT_OWNED, message).await;
+    }
+
     let now = Timestamp::now().as_second();
-    let key_name = resources::signing_secret_name(tp);
-    let (ring, ring_version) = signing_ring(tp, ctx, &secrets).await?;
+    let existing_keys = match key_secret {
+        Found::Ours(s) => Some(s),
+        _ => None,
+    };
+    let (ring, ring_version) = signing_ring(tp, ctx, &secrets, existing_keys).await?;
     let key_ids = kids(&ring, &key_name)?;
     apply(
-        Api::<ServiceAccount>::namespaced(client.clone(), &ns),
+        api::<ServiceAccount>(&client, &ns),
         &resources::service_account(tp),
     )
     .await?;
+    apply(api::<Role>(&client, &ns), &resources::role(tp)).await?;
     apply(
-        Api::<Role>::namespaced(client.clone(), &ns),
-        &resources::role(tp),
-    )
-    .await?;
-    apply(
-        Api::<RoleBinding>::namespaced(client.clone(), &ns),
+        api::<RoleBinding>(&client, &ns),
         &resources::role_binding(tp),
     )
     .await?;
-    apply(
-        Api::<Service>::namespaced(client.clone(), &ns),
-        &resources::service(tp),
-    )
-    .await?;
+    apply(api::<Service>(&client, &ns), &resources::service(tp)).await?;
     let deployment = apply(
-        Api::<Deployment>::namespaced(client.clone(), &ns),
+        api::<Deployment>(&client, &ns),
         &resources::deployment(tp, &ctx.image, &key_ids),
     )
     .await?;
-    let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
-    if tp.spec.replicas > 1 {
+    let pdbs = api::<PodDisruptionBudget>(&client, &ns);
+    if wants_pdb {
         apply(pdbs, &resources::pdb(tp)).await?;
     } else {
-        match pdbs.delete(&tp.name_any(), &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
+        delete_ours(&pdbs, &name, &pdb).await?;
+    }
+    let netpols = api::<NetworkPolicy>(&client, &ns);
+    match &ctx.network_policy {
+        Some(config) => {
+            apply(netpols, &resources::network_policy(tp, config)).await?;
         }
+        None => delete_ours(&netpols, &name, &netpol).await?,
     }
 
     let rollout = Rollout::of(&deployment);

@@ -12,6 +12,10 @@ use k8s_openapi::api::core::v1::{
     Secret, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
     ServicePort, ServiceSpec, Volume, VolumeMount,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -20,22 +24,17 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::TokenPolicy;
+use crate::operator::names::selector;
+pub use crate::operator::names::{
+    KEYS_ANNOTATION, MANAGER, PORT, PROMOTED_AT_ANNOTATION, ROTATE_ANNOTATION,
+    ROTATED_FOR_ANNOTATION, endpoint, labels, object_name, signing_secret_name,
+};
 use crate::operator::rotation::{self, KeyRing};
 
-/// The one field manager for everything the operator applies.
-pub const MANAGER: &str = "tokenpolicy-operator";
-/// The token service's HTTP port.
-pub const PORT: i32 = 8080;
-/// On a TokenPolicy: change its value to rotate the signing key.
-pub const ROTATE_ANNOTATION: &str = "auth.tokenpolicy.io/rotate-signing-key";
-/// On the signing-key Secret: the rotate value it was last made for.
-pub const ROTATED_FOR_ANNOTATION: &str = "auth.tokenpolicy.io/rotated-for";
-/// On the signing-key Secret: when the signing key was promoted (Unix seconds).
-pub const PROMOTED_AT_ANNOTATION: &str = "auth.tokenpolicy.io/promoted-at";
-/// On the pod template: the signing keys' kids, so a rotation rolls the pods.
-pub const KEYS_ANNOTATION: &str = "auth.tokenpolicy.io/signing-keys";
 const KEYS_DIR: &str = "/etc/tokenpolicy/keys";
 const USERS_DIR: &str = "/etc/tokenpolicy/users";
+/// The users file's name in `USERS_DIR`, whatever the Secret's key.
+const USERS_FILE: &str = "users";
 const REDIS_CA_DIR: &str = "/etc/tokenpolicy/redis-ca";
 const REDIS_CLIENT_DIR: &str = "/etc/tokenpolicy/redis-client";
 
@@ -75,23 +74,6 @@ fn read_only_mount(volume: &str, dir: &str) -> VolumeMount {
     }
 }
 
-pub fn labels(tp: &TokenPolicy) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        ("app.kubernetes.io/name".into(), "tokenpolicy".into()),
-        ("app.kubernetes.io/instance".into(), tp.name_any()),
-        ("app.kubernetes.io/component".into(), "token-service".into()),
-        ("app.kubernetes.io/managed-by".into(), MANAGER.into()),
-    ])
-}
-
-fn selector(tp: &TokenPolicy) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        ("app.kubernetes.io/name".into(), "tokenpolicy".into()),
-        ("app.kubernetes.io/instance".into(), tp.name_any()),
-        ("app.kubernetes.io/component".into(), "token-service".into()),
-    ])
-}
-
 fn owner(tp: &TokenPolicy) -> Vec<OwnerReference> {
     tp.controller_owner_ref(&()).into_iter().collect()
 }
@@ -104,19 +86,6 @@ fn meta(tp: &TokenPolicy, name: String) -> ObjectMeta {
         owner_references: Some(owner(tp)),
         ..Default::default()
     }
-}
-
-pub fn signing_secret_name(tp: &TokenPolicy) -> String {
-    format!("{}-signing-keys", tp.name_any())
-}
-
-/// The in-cluster forward-auth URL, for an ingress `auth-url` annotation.
-pub fn endpoint(tp: &TokenPolicy) -> String {
-    format!(
-        "http://{}.{}.svc.cluster.local:{PORT}/v1/verify",
-        tp.name_any(),
-        tp.namespace().unwrap_or_else(|| "default".into())
-    )
 }
 
 /// The signing-key Secret holding the key ring (see `rotation.rs`).
@@ -144,7 +113,7 @@ pub fn signing_secret(tp: &TokenPolicy, ring: &KeyRing) -> Secret {
 
 pub fn service_account(tp: &TokenPolicy) -> ServiceAccount {
     ServiceAccount {
-        metadata: meta(tp, tp.name_any()),
+        metadata: meta(tp, object_name(tp)),
         automount_service_account_token: Some(true),
         ..Default::default()
     }
@@ -153,7 +122,7 @@ pub fn service_account(tp: &TokenPolicy) -> ServiceAccount {
 /// The least the token service needs: read and watch its own TokenPolicy.
 pub fn role(tp: &TokenPolicy) -> Role {
     Role {
-        metadata: meta(tp, tp.name_any()),
+        metadata: meta(tp, object_name(tp)),
         rules: Some(vec![PolicyRule {
             api_groups: Some(vec!["auth.tokenpolicy.io".into()]),
             resources: Some(vec!["tokenpolicies".into()]),
@@ -166,15 +135,15 @@ pub fn role(tp: &TokenPolicy) -> Role {
 
 pub fn role_binding(tp: &TokenPolicy) -> RoleBinding {
     RoleBinding {
-        metadata: meta(tp, tp.name_any()),
+        metadata: meta(tp, object_name(tp)),
         role_ref: RoleRef {
             api_group: Some("rbac.authorization.k8s.io".into()),
             kind: "Role".into(),
-            name: tp.name_any(),
+            name: object_name(tp),
         },
         subjects: Some(vec![Subject {
             kind: "ServiceAccount".into(),
-            name: tp.name_any(),
+            name: object_name(tp),
             namespace: tp.namespace(),
             ..Default::default()
         }]),
@@ -183,7 +152,7 @@ pub fn role_binding(tp: &TokenPolicy) -> RoleBinding {
 
 pub fn service(tp: &TokenPolicy) -> Service {
     Service {
-        metadata: meta(tp, tp.name_any()),
+        metadata: meta(tp, object_name(tp)),
         spec: Some(ServiceSpec {
             selector: Some(selector(tp)),
             ports: Some(vec![ServicePort {
@@ -201,7 +170,7 @@ pub fn service(tp: &TokenPolicy) -> Service {
 
 pub fn pdb(tp: &TokenPolicy) -> PodDisruptionBudget {
     PodDisruptionBudget {
-        metadata: meta(tp, tp.name_any()),
+        metadata: meta(tp, object_name(tp)),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
             selector: Some(LabelSelector {
@@ -211,6 +180,52 @@ pub fn pdb(tp: &TokenPolicy) -> PodDisruptionBudget {
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// Who may reach the token service pods (`--token-service-network-policy`,
+/// the chart's `tokenService.networkPolicy`): the ingress controllers that
+/// call forward-auth and serve the sign-in page, and the metrics scraper.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkPolicyConfig {
+    /// The ingress controllers (NetworkPolicyPeers).
+    #[serde(default)]
+    pub from: Vec<NetworkPolicyPeer>,
+    /// The metrics scraper (NetworkPolicyPeers).
+    #[serde(default)]
+    pub metrics_from: Vec<NetworkPolicyPeer>,
+}
+
+/// Ingress to the token service pods only from the configured peers, only
+/// on the HTTP port (which also serves `/metrics`). Both lists empty: any
+/// source, on that port only. Egress is left open: Redis and the API server
+/// are wherever the cluster keeps them.
+pub fn network_policy(tp: &TokenPolicy, config: &NetworkPolicyConfig) -> NetworkPolicy {
+    let peers: Vec<NetworkPolicyPeer> = config
+        .from
+        .iter()
+        .chain(&config.metrics_from)
+        .cloned()
+        .collect();
+    NetworkPolicy {
+        metadata: meta(tp, object_name(tp)),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector(tp)),
+                ..Default::default()
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: (!peers.is_empty()).then_some(peers),
+                ports: Some(vec![NetworkPolicyPort {
+                    port: Some(IntOrString::Int(PORT)),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                }]),
+            }]),
+            ..Default::default()
+        }),
     }
 }
 
@@ -265,14 +280,16 @@ pub fn deployment(tp: &TokenPolicy, default_image: &str, keys: &str) -> Deployme
     )];
     let mut mounts = vec![read_only_mount("signing-keys", KEYS_DIR)];
     if let Some(users) = &spec.users {
-        // The whole Secret as a directory (not subPath), so that kubelet
-        // updates reach the running service, which re-reads the file.
-        volumes.push(secret_volume("users", &users.secret_ref.name, None));
+        // Only the named key, as a file in a directory (not subPath, so
+        // that kubelet updates reach the running service, which re-reads
+        // the file): the Secret's other keys never reach the pod.
+        volumes.push(secret_volume(
+            "users",
+            &users.secret_ref.name,
+            Some(&[(&users.secret_ref.key, USERS_FILE)]),
+        ));
         mounts.push(read_only_mount("users", USERS_DIR));
-        args.extend([
-            "--users".into(),
-            format!("{USERS_DIR}/{}", users.secret_ref.key),
-        ]);
+        args.extend(["--users".into(), format!("{USERS_DIR}/{USERS_FILE}")]);
     }
     if let Some(redis) = &spec.redis {
         env.push(EnvVar {
@@ -355,7 +372,7 @@ pub fn deployment(tp: &TokenPolicy, default_image: &str, keys: &str) -> Deployme
     let mut template_labels = labels(tp);
     template_labels.retain(|k, _| k != "app.kubernetes.io/managed-by");
     Deployment {
-        metadata: meta(tp, tp.name_any()),
+        metadata: meta(tp, object_name(tp)),
         spec: DeploymentSpec {
             replicas: Some(spec.replicas),
             selector: LabelSelector {
@@ -379,7 +396,7 @@ pub fn deployment(tp: &TokenPolicy, default_image: &str, keys: &str) -> Deployme
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
-                    service_account_name: Some(tp.name_any()),
+                    service_account_name: Some(object_name(tp)),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         // Secret volumes are root-owned: the group makes the
@@ -546,7 +563,11 @@ pub(crate) mod tests {
         let spec = d.spec;
         assert_eq!(spec.replicas, Some(3));
         let pod = spec.template.spec.unwrap();
-        assert_eq!(pod.service_account_name.as_deref(), Some("demo"));
+        assert_eq!(
+            pod.service_account_name.as_deref(),
+            Some("tokenpolicy-demo")
+        );
+        assert_eq!(d.metadata.name.as_deref(), Some("tokenpolicy-demo"));
         let c = &pod.containers[0];
         assert_eq!(c.image.as_deref(), Some("img:1"));
         let args = c.args.clone().unwrap().join(" ");
@@ -611,6 +632,48 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn only_the_named_key_of_the_users_secret_reaches_the_pod() {
+        let mut tp = policy(1);
+        tp.spec.users.as_mut().unwrap().secret_ref.key = "team-users".into();
+        let pod = deployment(&tp, "img:1", "kid-a")
+            .spec
+            .template
+            .spec
+            .unwrap();
+        let users = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "users")
+            .unwrap()
+            .secret
+            .unwrap();
+        assert_eq!(users.secret_name.as_deref(), Some("demo-users"));
+        let items: Vec<_> = users
+            .items
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.key, i.path))
+            .collect();
+        assert_eq!(items, [("team-users".to_string(), "users".to_string())]);
+        let args = pod.containers[0].args.clone().unwrap().join(" ");
+        assert!(
+            args.contains("--users /etc/tokenpolicy/users/users"),
+            "{args}"
+        );
+    }
+
+    #[test]
+    fn without_peers_the_network_policy_still_admits_only_the_http_port() {
+        let np = network_policy(&policy(1), &NetworkPolicyConfig::default());
+        assert_eq!(np.metadata.name.as_deref(), Some("tokenpolicy-demo"));
+        let rule = &np.spec.unwrap().ingress.unwrap()[0];
+        assert_eq!(rule.from, None);
+        let port = &rule.ports.as_ref().unwrap()[0];
+        assert_eq!(port.port, Some(IntOrString::Int(8080)));
+    }
+
+    #[test]
     fn a_new_key_ring_rolls_the_pods_but_not_the_arguments() {
         let before = deployment(&policy(1), "img", "kid-a");
         let after = deployment(&policy(1), "img", "kid-a,kid-b");
@@ -645,7 +708,7 @@ pub(crate) mod tests {
     #[test]
     fn role_allows_only_reading_its_own_policy() {
         let r = role(&policy(1));
-        let rules = r.rules.unwrap();
+        let rules = r.rules.clone().unwrap();
         assert_eq!(rules.len(), 1);
         assert_eq!(
             rules[0].resource_names.as_deref(),
@@ -653,16 +716,20 @@ pub(crate) mod tests {
         );
         assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
         let b = role_binding(&policy(1));
-        assert_eq!(b.subjects.unwrap()[0].name, "demo");
+        assert_eq!(r.metadata.name.as_deref(), Some("tokenpolicy-demo"));
+        assert_eq!(b.role_ref.name, "tokenpolicy-demo");
+        assert_eq!(b.subjects.unwrap()[0].name, "tokenpolicy-demo");
     }
 
     #[test]
     fn endpoint_and_service() {
         assert_eq!(
             endpoint(&policy(1)),
-            "http://demo.team.svc.cluster.local:8080/v1/verify"
+            "http://tokenpolicy-demo.team.svc.cluster.local:8080/v1/verify"
         );
-        let s = service(&policy(1)).spec.unwrap();
+        let svc = service(&policy(1));
+        assert_eq!(svc.metadata.name.as_deref(), Some("tokenpolicy-demo"));
+        let s = svc.spec.unwrap();
         assert_eq!(s.ports.unwrap()[0].port, 8080);
         let sel = s.selector.unwrap();
         assert_eq!(

@@ -3,7 +3,7 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 
-use crate::operator::resources;
+use crate::operator::names;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rollout {
@@ -35,7 +35,7 @@ impl Rollout {
                 .metadata
                 .as_ref()
                 .and_then(|m| m.annotations.as_ref())
-                .and_then(|a| a.get(resources::KEYS_ANNOTATION))
+                .and_then(|a| a.get(names::KEYS_ANNOTATION))
                 .cloned(),
         }
     }
@@ -130,7 +130,7 @@ pub(crate) mod tests {
         let d: Deployment = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "demo", "generation": 2},
             "spec": {"replicas": 3, "selector": {},
-                     "template": {"metadata": {"annotations": {resources::KEYS_ANNOTATION: "k1,k2"}}}},
+                     "template": {"metadata": {"annotations": {names::KEYS_ANNOTATION: "k1,k2"}}}},
             "status": {"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3,
                        "readyReplicas": 2, "availableReplicas": 3}
         }))

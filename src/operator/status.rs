@@ -10,8 +10,8 @@ use kube::{Resource as _, ResourceExt};
 use serde::Serialize;
 
 use crate::crd::{TokenPolicy, TokenPolicyStatus};
-use crate::operator::reconcile::Error;
-use crate::operator::resources::{self, MANAGER};
+use crate::operator::context::Error;
+use crate::operator::names::{self, MANAGER};
 
 /// A condition type of the TokenPolicy's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +45,10 @@ impl ConditionReason {
     pub const INVALID_SPEC: Self = Self("InvalidSpec");
     pub const USERS_SECRET_MISSING: Self = Self("UsersSecretMissing");
     pub const REDIS_SECRET_MISSING: Self = Self("RedisSecretMissing");
+    /// An object under one of the operator's names is someone else's.
+    pub const OBJECT_NOT_OWNED: Self = Self("ObjectNotOwned");
+    /// `spec.image` is not on the operator's allow-list.
+    pub const IMAGE_NOT_ALLOWED: Self = Self("ImageNotAllowed");
 
     pub fn as_str(self) -> &'static str {
         self.0
@@ -151,7 +155,7 @@ pub(crate) async fn write_status(
             ),
         ],
         ready_replicas: report.ready_replicas,
-        endpoint: Some(resources::endpoint(tp)),
+        endpoint: Some(names::endpoint(tp)),
     };
     let patch = StatusPatch {
         api_version: TokenPolicy::api_version(&()),

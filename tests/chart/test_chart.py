@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import re
 import tarfile
 import textwrap
@@ -82,6 +83,7 @@ CLUSTER_RULES = {
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("rbac.authorization.k8s.io", "roles"): {"get", "list", "watch", "create", "patch"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "list", "watch", "create", "patch"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create", "patch", "delete"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
 LEASE_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
@@ -308,8 +310,29 @@ def test_images(values_name):
     assert c["imagePullPolicy"] == image["pullPolicy"]
     token_service = {e["name"]: e.get("value") for e in c["env"]}["TOKENPOLICY_IMAGE"]
     assert token_service == (values["tokenServiceImage"] or expected)
+    # spec.image: only the operator's own repository unless the values name others.
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    own = f"{image['registry']}/{image['repository']}"
+    allowed = env["TOKENPOLICY_ALLOWED_IMAGES"].split(",")
+    assert allowed == (values["tokenService"]["allowedImages"] or [own])
     pull_secrets = d["spec"]["template"]["spec"].get("imagePullSecrets", [])
     assert pull_secrets == values["imagePullSecrets"]
+
+
+@pytest.mark.parametrize("values_name", VALUES_FILES)
+def test_token_service_network_policy_is_handed_to_the_operator(values_name):
+    values = chart().merge_values(values_file(values_name))
+    d = find(objects_for(values_name), "Deployment", OPERATOR)
+    (c,) = d["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    wanted = values["tokenService"]["networkPolicy"]
+    if not wanted["enabled"]:
+        assert "TOKENPOLICY_NETWORK_POLICY" not in env
+        return
+    assert json.loads(env["TOKENPOLICY_NETWORK_POLICY"]) == {
+        "from": wanted["from"],
+        "metricsFrom": wanted["metricsFrom"],
+    }
 
 
 @pytest.mark.parametrize("values_name", VALUES_FILES)
@@ -627,7 +650,9 @@ def test_notes_show_a_first_policy_and_the_ingress(values_name):
     if values["redis"]["enabled"]:
         assert policy["spec"]["redis"]["urlSecretRef"] == {"name": REDIS, "key": "url"}
         assert "TRIAL REDIS" in text
-    endpoint = f"http://tokenpolicy.{NAMESPACE}.svc.cluster.local:8080/v1/verify"
+    # The Service the operator makes is named after the policy, never with its bare name.
+    name = policy["metadata"]["name"]
+    endpoint = f"http://tokenpolicy-{name}.{NAMESPACE}.svc.cluster.local:8080/v1/verify"
     assert f'nginx.ingress.kubernetes.io/auth-url: "{endpoint}"' in text
     assert f"deployment/{OPERATOR}" in text
 

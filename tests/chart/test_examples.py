@@ -184,7 +184,8 @@ def test_ingress_uses_a_policy_endpoint():
     for ingress in protected:
         ann = ingress["metadata"]["annotations"]
         m = re.fullmatch(
-            r"http://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:8080/v1/verify",
+            # The operator names the Service tokenpolicy-<policy>.
+            r"http://tokenpolicy-([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:8080/v1/verify",
             ann["nginx.ingress.kubernetes.io/auth-url"],
         )
         assert m, ann
@@ -204,7 +205,8 @@ def test_ingress_uses_a_policy_endpoint():
             for p in r["http"]["paths"]
             if p["path"] == "/v1/"
         ]
-        assert signin_routes == [(m.group(2), {"name": m.group(1), "port": {"number": 8080}})]
+        service = f"tokenpolicy-{m.group(1)}"
+        assert signin_routes == [(m.group(2), {"name": service, "port": {"number": 8080}})]
 
 
 def test_rust_sample_scan_sees_only_token_policies():

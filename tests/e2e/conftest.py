@@ -224,13 +224,22 @@ def child_env(**extra: str) -> dict:
     return env
 
 
+def chart_network_policy() -> str:
+    """The chart's default tokenService.networkPolicy, as the chart hands it
+    to the operator (TOKENPOLICY_NETWORK_POLICY)."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["tokenService"]["networkPolicy"]
+    return json.dumps({"from": values["from"], "metricsFrom": values["metricsFrom"]})
+
+
 class Operator(Proc):
-    """`tokenpolicy operator` as the chart's ServiceAccount."""
+    """`tokenpolicy operator` as the chart's ServiceAccount, with the chart's
+    default token service NetworkPolicy."""
 
     def __init__(self, name: str, kubeconfig: Path, log: Path, *extra: str):
         self.metrics_port = free_port()
         argv = [str(binary_path()), "operator", "--lease-namespace", SYSTEM_NS,
-                "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--image", "tokenpolicy:e2e", *extra]
+                "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--image", "tokenpolicy:e2e",
+                "--token-service-network-policy", chart_network_policy(), *extra]
         super().__init__(name, argv, log, child_env(KUBECONFIG=str(kubeconfig), POD_NAME=name))
 
     def start(self) -> "Operator":

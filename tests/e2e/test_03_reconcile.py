@@ -9,8 +9,10 @@ import json
 
 from conftest import condition, token_policy, users_secret, wait_ready, wait_until
 
-OWNED = [("secret", "{n}-signing-keys"), ("serviceaccount", "{n}"), ("role", "{n}"),
-         ("rolebinding", "{n}"), ("service", "{n}"), ("deployment", "{n}")]
+# Every owned object is named after the policy, never with its bare name.
+OWNED = [("secret", "tokenpolicy-{n}-signing-keys"), ("serviceaccount", "tokenpolicy-{n}"),
+         ("role", "tokenpolicy-{n}"), ("rolebinding", "tokenpolicy-{n}"), ("service", "tokenpolicy-{n}"),
+         ("deployment", "tokenpolicy-{n}"), ("networkpolicy", "tokenpolicy-{n}")]
 
 
 def redis_secret(ns):
@@ -31,12 +33,12 @@ def test_a_policy_becomes_a_ready_token_service(kube, operator):
         refs = obj["metadata"].get("ownerReferences", [])
         assert any(r["uid"] == uid and r.get("controller") for r in refs), (kind, refs)
     st = tp["status"]
-    assert st["endpoint"] == "http://demo.e2e-reconcile.svc.cluster.local:8080/v1/verify"
+    assert st["endpoint"] == "http://tokenpolicy-demo.e2e-reconcile.svc.cluster.local:8080/v1/verify"
     assert st["observedGeneration"] == tp["metadata"]["generation"]
     assert st["readyReplicas"] == 1
     assert condition(tp, "Degraded")["status"] == "False"
     # The Role lets the service read only its own TokenPolicy.
-    rule = kube.get("role", "demo", ns)["rules"][0]
+    rule = kube.get("role", "tokenpolicy-demo", ns)["rules"][0]
     assert rule["resourceNames"] == ["demo"] and sorted(rule["verbs"]) == ["get", "list", "watch"]
     # kwok ran the pod: scheduled on the fake node, Ready.
     pods = kube.json("get", "pods", "-n", ns, "-l", "app.kubernetes.io/instance=demo")["items"]
@@ -59,14 +61,14 @@ def test_three_replicas_get_a_disruption_budget_and_one_loses_it(kube, operator)
     kube("patch", "tp", "demo", "-n", ns, "--type=merge", "-p",
          '{"spec":{"replicas":3,"redis":{"urlSecretRef":{"name":"redis","key":"url"}}}}')
     wait_ready(kube, ns, "demo", replicas=3)
-    pdb = kube.get("pdb", "demo", ns)
+    pdb = kube.get("pdb", "tokenpolicy-demo", ns)
     assert pdb and pdb["spec"]["maxUnavailable"] == 1
-    d = kube.get("deployment", "demo", ns)
+    d = kube.get("deployment", "tokenpolicy-demo", ns)
     env = {e["name"]: e for e in d["spec"]["template"]["spec"]["containers"][0].get("env", [])}
     assert env["TOKENPOLICY_REDIS"]["valueFrom"]["secretKeyRef"]["name"] == "redis"
     kube("patch", "tp", "demo", "-n", ns, "--type=merge", "-p", '{"spec":{"replicas":1}}')
     wait_ready(kube, ns, "demo", replicas=1)
-    wait_until("PDB deleted", lambda: kube.get("pdb", "demo", ns) is None, 30)
+    wait_until("PDB deleted", lambda: kube.get("pdb", "tokenpolicy-demo", ns) is None, 30)
 
 
 def test_redis_tls_secrets_are_awaited_then_mounted_as_files(kube, operator):
@@ -77,7 +79,7 @@ def test_redis_tls_secrets_are_awaited_then_mounted_as_files(kube, operator):
     p = kube.run("apply", "--dry-run=server", "-f", "-", input=json.dumps(empty), check=False)
     assert p.returncode != 0 and "redis.tls needs caSecretRef, clientSecretName or both" in p.stderr, \
         p.stderr
-    before = kube.get("deployment", "demo", ns)["spec"]["template"]
+    before = kube.get("deployment", "tokenpolicy-demo", ns)["spec"]["template"]
     kube("patch", "tp", "demo", "-n", ns, "--type=merge", "-p", json.dumps({"spec": {"redis": {"tls": tls}}}))
 
     def degraded():
@@ -86,7 +88,7 @@ def test_redis_tls_secrets_are_awaited_then_mounted_as_files(kube, operator):
         return c and c["status"] == "True" and c["reason"] == "RedisSecretMissing" and c["message"]
     assert "redis-ca" in wait_until("RedisSecretMissing (CA)", degraded, 30)
     # Nothing applied meanwhile: the running pods keep their template.
-    assert kube.get("deployment", "demo", ns)["spec"]["template"] == before
+    assert kube.get("deployment", "tokenpolicy-demo", ns)["spec"]["template"] == before
     kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "redis-ca", "namespace": ns},
                 "type": "Opaque", "stringData": {"ca.crt": "-----BEGIN CERTIFICATE-----\n"}})
     # Referenced Secrets are re-checked every 30 s; now the client certificate is missing.
@@ -96,7 +98,7 @@ def test_redis_tls_secrets_are_awaited_then_mounted_as_files(kube, operator):
                 "stringData": {"tls.crt": "-----BEGIN CERTIFICATE-----\n",
                                "tls.key": "-----BEGIN PRIVATE KEY-----\n"}})
     wait_ready(kube, ns, "demo", timeout=90)
-    pod = kube.get("deployment", "demo", ns)["spec"]["template"]["spec"]
+    pod = kube.get("deployment", "tokenpolicy-demo", ns)["spec"]["template"]["spec"]
     args = " ".join(pod["containers"][0]["args"])
     assert "--redis-ca-file /etc/tokenpolicy/redis-ca/ca.crt" in args, args
     assert ("--redis-client-cert /etc/tokenpolicy/redis-client/tls.crt "
@@ -111,7 +113,7 @@ def test_redis_tls_secrets_are_awaited_then_mounted_as_files(kube, operator):
     kube("patch", "tp", "demo", "-n", ns, "--type=json", "-p",
          '[{"op":"remove","path":"/spec/redis/tls"}]')
     wait_until("the TLS files removed", lambda: "redis-ca" not in json.dumps(
-        kube.get("deployment", "demo", ns)["spec"]["template"]), 30)
+        kube.get("deployment", "tokenpolicy-demo", ns)["spec"]["template"]), 30)
 
 
 def test_missing_secrets_degrade_until_they_exist(kube, operator):
@@ -128,7 +130,7 @@ def test_missing_secrets_degrade_until_they_exist(kube, operator):
     tp = wait_until("UsersSecretMissing", degraded("UsersSecretMissing"), 30)
     assert condition(tp, "Ready")["status"] == "False"
     assert "users" in condition(tp, "Degraded")["message"]
-    assert kube.get("deployment", "late", ns) is None
+    assert kube.get("deployment", "tokenpolicy-late", ns) is None
     kube.apply(users_secret(ns))
     # Referenced Secrets are re-checked every 30 s (they are not watched).
     wait_until("RedisSecretMissing", degraded("RedisSecretMissing"), 45)
@@ -141,7 +143,7 @@ def test_missing_secrets_degrade_until_they_exist(kube, operator):
 
 def test_deleting_the_policy_lets_the_garbage_collector_remove_everything(kube, operator):
     ns = "e2e-reconcile"
-    assert kube.get("deployment", "demo", ns)
+    assert kube.get("deployment", "tokenpolicy-demo", ns)
     kube("delete", "tp", "demo", "-n", ns, "--wait=true", "--timeout=60s")
 
     def gone():

@@ -18,7 +18,7 @@ def test_the_service_follows_its_policy_live(kube, operator, workdir):
     kube.apply(token_policy(ns, "live", sessionExpirationTime="1h", tokenExpirationTime="10m",
                             expiredTokenRenewLimit="5m"))
     wait_ready(kube, ns, "live")
-    kubeconfig = kube.token_kubeconfig(ns, "live", workdir / "live.kubeconfig")
+    kubeconfig = kube.token_kubeconfig(ns, "tokenpolicy-live", workdir / "live.kubeconfig")
     # The service account may read its TokenPolicy, and nothing else.
     sa_kube = dict(kubeconfig=str(kubeconfig))
     assert kube.run("auth", "can-i", "watch", "tokenpolicies/live", "-n", ns, **sa_kube,

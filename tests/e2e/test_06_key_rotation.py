@@ -40,15 +40,15 @@ def test_rotation_adds_promotes_after_rollout_and_retires(kube, operator, workdi
     kube.apply(token_policy(ns, "rot", sessionExpirationTime="1h", tokenExpirationTime=f"{TOKEN_S}s",
                             expiredTokenRenewLimit=f"{RENEW_S}s"))
     wait_ready(kube, ns, "rot")
-    kubeconfig = kube.token_kubeconfig(ns, "rot", workdir / "rot.kubeconfig")
+    kubeconfig = kube.token_kubeconfig(ns, "tokenpolicy-rot", workdir / "rot.kubeconfig")
     users = ROOT / "examples" / "users.htpasswd"
 
     def secret():
-        s = kube.get("secret", "rot-signing-keys", ns)
+        s = kube.get("secret", "tokenpolicy-rot-signing-keys", ns)
         return secret_data(s), s["metadata"].get("annotations", {})
 
     def template_kids():
-        d = kube.get("deployment", "rot", ns)
+        d = kube.get("deployment", "tokenpolicy-rot", ns)
         return d["spec"]["template"]["metadata"]["annotations"][KEYS]
 
     services = []

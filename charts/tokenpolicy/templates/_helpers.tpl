@@ -103,6 +103,17 @@ defaults to the chart's appVersion, a digest pins it.
 {{- default (include "tokenpolicy.operator.image" .) .Values.tokenServiceImage }}
 {{- end }}
 
+{{/* The repositories spec.image may name; default: the operator's own. */}}
+{{- define "tokenpolicy.tokenService.allowedImages" -}}
+{{- if .Values.tokenService.allowedImages }}
+{{- join "," .Values.tokenService.allowedImages }}
+{{- else if .Values.image.registry }}
+{{- printf "%s/%s" .Values.image.registry .Values.image.repository }}
+{{- else }}
+{{- .Values.image.repository }}
+{{- end }}
+{{- end }}
+
 {{- define "tokenpolicy.redis.image" -}}
 {{- include "tokenpolicy.imageRef" (dict "image" .Values.redis.image "default" "") }}
 {{- end }}

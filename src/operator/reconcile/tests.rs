@@ -56,7 +56,7 @@ async fn applies(api: &mut ApiServer, ready: i32) -> Value {
 async fn applies_observed(api: &mut ApiServer, ready: i32, observed: i64) -> Value {
     let sa = api
         .apply(
-            &ns("/api/v1/namespaces/team/serviceaccounts/demo"),
+            &ns("/api/v1/namespaces/team/serviceaccounts/tokenpolicy-demo"),
             Value::Null,
         )
         .await;
@@ -65,25 +65,29 @@ async fn applies_observed(api: &mut ApiServer, ready: i32, observed: i64) -> Val
     assert_eq!(sa["metadata"]["ownerReferences"][0]["controller"], true);
     let role = api
         .apply(
-            &ns("/apis/rbac.authorization.k8s.io/v1/namespaces/team/roles/demo"),
+            &ns("/apis/rbac.authorization.k8s.io/v1/namespaces/team/roles/tokenpolicy-demo"),
             Value::Null,
         )
         .await;
     assert_eq!(role["rules"][0]["resourceNames"], json!(["demo"]));
     let rb = api
         .apply(
-            &ns("/apis/rbac.authorization.k8s.io/v1/namespaces/team/rolebindings/demo"),
+            &ns("/apis/rbac.authorization.k8s.io/v1/namespaces/team/rolebindings/tokenpolicy-demo"),
             Value::Null,
         )
         .await;
-    assert_eq!(rb["subjects"][0]["name"], "demo");
+    assert_eq!(rb["subjects"][0]["name"], "tokenpolicy-demo");
+    assert_eq!(rb["roleRef"]["name"], "tokenpolicy-demo");
     let svc = api
-        .apply(&ns("/api/v1/namespaces/team/services/demo"), Value::Null)
+        .apply(
+            &ns("/api/v1/namespaces/team/services/tokenpolicy-demo"),
+            Value::Null,
+        )
         .await;
     assert_eq!(svc["spec"]["ports"][0]["port"], 8080);
     let dep = api
         .apply(
-            &ns("/apis/apps/v1/namespaces/team/deployments/demo"),
+            &ns("/apis/apps/v1/namespaces/team/deployments/tokenpolicy-demo"),
             json!({"observedGeneration": observed, "replicas": ready, "updatedReplicas": ready, "readyReplicas": ready, "availableReplicas": ready}),
         )
         .await;
@@ -133,23 +137,79 @@ async fn users_secret_found(api: &mut ApiServer) {
     .await;
 }
 
-/// One replica: the disruption budget is removed (here: there was none).
-async fn no_pdb(api: &mut ApiServer) {
-    api.expect(
-        "DELETE",
-        "/apis/policy/v1/namespaces/team/poddisruptionbudgets/demo?",
-        404,
-        not_found("poddisruptionbudgets", "demo"),
-    )
-    .await;
-}
-
 fn key_secret() -> Value {
-    secret(
-        "demo-signing-keys",
+    ours(secret(
+        "tokenpolicy-demo-signing-keys",
         "signing.pem",
         &Key::generate().to_pem(),
-    )
+    ))
+}
+
+/// `obj` controlled by the TokenPolicy `policy(_)` (uid-1).
+fn ours(mut obj: Value) -> Value {
+    obj["metadata"]["uid"] = json!("obj-uid");
+    obj["metadata"]["ownerReferences"] = json!([{"apiVersion": "auth.tokenpolicy.io/v1alpha1",
+        "kind": "TokenPolicy", "name": "demo", "uid": "uid-1", "controller": true}]);
+    obj
+}
+
+/// An object named `tokenpolicy-demo` of `kind` at `path`, made by someone else.
+fn theirs(kind: &str, api_version: &str) -> Value {
+    json!({"apiVersion": api_version, "kind": kind,
+           "metadata": {"name": "tokenpolicy-demo", "namespace": "team", "uid": "their-uid", "resourceVersion": "3"}})
+}
+
+/// The owned kinds after the signing-key Secret, in the order they are read.
+const OWNED: [(&str, &str, &str); 7] = [
+    (
+        "ServiceAccount",
+        "v1",
+        "/api/v1/namespaces/team/serviceaccounts/tokenpolicy-demo",
+    ),
+    (
+        "Role",
+        "rbac.authorization.k8s.io/v1",
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/team/roles/tokenpolicy-demo",
+    ),
+    (
+        "RoleBinding",
+        "rbac.authorization.k8s.io/v1",
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/team/rolebindings/tokenpolicy-demo",
+    ),
+    (
+        "Service",
+        "v1",
+        "/api/v1/namespaces/team/services/tokenpolicy-demo",
+    ),
+    (
+        "Deployment",
+        "apps/v1",
+        "/apis/apps/v1/namespaces/team/deployments/tokenpolicy-demo",
+    ),
+    (
+        "PodDisruptionBudget",
+        "policy/v1",
+        "/apis/policy/v1/namespaces/team/poddisruptionbudgets/tokenpolicy-demo",
+    ),
+    (
+        "NetworkPolicy",
+        "networking.k8s.io/v1",
+        "/apis/networking.k8s.io/v1/namespaces/team/networkpolicies/tokenpolicy-demo",
+    ),
+];
+
+/// The reads before any write: each owned kind answered as `answer` says
+/// (kind -> body; absent kinds are not found).
+async fn lookups(api: &mut ApiServer, answer: &[(&str, Value)]) {
+    for (kind, _, path) in OWNED {
+        match answer.iter().find(|(k, _)| *k == kind) {
+            Some((_, body)) => api.expect("GET", path, 200, body.clone()).await,
+            None => {
+                api.expect("GET", path, 404, not_found(kind, "tokenpolicy-demo"))
+                    .await
+            }
+        };
+    }
 }
 
 #[tokio::test]
@@ -159,11 +219,12 @@ async fn first_creation_makes_key_and_service_and_reports_status() {
         users_secret_found(&mut api).await;
         api.expect(
             "GET",
-            "/api/v1/namespaces/team/secrets/demo-signing-keys",
+            "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys",
             404,
-            not_found("secrets", "demo-signing-keys"),
+            not_found("secrets", "tokenpolicy-demo-signing-keys"),
         )
         .await;
+        lookups(&mut api, &[]).await;
         let created = api
             .expect(
                 "POST",
@@ -172,7 +233,7 @@ async fn first_creation_makes_key_and_service_and_reports_status() {
                 key_secret(),
             )
             .await;
-        assert_eq!(created["metadata"]["name"], "demo-signing-keys");
+        assert_eq!(created["metadata"]["name"], "tokenpolicy-demo-signing-keys");
         assert_eq!(created["metadata"]["ownerReferences"][0]["uid"], "uid-1");
         let pem = created["stringData"]["signing.pem"].as_str().unwrap();
         assert!(Key::from_pem(pem, "created").is_ok());
@@ -188,12 +249,11 @@ async fn first_creation_makes_key_and_service_and_reports_status() {
         let dep = applies(&mut api, 0).await;
         assert_eq!(dep["spec"]["replicas"], 1);
         assert!(args(&dep).starts_with("serve --policy-ref team/demo"));
-        no_pdb(&mut api).await;
         let st = status(&mut api).await;
         assert_eq!(st["observedGeneration"], 1);
         assert_eq!(
             st["endpoint"],
-            "http://demo.team.svc.cluster.local:8080/v1/verify"
+            "http://tokenpolicy-demo.team.svc.cluster.local:8080/v1/verify"
         );
         assert_eq!(condition(&st, "Ready")["status"], "False");
         assert_eq!(condition(&st, "Ready")["reason"], "DeploymentUnavailable");
@@ -224,11 +284,12 @@ async fn unchanged_spec_applies_the_same_and_keeps_the_key() {
         // The key exists: no create, no event, nothing overwritten.
         api.expect(
             "GET",
-            "/api/v1/namespaces/team/secrets/demo-signing-keys",
+            "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys",
             200,
             key_secret(),
         )
         .await;
+        lookups(&mut api, &[]).await;
         let dep = applies(&mut api, 1).await;
         assert_eq!(dep["spec"]["replicas"], first.spec.replicas.unwrap());
         assert_eq!(
@@ -239,7 +300,6 @@ async fn unchanged_spec_applies_the_same_and_keeps_the_key() {
                 .unwrap()
                 .join(" ")
         );
-        no_pdb(&mut api).await;
         let st = status(&mut api).await;
         let ready = condition(&st, "Ready");
         assert_eq!(
@@ -267,11 +327,12 @@ async fn scaling_out_adds_redis_and_a_disruption_budget() {
         .await;
         api.expect(
             "GET",
-            "/api/v1/namespaces/team/secrets/demo-signing-keys",
+            "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys",
             200,
             key_secret(),
         )
         .await;
+        lookups(&mut api, &[]).await;
         let dep = applies(&mut api, 3).await;
         assert_eq!(dep["spec"]["replicas"], 3);
         let env = &dep["spec"]["template"]["spec"]["containers"][0]["env"];
@@ -282,7 +343,7 @@ async fn scaling_out_adds_redis_and_a_disruption_budget() {
         );
         let pdb = api
             .apply(
-                &ns("/apis/policy/v1/namespaces/team/poddisruptionbudgets/demo"),
+                &ns("/apis/policy/v1/namespaces/team/poddisruptionbudgets/tokenpolicy-demo"),
                 Value::Null,
             )
             .await;
@@ -372,9 +433,9 @@ fn ring_secret(files: &[(&str, &str)], annotations: Value) -> Value {
             )
         })
         .collect();
-    json!({"apiVersion": "v1", "kind": "Secret",
-           "metadata": {"name": "demo-signing-keys", "namespace": "team", "resourceVersion": "7", "annotations": annotations},
-           "data": data})
+    ours(json!({"apiVersion": "v1", "kind": "Secret",
+           "metadata": {"name": "tokenpolicy-demo-signing-keys", "namespace": "team", "resourceVersion": "7", "annotations": annotations},
+           "data": data}))
 }
 
 fn rotating(value: &str) -> TokenPolicy {
@@ -393,11 +454,12 @@ async fn rotation_adds_the_new_key_verify_only_first() {
         users_secret_found(&mut api).await;
         api.expect(
             "GET",
-            "/api/v1/namespaces/team/secrets/demo-signing-keys",
+            "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys",
             200,
             ring_secret(&[("signing.pem", &old_pem)], json!({})),
         )
         .await;
+        lookups(&mut api, &[]).await;
         // The plan reads the Deployment as applied, so the ring is written
         // after the applies; this pass still applies the ring as it was.
         let dep = applies(&mut api, 1).await;
@@ -406,9 +468,8 @@ async fn rotation_adds_the_new_key_verify_only_first() {
             old_kid
         );
         assert!(args(&dep).contains("--signing-keys-dir /etc/tokenpolicy/keys"));
-        no_pdb(&mut api).await;
         let replaced = api
-            .expect("PUT", "/api/v1/namespaces/team/secrets/demo-signing-keys?&fieldManager=tokenpolicy-operator", 200, key_secret())
+            .expect("PUT", "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys?&fieldManager=tokenpolicy-operator", 200, key_secret())
             .await;
         assert_eq!(replaced["metadata"]["resourceVersion"], "7");
         // The old key still signs; the new one only verifies for now.
@@ -453,18 +514,18 @@ async fn rotation_rolls_the_new_key_out_before_promoting_it() {
         );
         api.expect(
             "GET",
-            "/api/v1/namespaces/team/secrets/demo-signing-keys",
+            "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys",
             200,
             ring,
         )
         .await;
+        lookups(&mut api, &[]).await;
         // The template with the new key is not rolled out yet: no promotion.
         let dep = applies_observed(&mut api, 1, 0).await;
         assert_eq!(
             dep["spec"]["template"]["metadata"]["annotations"][resources::KEYS_ANNOTATION],
             kids
         );
-        no_pdb(&mut api).await;
         status(&mut api).await;
     });
     let action = run(rotating("2026-11"), ctx, scenario).await.unwrap();
@@ -485,20 +546,20 @@ async fn rotation_promotes_once_every_replica_has_the_new_key() {
         );
         api.expect(
             "GET",
-            "/api/v1/namespaces/team/secrets/demo-signing-keys",
+            "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys",
             200,
             ring,
         )
         .await;
+        lookups(&mut api, &[]).await;
         // applies() answers with a rolled-out status for this template.
         let dep = applies(&mut api, 1).await;
         assert_eq!(
             dep["spec"]["template"]["metadata"]["annotations"][resources::KEYS_ANNOTATION],
             kids
         );
-        no_pdb(&mut api).await;
         let promoted = api
-            .expect("PUT", "/api/v1/namespaces/team/secrets/demo-signing-keys?&fieldManager=tokenpolicy-operator", 200, key_secret())
+            .expect("PUT", "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys?&fieldManager=tokenpolicy-operator", 200, key_secret())
             .await;
         assert_eq!(promoted["stringData"]["signing.pem"], new_pem);
         assert_eq!(promoted["stringData"]["previous.pem"], old_pem);
@@ -566,11 +627,12 @@ async fn rotation_retires_the_previous_key_when_no_token_needs_it() {
             );
             api.expect(
                 "GET",
-                "/api/v1/namespaces/team/secrets/demo-signing-keys",
+                "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys",
                 200,
                 ring,
             )
             .await;
+            lookups(&mut api, &[]).await;
             let dep = applies(&mut api, 1).await;
             let keys = dep["spec"]["template"]["metadata"]["annotations"]
                 [resources::KEYS_ANNOTATION]
@@ -579,10 +641,9 @@ async fn rotation_retires_the_previous_key_when_no_token_needs_it() {
             // The ring is written after the applies: this pass applies both keys.
             assert_eq!(keys.split(',').count(), 2);
             assert!(keys.starts_with(&new_kid));
-            no_pdb(&mut api).await;
             if retire {
                 let written = api
-                    .expect("PUT", "/api/v1/namespaces/team/secrets/demo-signing-keys?&fieldManager=tokenpolicy-operator", 200, key_secret())
+                    .expect("PUT", "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys?&fieldManager=tokenpolicy-operator", 200, key_secret())
                     .await;
                 assert_eq!(written["stringData"]["signing.pem"], new_pem);
                 assert!(written["stringData"].get("previous.pem").is_none());
@@ -628,4 +689,193 @@ async fn errors_back_off_per_object() {
     assert_eq!(delays[0], Action::requeue(Duration::from_secs(5)));
     assert_eq!(delays[1], Action::requeue(Duration::from_secs(10)));
     assert_eq!(delays[7], Action::requeue(Duration::from_secs(300)));
+}
+
+/// The Warning event and the Degraded status of a refused reconcile, then
+/// silence: nothing is written. Returns the Degraded condition.
+async fn refused(api: &mut ApiServer, reason: &str) -> Value {
+    let event = api
+        .expect(
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/team/events?",
+            201,
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (event["type"].as_str(), event["reason"].as_str()),
+        (Some("Warning"), Some(reason))
+    );
+    let st = status(api).await;
+    let degraded = condition(&st, "Degraded").clone();
+    assert_eq!(
+        (degraded["status"].as_str(), degraded["reason"].as_str()),
+        (Some("True"), Some(reason))
+    );
+    assert_eq!(condition(&st, "Ready")["status"], "False");
+    api.no_more_calls(200).await;
+    degraded
+}
+
+#[tokio::test]
+async fn objects_of_others_under_our_names_are_never_written() {
+    let (ctx, mut api) = context();
+    let scenario = tokio::spawn(async move {
+        users_secret_found(&mut api).await;
+        api.expect(
+            "GET",
+            "/api/v1/namespaces/team/secrets/redis",
+            200,
+            secret("redis", "url", "redis://r:6379"),
+        )
+        .await;
+        // Not adopted as the key ring: someone else's Secret.
+        let mut keys = theirs("Secret", "v1");
+        keys["metadata"]["name"] = json!("tokenpolicy-demo-signing-keys");
+        api.expect(
+            "GET",
+            "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys",
+            200,
+            keys,
+        )
+        .await;
+        // Everything but the NetworkPolicy (none is configured) is theirs;
+        // one is controlled by another TokenPolicy of the same name.
+        let mut answers: Vec<(&str, Value)> = OWNED[..6]
+            .iter()
+            .map(|(kind, version, _)| (*kind, theirs(kind, version)))
+            .collect();
+        answers[3].1["metadata"]["ownerReferences"] = json!([{"apiVersion": "auth.tokenpolicy.io/v1alpha1",
+            "kind": "TokenPolicy", "name": "demo", "uid": "uid-0", "controller": true}]);
+        lookups(&mut api, &answers).await;
+        let degraded = refused(&mut api, "ObjectNotOwned").await;
+        assert_eq!(
+            degraded["message"],
+            "Secret tokenpolicy-demo-signing-keys, ServiceAccount tokenpolicy-demo, \
+             Role tokenpolicy-demo, RoleBinding tokenpolicy-demo, Service tokenpolicy-demo, \
+             Deployment tokenpolicy-demo, PodDisruptionBudget tokenpolicy-demo already exist \
+             and are not controlled by this TokenPolicy: left unchanged. Rename or remove \
+             them, or give the TokenPolicy another name"
+        );
+    });
+    let action = run(policy(3), ctx, scenario).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+}
+
+#[tokio::test]
+async fn with_one_replica_only_our_own_disruption_budget_is_deleted() {
+    for (pdb, deleted) in [
+        (theirs("PodDisruptionBudget", "policy/v1"), false),
+        (ours(theirs("PodDisruptionBudget", "policy/v1")), true),
+    ] {
+        let (ctx, mut api) = context();
+        let scenario = tokio::spawn(async move {
+            users_secret_found(&mut api).await;
+            api.expect(
+                "GET",
+                "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys",
+                200,
+                key_secret(),
+            )
+            .await;
+            lookups(&mut api, &[("PodDisruptionBudget", pdb)]).await;
+            applies(&mut api, 1).await;
+            if deleted {
+                let sent = api
+                    .expect(
+                        "DELETE",
+                        "/apis/policy/v1/namespaces/team/poddisruptionbudgets/tokenpolicy-demo?",
+                        200,
+                        json!({}),
+                    )
+                    .await;
+                // Guarded by the uid read: never one made again by someone else.
+                assert_eq!(sent["preconditions"]["uid"], "obj-uid");
+            }
+            let st = status(&mut api).await;
+            assert_eq!(condition(&st, "Degraded")["status"], "False");
+            api.no_more_calls(200).await;
+        });
+        run(policy(1), ctx, scenario).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn an_image_off_the_allow_list_is_refused_before_anything_is_read() {
+    let (ctx, mut api) = context();
+    let mut tp = policy(1);
+    tp.spec.image = Some("busybox:latest".into());
+    let scenario = tokio::spawn(async move {
+        let degraded = refused(&mut api, "ImageNotAllowed").await;
+        let message = degraded["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(
+                "spec.image \"busybox:latest\" is not an allowed image (allowed: tokenpolicy)"
+            ),
+            "{message}"
+        );
+    });
+    run(tp, ctx, scenario).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_allowed_image_runs_behind_the_configured_network_policy() {
+    let (client, mut api) = mock_client();
+    let config: resources::NetworkPolicyConfig = serde_json::from_value(json!({
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
+        "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    }))
+    .unwrap();
+    let ctx = Context::new(
+        client,
+        "tokenpolicy:test".into(),
+        Arc::new(OperatorMetrics::default()),
+    )
+    .with_allowed_images(crate::operator::images::AllowedImages::new(
+        &["mirror.example/tokenpolicy".into()],
+        "tokenpolicy:test",
+    ))
+    .with_network_policy(Some(config));
+    let mut tp = policy(1);
+    tp.spec.image = Some("mirror.example/tokenpolicy:2".into());
+    let scenario = tokio::spawn(async move {
+        users_secret_found(&mut api).await;
+        api.expect(
+            "GET",
+            "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys",
+            200,
+            key_secret(),
+        )
+        .await;
+        lookups(&mut api, &[]).await;
+        let dep = applies(&mut api, 1).await;
+        assert_eq!(
+            dep["spec"]["template"]["spec"]["containers"][0]["image"],
+            "mirror.example/tokenpolicy:2"
+        );
+        let np = api
+            .apply(
+                &ns("/apis/networking.k8s.io/v1/namespaces/team/networkpolicies/tokenpolicy-demo"),
+                Value::Null,
+            )
+            .await;
+        assert_eq!(np["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+        assert_eq!(
+            np["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"],
+            "demo"
+        );
+        assert_eq!(np["spec"]["policyTypes"], json!(["Ingress"]));
+        let rule = &np["spec"]["ingress"][0];
+        assert_eq!(rule["ports"], json!([{"port": 8080, "protocol": "TCP"}]));
+        let from: Vec<_> = rule["from"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"].clone())
+            .collect();
+        assert_eq!(from, [json!("ingress-nginx"), json!("monitoring")]);
+        status(&mut api).await;
+        api.no_more_calls(200).await;
+    });
+    run(tp, Arc::new(ctx), scenario).await.unwrap();
 }
