@@ -9,7 +9,7 @@ use crate::duration::{format_seconds, parse_seconds};
 const MINUTE: u64 = 60;
 const DAY: u64 = 86_400;
 
-/// Bounds of each duration (README, "The policy"), `(min, max)` in seconds.
+/// Bounds of each duration (docs/src/tokenpolicy.md), `(min, max)` in seconds.
 pub const SESSION_BOUNDS: (u64, u64) = (1, 365 * DAY);
 pub const TOKEN_BOUNDS: (u64, u64) = (1, 7 * DAY);
 pub const RENEW_LIMIT_BOUNDS: (u64, u64) = (0, 7 * DAY);

@@ -97,5 +97,18 @@ export TOKENPOLICY_BIN="$CARGO_TARGET_DIR/debug/tokenpolicy"
 export TOKENPOLICY_SOAK="${TOKENPOLICY_SOAK:-1}"
 python3 -m pytest -q -p no:cacheprovider tests/integration
 
+step "book: mdbook build docs, then every relative link of README.md and docs/src"
+# mdBook from crates.io, built once and kept outside the clone by version.
+mdbook_version=0.5.4
+mdbook="/var/tmp/tokenpolicy-tools/mdbook-$mdbook_version/bin/mdbook"
+if [ ! -x "$mdbook" ]; then
+  echo "installing mdbook $mdbook_version (crates.io)"
+  env -u CARGO_TARGET_DIR cargo install --locked --quiet mdbook --version "$mdbook_version" \
+    --no-default-features --features search --root "/var/tmp/tokenpolicy-tools/mdbook-$mdbook_version"
+fi
+"$mdbook" build docs
+python3 -m pytest -q -p no:cacheprovider tests/docs
+python3 scripts/check_links.py
+
 step "fuzz: token decoder, durations, users file, policy YAML (${FUZZ_SECONDS:-30} s each)"
 bash tests/fuzz.sh

@@ -1,5 +1,5 @@
 //! `tokenpolicy operator`: the controller that turns each TokenPolicy into a
-//! running token service (README: "Run on Kubernetes"). The objects themselves
+//! running token service (docs/src/kubernetes.md). The objects themselves
 //! are built in `resources.rs`; this module decides what to apply.
 
 use std::fmt::Debug;

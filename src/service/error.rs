@@ -189,10 +189,13 @@ mod contract {
 
     #[test]
     fn docs_contract_lists_every_code_with_its_status() {
-        let doc = include_str!("../../docs/contract.md");
+        let doc = include_str!("../../docs/src/contract.md");
         for c in Code::ALL {
             let row = format!("| `{}` | {} |", c.as_str(), c.status().as_u16());
-            assert!(doc.contains(&row), "docs/contract.md lacks the row {row}");
+            assert!(
+                doc.contains(&row),
+                "docs/src/contract.md lacks the row {row}"
+            );
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The rules 1-7 of the README's "The policy" section, as pure functions of (claims, policy, now).
+//! The rules 1-7 of docs/src/concepts.md, as pure functions of (claims, policy, now).
 //!
 //! No I/O here. Token timestamps are whole seconds (JWT NumericDate); `now`
 //! is milliseconds since the Unix epoch, so that "at `exp`" is exact.

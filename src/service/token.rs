@@ -10,7 +10,7 @@
 //! non-strict check (a small-order key forgery passes), accepts high-S ES256
 //! signatures and signs high-S ones about half the time (89 of 200); its
 //! `aws_lc_rs` backend signs ES256 with a random nonce, so re-signing the
-//! same claims would not give the same token. README: "Design choices, and why".
+//! same claims would not give the same token. See docs/src/design.md.
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -72,7 +72,7 @@ EXPECTED_OBJECTS = {
     | {("ServiceAccount", "tokenpolicy-controller")},
 }
 
-# The operator's RBAC, verb for verb (README "Install with Helm" lists it).
+# The operator's RBAC, verb for verb (docs/src/helm.md, "RBAC", lists it).
 CLUSTER_RULES = {
     ("auth.tokenpolicy.io", "tokenpolicies"): {"get", "list", "watch"},
     ("auth.tokenpolicy.io", "tokenpolicies/status"): {"get", "patch"},

@@ -1,5 +1,5 @@
-//! The HTTP API (routes and error codes: see the README's "HTTP"
-//! section). Handlers are thin: they pull the token and the request's shape
+//! The HTTP API (routes and error codes: see docs/src/http.md).
+//! Handlers are thin: they pull the token and the request's shape
 //! out of HTTP and hand them to [`TokenService`].
 //!
 //! `extract` reads the token, the client address and login credentials;

@@ -17,7 +17,7 @@ pub use memory::MemoryStore;
 pub use redis::RedisStore;
 
 /// What the winner of a refresh claim wrote: enough to re-sign the very same
-/// new token for requests that raced with it (rule 5 in the README), and nothing
+/// new token for requests that raced with it (rule 5 in docs/src/concepts.md), and nothing
 /// that is itself a usable credential.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefreshRecord {
