@@ -176,6 +176,21 @@ pub struct TokenPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 
+    /// Proxies whose `X-Forwarded-For` entries give the client address (for
+    /// login throttling): address ranges (CIDR) or addresses, e.g. your
+    /// ingress controllers' pod range; at most 32. Default: the operator's
+    /// (chart value tokenService.trustedProxies). None: the address of the
+    /// connection, whatever the headers say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 32),
+        inner(
+            length(min = 1, max = 43),
+            regex(pattern = r"^[0-9A-Fa-f.:]+(/[0-9]{1,3})?$")
+        )
+    )]
+    pub trusted_proxies: Option<Vec<String>>,
+
     /// Redis shared by the replicas: a Secret key holding the URL, one of
     /// `redis://[:password@]host:6379/0` (one server; `rediss://` for TLS),
     /// `redis+sentinel://[:password@]host:26379[,host:port...]/MASTER_NAME`
@@ -209,6 +224,7 @@ impl Default for TokenPolicySpec {
             cookie: None,
             replicas: default_replicas(),
             image: None,
+            trusted_proxies: None,
             redis: None,
             users: None,
             resources: None,

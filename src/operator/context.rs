@@ -46,6 +46,8 @@ pub struct Context {
     /// The NetworkPolicy made for each token service; `None`: none is made
     /// (and one made earlier is removed).
     pub network_policy: Option<NetworkPolicyConfig>,
+    /// The token services' trusted proxies when a TokenPolicy names none.
+    pub trusted_proxies: Vec<String>,
     pub metrics: Arc<OperatorMetrics>,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -67,6 +69,7 @@ impl Context {
             image,
             allowed_images,
             network_policy: None,
+            trusted_proxies: Vec::new(),
             metrics,
             failures: Mutex::new(HashMap::new()),
         }
@@ -75,6 +78,12 @@ impl Context {
     /// With the operator's allow-list of images (see `images.rs`).
     pub fn with_allowed_images(mut self, allowed: AllowedImages) -> Self {
         self.allowed_images = allowed;
+        self
+    }
+
+    /// With the trusted proxies of token services whose TokenPolicy names none.
+    pub fn with_trusted_proxies(mut self, trusted: Vec<String>) -> Self {
+        self.trusted_proxies = trusted;
         self
     }
 

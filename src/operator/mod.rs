@@ -45,6 +45,15 @@ pub struct OperatorArgs {
     /// (ingress controllers, and the metrics scraper). Unset: none.
     #[arg(long, env = "TOKENPOLICY_NETWORK_POLICY", value_parser = parse_network_policy)]
     pub token_service_network_policy: Option<NetworkPolicyConfig>,
+    /// Trusted proxies of the token services whose TokenPolicy names none
+    /// (`spec.trustedProxies`): address ranges or addresses, comma
+    /// separated. Default: none (the connection's address counts).
+    #[arg(
+        long,
+        env = "TOKENPOLICY_TOKEN_SERVICE_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub token_service_trusted_proxies: Vec<String>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -65,12 +74,15 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         .await
         .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
     let metrics = Arc::new(OperatorMetrics::default());
+    crate::service::http::TrustedProxies::parse(&args.token_service_trusted_proxies)
+        .map_err(|e| anyhow::anyhow!("--token-service-trusted-proxies: {e}"))?;
     let allowed = AllowedImages::new(&args.allowed_images, &args.image);
     tracing::info!(allowed = ?allowed.entries(), "images a TokenPolicy may run");
     let ctx = Arc::new(
         Context::new(client, args.image.clone(), metrics.clone())
             .with_allowed_images(allowed)
-            .with_network_policy(args.token_service_network_policy.clone()),
+            .with_network_policy(args.token_service_network_policy.clone())
+            .with_trusted_proxies(args.token_service_trusted_proxies.clone()),
     );
 
     let app = Router::new()

@@ -35,6 +35,7 @@ use crate::operator::status::{
     ConditionReason as R, ConditionState as C, Report, degraded_reason, write_status,
 };
 use crate::policy::Policy;
+use crate::service::http::TrustedProxies;
 
 /// A referenced Secret key that must exist before the service can run.
 async fn check_secret(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<Option<String>, Error> {
@@ -219,6 +220,15 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
         Ok(p) => p,
         Err(e) => return degrade(tp, ctx, &policies, R::INVALID_SPEC, e.to_string()).await,
     };
+    if let Some(Err(e)) = tp
+        .spec
+        .trusted_proxies
+        .as_deref()
+        .map(TrustedProxies::parse)
+    {
+        let message = format!("spec.trustedProxies: {e}");
+        return degrade(tp, ctx, &policies, R::INVALID_SPEC, message).await;
+    }
     if let Some(image) = tp.spec.image.as_deref()
         && !ctx.allowed_images.allows(image)
     {
@@ -287,7 +297,7 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
     apply(api::<Service>(&client, &ns), &resources::service(tp)).await?;
     let deployment = apply(
         api::<Deployment>(&client, &ns),
-        &resources::deployment(tp, &ctx.image, &key_ids),
+        &resources::deployment(tp, &ctx.image, &ctx.trusted_proxies, &key_ids),
     )
     .await?;
     let pdbs = api::<PodDisruptionBudget>(&client, &ns);

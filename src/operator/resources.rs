@@ -257,7 +257,13 @@ fn probe(path: &str, period: i32) -> Probe {
 
 /// The token service. `keys` names the kids in the signing-key Secret (first
 /// signs): a change rolls the pods, which read their keys when they start.
-pub fn deployment(tp: &TokenPolicy, default_image: &str, keys: &str) -> Deployment {
+/// `default_trusted` are the trusted proxies when the spec names none.
+pub fn deployment(
+    tp: &TokenPolicy,
+    default_image: &str,
+    default_trusted: &[String],
+    keys: &str,
+) -> Deployment {
     let spec = &tp.spec;
     let namespace = tp.namespace().unwrap_or_else(|| "default".into());
     let mut args = vec![
@@ -268,10 +274,13 @@ pub fn deployment(tp: &TokenPolicy, default_image: &str, keys: &str) -> Deployme
         format!("0.0.0.0:{PORT}"),
         "--log-format".into(),
         "json".into(),
-        "--trust-forwarded-for".into(),
         "--signing-keys-dir".into(),
         KEYS_DIR.into(),
     ];
+    let trusted = spec.trusted_proxies.as_deref().unwrap_or(default_trusted);
+    if !trusted.is_empty() {
+        args.extend(["--trusted-proxies".into(), trusted.join(",")]);
+    }
     let mut env = Vec::new();
     let mut volumes = vec![secret_volume(
         "signing-keys",
@@ -454,8 +463,13 @@ pub(crate) mod tests {
 
     #[test]
     fn redis_tls_secrets_become_read_only_files_that_serve_is_told_of() {
-        let pod_of =
-            |tp: &TokenPolicy| deployment(tp, "img:1", "kid-a").spec.template.spec.unwrap();
+        let pod_of = |tp: &TokenPolicy| {
+            deployment(tp, "img:1", &[], "kid-a")
+                .spec
+                .template
+                .spec
+                .unwrap()
+        };
         let plain = pod_of(&policy(3));
         assert!(
             !plain.containers[0]
@@ -559,7 +573,7 @@ pub(crate) mod tests {
 
     #[test]
     fn deployment_runs_serve_for_this_policy_hardened() {
-        let d = deployment(&policy(3), "img:1", "kid-a");
+        let d = deployment(&policy(3), "img:1", &[], "kid-a");
         let spec = d.spec;
         assert_eq!(spec.replicas, Some(3));
         let pod = spec.template.spec.unwrap();
@@ -635,7 +649,7 @@ pub(crate) mod tests {
     fn only_the_named_key_of_the_users_secret_reaches_the_pod() {
         let mut tp = policy(1);
         tp.spec.users.as_mut().unwrap().secret_ref.key = "team-users".into();
-        let pod = deployment(&tp, "img:1", "kid-a")
+        let pod = deployment(&tp, "img:1", &[], "kid-a")
             .spec
             .template
             .spec
@@ -674,9 +688,43 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn trusted_proxies_come_from_the_spec_else_the_operator() {
+        let args = |tp: &TokenPolicy, default: &[String]| {
+            deployment(tp, "img", default, "kid-a")
+                .spec
+                .template
+                .spec
+                .unwrap()
+                .containers[0]
+                .args
+                .clone()
+                .unwrap()
+                .join(" ")
+        };
+        let value = |joined: String| {
+            let argv: Vec<&str> = joined.split(' ').collect();
+            let at = argv.iter().position(|a| *a == "--trusted-proxies")?;
+            argv.get(at + 1).map(|v| v.to_string())
+        };
+        let mut tp = policy(1);
+        assert!(!args(&tp, &[]).contains("--trusted-proxies"));
+        assert!(!args(&tp, &[]).contains("--trust-forwarded-for"));
+        let default = ["10.0.0.0/8".to_string()];
+        assert_eq!(value(args(&tp, &default)).as_deref(), Some("10.0.0.0/8"));
+        tp.spec.trusted_proxies = Some(vec!["10.1.0.0/16".into(), "fd00::/8".into()]);
+        assert_eq!(
+            value(args(&tp, &default)).as_deref(),
+            Some("10.1.0.0/16,fd00::/8")
+        );
+        // Named as none: none, whatever the operator's default.
+        tp.spec.trusted_proxies = Some(vec![]);
+        assert!(!args(&tp, &default).contains("--trusted-proxies"));
+    }
+
+    #[test]
     fn a_new_key_ring_rolls_the_pods_but_not_the_arguments() {
-        let before = deployment(&policy(1), "img", "kid-a");
-        let after = deployment(&policy(1), "img", "kid-a,kid-b");
+        let before = deployment(&policy(1), "img", &[], "kid-a");
+        let after = deployment(&policy(1), "img", &[], "kid-a,kid-b");
         let pod = |d: &Deployment| d.spec.template.clone();
         let args = |d: &Deployment| pod(d).spec.unwrap().containers[0].args.clone();
         // Arguments stay: a pod restarting mid-rotation reads whatever ring is mounted.

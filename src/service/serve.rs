@@ -10,7 +10,7 @@ use axum::http::HeaderName;
 
 use crate::duration::parse_seconds;
 use crate::policy::Policy;
-use crate::service::http::{App, HttpConfig, router};
+use crate::service::http::{App, HttpConfig, TrustedProxies, router};
 use crate::service::listen::{self, Draining, Limits};
 use crate::service::store::redis_conn::RedisTls;
 use crate::service::store::{MemoryStore, OneTimeStore, RedisStore};
@@ -83,9 +83,13 @@ pub struct ServeArgs {
     /// Also read the token from this request header.
     #[arg(long, env = "TOKENPOLICY_TOKEN_HEADER")]
     pub token_header: Option<String>,
-    /// Client address from the last X-Forwarded-For hop (behind a proxy).
-    #[arg(long, env = "TOKENPOLICY_TRUST_FORWARDED_FOR")]
-    pub trust_forwarded_for: bool,
+    /// Proxies whose X-Forwarded-For entries give the client address (for
+    /// login throttling): address ranges (CIDR) or addresses, comma
+    /// separated, e.g. your ingress controllers' pod range. On a connection
+    /// from one of them, the nearest X-Forwarded-For hop that is not one
+    /// is the client; from anyone else the header is ignored.
+    #[arg(long, env = "TOKENPOLICY_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
     /// Take the client's host, scheme and path from X-Forwarded-Host,
     /// -Proto and -Uri (for `rd` checks, the CSRF check and redirect mode).
     /// Only behind a proxy that sets them itself, never passing the
@@ -410,7 +414,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         service,
         config: HttpConfig {
             token_header,
-            trust_forwarded_for: args.trust_forwarded_for,
+            trusted_proxies: TrustedProxies::parse(&args.trusted_proxies)
+                .map_err(|e| anyhow::anyhow!("--trusted-proxies: {e}"))?,
             trust_forwarded_headers: args.trust_forwarded_headers,
             request_timeout: timeout(&args.request_timeout, "--request-timeout")?,
             renew_on_verify: !args.no_renew_on_verify,

@@ -315,6 +315,8 @@ def test_images(values_name):
     own = f"{image['registry']}/{image['repository']}"
     allowed = env["TOKENPOLICY_ALLOWED_IMAGES"].split(",")
     assert allowed == (values["tokenService"]["allowedImages"] or [own])
+    trusted = values["tokenService"]["trustedProxies"]
+    assert env.get("TOKENPOLICY_TOKEN_SERVICE_TRUSTED_PROXIES") == (",".join(trusted) or None)
     pull_secrets = d["spec"]["template"]["spec"].get("imagePullSecrets", [])
     assert pull_secrets == values["imagePullSecrets"]
 

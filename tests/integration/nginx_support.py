@@ -375,8 +375,9 @@ def start_stack(workdir: Path, username: str = "carol", password: str = "carol-p
         "--policy", str(policy),
         "--users", str(users),
         "--listen", f"{HOST}:{service_port}",
-        # Behind the ingress: the client address is the last X-Forwarded-For hop.
-        "--trust-forwarded-for",
+        # Behind the ingress (on loopback): the client address is the
+        # X-Forwarded-For hop it appended.
+        "--trusted-proxies", "127.0.0.0/8",
         # No --signin-url: with ingress-nginx, `auth-signin` does the
         # redirect; the auth answer must stay 200/401 (auth_request turns
         # anything else into a 500).

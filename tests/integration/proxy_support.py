@@ -158,7 +158,7 @@ def _start_generic(name: str, workdir: Path, username: str, password: str,
         "--policy", str(policy),
         "--users", str(users),
         "--listen", f"{HOST}:{service_port}",
-        "--trust-forwarded-for",
+        "--trusted-proxies", "127.0.0.0/8",
         # Traefik and Caddy set X-Forwarded-Host/-Proto/-Uri themselves
         # (replacing the client's): the original URL for `rd` comes from them.
         "--trust-forwarded-headers",

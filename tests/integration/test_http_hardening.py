@@ -269,7 +269,8 @@ def test_redis_password_is_not_logged(env, servers, tmp_path):
 
 @pytest.fixture
 def plain(env, servers):
-    srv = start(env, "plain", {"TOKENPOLICY_TRUST_FORWARDED_FOR": "true"})
+    # The test client is the proxy: its X-Forwarded-For hops count.
+    srv = start(env, "plain", {"TOKENPOLICY_TRUSTED_PROXIES": "127.0.0.0/8"})
     servers.append(srv)
     return srv
 
@@ -315,6 +316,20 @@ def test_foreign_non_ascii_cookie_is_skipped(plain):
             break
         answer += chunk
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+def test_a_client_that_is_not_a_trusted_proxy_cannot_dodge_the_address_limit(env, servers):
+    """A new X-Forwarded-For per guess, from a peer that is not a trusted
+    proxy: every guess is still counted against the peer's address."""
+    srv = start(env, "untrusted-xff", {"TOKENPOLICY_TRUSTED_PROXIES": "10.0.0.0/8",
+                                       "TOKENPOLICY_MAX_FAILED_LOGINS_PER_ADDRESS": "4"})
+    servers.append(srv)
+    codes = []
+    for i in range(6):
+        r = requests.post(srv.url + "/v1/login", json={"username": f"guess{i}", "password": "wrong"},
+                          headers={"X-Forwarded-For": f"198.51.100.{i + 1}"}, timeout=HTTP_TIMEOUT)
+        codes.append(r.status_code)
+    assert codes == [401, 401, 401, 401, 429, 429], codes
 
 
 def test_malformed_last_forwarded_hop_is_not_replaced_by_an_earlier_one(plain):

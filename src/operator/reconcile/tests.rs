@@ -278,7 +278,7 @@ async fn unchanged_spec_applies_the_same_and_keeps_the_key() {
         }],
         ..Default::default()
     });
-    let first = resources::deployment(&tp, "tokenpolicy:test", "x");
+    let first = resources::deployment(&tp, "tokenpolicy:test", &[], "x");
     let scenario = tokio::spawn(async move {
         users_secret_found(&mut api).await;
         // The key exists: no create, no event, nothing overwritten.

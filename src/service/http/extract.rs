@@ -7,6 +7,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use serde::Deserialize;
 
 use super::App;
+use super::proxies::client_address;
 use crate::service::error::{ApiError, Code};
 
 /// A token header that is present but not visible ASCII is a bad token,
@@ -90,31 +91,19 @@ pub(super) fn token_and_source<'a>(
     })
 }
 
-/// The client's address: the peer's, or (with `--trust-forwarded-for`) the
-/// last `X-Forwarded-For` hop, the one our proxy appended. Earlier hops are
-/// the client's own word and are never used: when the last hop is not an
-/// address, the peer's address is used and the event counted.
+/// The client's address (see `proxies.rs`): the peer's, or behind a
+/// trusted proxy the nearest `X-Forwarded-For` hop that is not one; a hop
+/// that is not an address is counted.
 pub(super) fn client_ip(
     app: &App,
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
 ) -> Option<IpAddr> {
-    if app.config.trust_forwarded_for {
-        let last = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .next_back()
-            .map(|v| v.as_bytes().rsplit(|b| *b == b',').next().unwrap_or(b""));
-        if let Some(hop) = last {
-            match std::str::from_utf8(hop.trim_ascii()).map(str::parse::<IpAddr>) {
-                Ok(Ok(ip)) => return Some(ip),
-                _ => {
-                    app.service.metrics.forwarded_for_invalid.inc();
-                }
-            }
-        }
+    let at = client_address(&app.config.trusted_proxies, headers, peer.map(|p| p.ip()));
+    if at.invalid_hop {
+        app.service.metrics.forwarded_for_invalid.inc();
     }
-    peer.map(|p| p.ip())
+    at.ip
 }
 
 #[derive(Deserialize)]

@@ -23,6 +23,7 @@ use crate::service::error::{ApiError, Code};
 use crate::service::listen::Draining;
 use crate::service::metrics::UNMATCHED;
 use crate::service::tokens::{Issued, TokenService};
+pub use proxies::TrustedProxies;
 
 /// Request bodies are small JSON or form posts.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -31,9 +32,9 @@ pub const MAX_BODY: usize = 16 * 1024;
 pub struct HttpConfig {
     /// Another header to read the token from (besides `Authorization` and the cookie).
     pub token_header: Option<HeaderName>,
-    /// Take the client address from the last `X-Forwarded-For` hop (set this
-    /// when the service sits behind a proxy that appends it).
-    pub trust_forwarded_for: bool,
+    /// The proxies whose `X-Forwarded-For` entries give the client address
+    /// (login throttling); none: the peer's address, always.
+    pub trusted_proxies: TrustedProxies,
     /// Take the client's host, scheme and path from `X-Forwarded-Host`,
     /// `-Proto` and `-Uri` (only behind a proxy that sets them itself).
     pub trust_forwarded_headers: bool,
@@ -56,7 +57,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             token_header: None,
-            trust_forwarded_for: false,
+            trusted_proxies: TrustedProxies::default(),
             trust_forwarded_headers: false,
             request_timeout: Duration::from_secs(30),
             renew_on_verify: true,
@@ -77,6 +78,7 @@ mod extract;
 mod forward_auth;
 mod notice;
 mod origin;
+pub mod proxies;
 mod signin;
 #[cfg(test)]
 mod tests;

@@ -242,7 +242,7 @@ async fn foreign_cookies_may_hold_any_bytes() {
 #[tokio::test]
 async fn malformed_last_forwarded_hop_falls_back_to_the_peer() {
     let app = app(HttpConfig {
-        trust_forwarded_for: true,
+        trusted_proxies: super::TrustedProxies::parse(&["127.0.0.0/8"]).unwrap(),
         ..Default::default()
     });
     // A client-chosen first hop must never become the client address.

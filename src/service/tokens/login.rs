@@ -94,7 +94,7 @@ impl TokenService {
         // turned away before it costs a store round trip.
         let place = self.hashing.admit().map_err(busy)?;
         let user_key = format!("user:{name}");
-        let addr_key = client.map(|ip| format!("addr:{ip}"));
+        let addr_key = client.map(address_key);
         let taken = self.take_attempts(&user_key, addr_key.as_deref()).await?;
 
         let users = self.users.load_full();
@@ -182,6 +182,19 @@ impl TokenService {
                 tracing::warn!(error = %e, "could not give back a login attempt");
             }
         }
+    }
+}
+
+/// The throttle's counter for a client address: an IPv6 client is counted
+/// per /64, the least a site is given, so that the addresses of one
+/// network (2^64 of them) are one client.
+fn address_key(ip: IpAddr) -> String {
+    match crate::service::http::proxies::canonical(ip) {
+        IpAddr::V6(v6) => {
+            let net = ipnet::Ipv6Net::new(v6, 64).map_or(v6, |n| n.network());
+            format!("addr:{net}/64")
+        }
+        v4 => format!("addr:{v4}"),
     }
 }
 
@@ -291,6 +304,52 @@ mod tests {
         assert_eq!(
             code(s.login("alice", "pw", None, || T0).await),
             "TOO_MANY_ATTEMPTS"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_network_is_one_client_for_the_address_limit() {
+        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
+        let s = TokenService::new(
+            Policy::default(),
+            Users::parse("", "t").unwrap(),
+            keys,
+            Arc::new(MemoryStore::new()),
+            0,
+            Throttle {
+                max_per_user: 50,
+                max_per_address: 3,
+                window: 60_000,
+            },
+        );
+        // A new address of the same /64 for every guess, as a client that
+        // holds the network can choose.
+        for i in 1..=3 {
+            let ip: IpAddr = format!("2001:db8:1:2::{i:x}").parse().unwrap();
+            assert_eq!(
+                code(s.login(&format!("u{i}"), "bad", Some(ip), || T0).await),
+                "INVALID_CREDENTIALS"
+            );
+        }
+        let same_net: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        assert_eq!(
+            code(s.login("u9", "bad", Some(same_net), || T0).await),
+            "TOO_MANY_ATTEMPTS"
+        );
+        let next_net: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(
+            code(s.login("u9", "bad", Some(next_net), || T0).await),
+            "INVALID_CREDENTIALS"
+        );
+        // IPv4 is counted per address, also when written as IPv6.
+        assert_eq!(
+            address_key("::ffff:192.0.2.9".parse().unwrap()),
+            "addr:192.0.2.9"
+        );
+        assert_eq!(address_key("192.0.2.9".parse().unwrap()), "addr:192.0.2.9");
+        assert_eq!(
+            address_key("2001:db8::1:2:3:4".parse().unwrap()),
+            "addr:2001:db8::/64"
         );
     }
 
