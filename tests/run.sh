@@ -88,6 +88,9 @@ export TOKENPOLICY_TEST_REDIS="redis://127.0.0.1:$port/"
 
 step "cargo test"
 cargo test --locked
+# The store contract against the real redis-server above (ignored by a
+# plain `cargo test`, which has none; it fails without one).
+cargo test --locked --lib -- --ignored --exact service::store::redis::tests::redis_store_keeps_the_contract
 
 kill $redis_pid 2>/dev/null || true
 

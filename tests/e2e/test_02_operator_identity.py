@@ -54,15 +54,15 @@ def test_a_missing_verb_fails_with_a_warning_event_and_recovers(kube, operators,
         event = wait_until("ReconcileFailed event", refused, 60)
         note = event["note"]
         assert "forbidden" in note and "serviceaccounts" in note and "create" in note, note
-        assert kube.get("serviceaccount", "needs-sa", ns) is None
-        assert kube.get("deployment", "needs-sa", ns) is None
+        assert kube.get("serviceaccount", "tokenpolicy-needs-sa", ns) is None
+        assert kube.get("deployment", "tokenpolicy-needs-sa", ns) is None
     finally:
         restore = [{"op": "replace", "path": f"/rules/{idx}/verbs", "value": rules[idx]["verbs"]}]
         kube("patch", "clusterrole", CLUSTER_ROLE, "--type=json", "-p", json.dumps(restore))
     try:
         tp = wait_ready(kube, ns, "needs-sa", timeout=90)
         assert tp["status"]["readyReplicas"] == 1
-        assert kube.get("serviceaccount", "needs-sa", ns)
+        assert kube.get("serviceaccount", "tokenpolicy-needs-sa", ns)
         assert refusals(op.text()), "the reduced RBAC should have been refused"
     finally:
         op.stop()

@@ -578,14 +578,14 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 
-    /// Runs the store contract against a real redis-server when the test
-    /// harness provides one (`TOKENPOLICY_TEST_REDIS`).
+    /// Runs the store contract against a real redis-server, which the test
+    /// harness starts (`TOKENPOLICY_TEST_REDIS`; tests/run.sh runs this
+    /// test explicitly). Without one it fails: it never passes untested.
     #[tokio::test]
+    #[ignore = "needs a redis-server in TOKENPOLICY_TEST_REDIS; tests/run.sh runs it"]
     async fn redis_store_keeps_the_contract() {
-        let Ok(url) = std::env::var("TOKENPOLICY_TEST_REDIS") else {
-            eprintln!("TOKENPOLICY_TEST_REDIS not set; the Python suite covers Redis");
-            return;
-        };
+        let url = std::env::var("TOKENPOLICY_TEST_REDIS")
+            .expect("TOKENPOLICY_TEST_REDIS names the redis-server to test against");
         let prefix = format!("contract-{}", uuid::Uuid::new_v4());
         let s = RedisStore::new(&url, &prefix).unwrap();
         crate::service::store::contract::claim_is_once(&s).await;

@@ -1,4 +1,4 @@
-"""Step 8: a TokenPolicy is not a way to take over objects or run pods. On
+"""Step 7: a TokenPolicy is not a way to take over objects or run pods. On
 the real API server: objects that someone else made under a policy's names
 are left byte for byte as they were, before and after the policy's deletion;
 an image off the operator's allow-list is refused; only the named key of the

@@ -1,4 +1,4 @@
-"""Step 7: the chart's lifecycle through the real helm CLI: an upgrade with
+"""Step 8: the chart's lifecycle through the real helm CLI: an upgrade with
 changed values rolls the operator Deployment; uninstall keeps the CRD and
 every TokenPolicy with crds.keep=true, and removes them with false.
 Runs last: it stops the operator (uninstall takes its RBAC away)."""
