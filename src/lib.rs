@@ -6,15 +6,19 @@
 //!   the one-time store, users and the HTTP API.
 //! - [`operator`]: the operator (`tokenpolicy operator`): TokenPolicy to
 //!   Deployment, signing keys and their rotation, leader election.
-//! - Shared by both: the [`crd`], the [`policy`] it describes, [`duration`]s
-//!   and the [`clock`].
+//! - Shared by both: the [`crd`], the [`policy`] it describes, [`duration`]s,
+//!   the [`clock`], the [`signing_key`]s, the [`keyring`]'s files and the
+//!   [`trusted_proxies`].
 
 pub mod clock;
 pub mod crd;
 pub mod duration;
 #[cfg(test)]
 pub(crate) mod fixtures;
+pub mod keyring;
 pub mod logging;
 pub mod operator;
 pub mod policy;
 pub mod service;
+pub mod signing_key;
+pub mod trusted_proxies;

@@ -16,7 +16,7 @@ use crate::operator::resources;
 use crate::operator::rollout::Rollout;
 use crate::operator::rotation::{self, KeyRing, Step};
 use crate::policy::Policy;
-use crate::service::token::Key;
+use crate::signing_key::Key;
 
 /// A Secret's value for `key`, from `data` or (not yet converted) `stringData`.
 pub(crate) fn secret_value(secret: &Secret, key: &str) -> Option<Vec<u8>> {

@@ -74,7 +74,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         .await
         .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
     let metrics = Arc::new(OperatorMetrics::default());
-    crate::service::http::TrustedProxies::parse(&args.token_service_trusted_proxies)
+    crate::trusted_proxies::TrustedProxies::parse(&args.token_service_trusted_proxies)
         .map_err(|e| anyhow::anyhow!("--token-service-trusted-proxies: {e}"))?;
     let allowed = AllowedImages::new(&args.allowed_images, &args.image);
     tracing::info!(allowed = ?allowed.entries(), "images a TokenPolicy may run");

@@ -35,7 +35,7 @@ use crate::operator::status::{
     ConditionReason as R, ConditionState as C, Report, degraded_reason, write_status,
 };
 use crate::policy::Policy;
-use crate::service::http::TrustedProxies;
+use crate::trusted_proxies::TrustedProxies;
 
 /// A referenced Secret key that must exist before the service can run.
 async fn check_secret(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<Option<String>, Error> {

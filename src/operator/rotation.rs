@@ -24,20 +24,7 @@
 use crate::operator::rollout::Rollout;
 use crate::policy::Policy;
 
-pub const SIGNING: &str = "signing.pem";
-pub const NEXT: &str = "next.pem";
-pub const PREVIOUS: &str = "previous.pem";
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct KeyRing {
-    pub signing: String,
-    pub next: Option<String>,
-    pub previous: Option<String>,
-    /// The rotate annotation value last acted on.
-    pub rotated_for: Option<String>,
-    /// When the signing key was promoted (Unix seconds).
-    pub promoted_at: Option<i64>,
-}
+pub use crate::keyring::{KeyRing, NEXT, PREVIOUS, SIGNING, in_order};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -112,18 +99,6 @@ pub fn recheck_in(ring: &KeyRing, policy: &Policy, now: i64) -> Option<u64> {
         .promoted_at?
         .saturating_add((policy.token + policy.renew_limit) as i64);
     Some(at.saturating_sub(now).clamp(1, 300) as u64)
-}
-
-/// The ring's keys in the order `serve` uses them: the first signs.
-pub fn in_order(ring: &KeyRing) -> Vec<(&'static str, &str)> {
-    let mut v = vec![(SIGNING, ring.signing.as_str())];
-    if let Some(n) = &ring.next {
-        v.push((NEXT, n.as_str()));
-    }
-    if let Some(p) = &ring.previous {
-        v.push((PREVIOUS, p.as_str()));
-    }
-    v
 }
 
 #[cfg(test)]

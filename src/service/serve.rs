@@ -319,19 +319,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("no users: nobody can log in (see --users and `tokenpolicy hash-password`)");
     }
     let key_files: Vec<PathBuf> = match &args.signing_keys_dir {
-        Some(dir) => {
-            let mut files = vec![dir.join(crate::operator::rotation::SIGNING)];
-            for optional in [
-                crate::operator::rotation::NEXT,
-                crate::operator::rotation::PREVIOUS,
-            ] {
-                let path = dir.join(optional);
-                if path.exists() {
-                    files.push(path);
-                }
-            }
-            files
-        }
+        Some(dir) => crate::keyring::files(dir),
         None => args.signing_keys.clone(),
     };
     let keys = if key_files.is_empty() {

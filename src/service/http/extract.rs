@@ -7,8 +7,8 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use serde::Deserialize;
 
 use super::App;
-use super::proxies::client_address;
 use crate::service::error::{ApiError, Code};
+use crate::trusted_proxies::client_address;
 
 /// A token header that is present but not visible ASCII is a bad token,
 /// not a missing one.

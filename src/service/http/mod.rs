@@ -23,7 +23,7 @@ use crate::service::error::{ApiError, Code};
 use crate::service::listen::Draining;
 use crate::service::metrics::UNMATCHED;
 use crate::service::tokens::{Issued, TokenService};
-pub use proxies::TrustedProxies;
+pub use crate::trusted_proxies::TrustedProxies;
 
 /// Request bodies are small JSON or form posts.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -78,7 +78,6 @@ mod extract;
 mod forward_auth;
 mod notice;
 mod origin;
-pub mod proxies;
 mod signin;
 #[cfg(test)]
 mod tests;

@@ -189,7 +189,7 @@ impl TokenService {
 /// per /64, the least a site is given, so that the addresses of one
 /// network (2^64 of them) are one client.
 fn address_key(ip: IpAddr) -> String {
-    match crate::service::http::proxies::canonical(ip) {
+    match crate::trusted_proxies::canonical(ip) {
         IpAddr::V6(v6) => {
             let net = ipnet::Ipv6Net::new(v6, 64).map_or(v6, |n| n.network());
             format!("addr:{net}/64")

@@ -1,4 +1,5 @@
-//! Whose word the client address is. `X-Forwarded-For` is honoured only on
+//! Whose word the client address is (a leaf: the token service reads the
+//! address by it, and the operator checks `spec.trustedProxies` with it). `X-Forwarded-For` is honoured only on
 //! a connection from a trusted proxy (`--trusted-proxies`), and then read
 //! from the right: each hop that is itself a trusted proxy is passed over,
 //! and the first that is not is the client. A client talking to the service
