@@ -99,7 +99,8 @@ pub struct ServeArgs {
     /// Time a request may take, its body included, before a 408.
     #[arg(long, env = "TOKENPOLICY_REQUEST_TIMEOUT", default_value = "30s")]
     pub request_timeout: String,
-    /// Open client connections at most (lowered to fit the open-files limit).
+    /// Open client connections at most (lowered to fit the open-files limit
+    /// and, at 80 KiB each at worst, a quarter of the memory limit).
     #[arg(long, env = "TOKENPOLICY_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
     /// After SIGTERM: time to keep serving with /readyz unready, so that
@@ -419,9 +420,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
     });
     let fd_limit = listen::raise_fd_limit();
+    let memory_limit = listen::memory_limit();
     let limits = Limits {
         header_timeout: timeout(&args.header_timeout, "--header-timeout")?,
-        max_connections: listen::connection_cap(args.max_connections, fd_limit),
+        max_connections: listen::connection_cap(args.max_connections, fd_limit, memory_limit),
         shutdown_delay: seconds(&args.shutdown_delay, "--shutdown-delay")?,
         shutdown_timeout: seconds(&args.shutdown_timeout, "--shutdown-timeout")?,
     };
@@ -429,7 +431,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!(
             max_connections = limits.max_connections,
             open_files_limit = fd_limit,
-            "--max-connections lowered to fit the open-files limit"
+            memory_limit_bytes = memory_limit,
+            "--max-connections lowered to fit the open-files and memory limits"
         );
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
