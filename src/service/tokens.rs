@@ -255,6 +255,14 @@ impl TokenService {
             .insert(&issued.token, Arc::new(issued.claims.clone()), policy, now);
     }
 
+    /// Whether `token` is one a request could be answered with now (valid
+    /// or renewable, its user and session still there), without renewing
+    /// it or counting a decision: to choose among several cookies.
+    pub async fn holds(&self, token: &str, now: Millis) -> bool {
+        let policy = self.policy.load_full();
+        self.judge(token, &policy, now).await.is_ok()
+    }
+
     /// `POST /v1/refresh`: a valid or renewable token for a new one.
     #[tracing::instrument(name = "refresh", skip_all, fields(token_len = token.len()))]
     pub async fn refresh(&self, token: &str, now: Millis) -> Result<Issued, ApiError> {

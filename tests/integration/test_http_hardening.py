@@ -369,7 +369,7 @@ def test_cross_site_form_login_and_text_plain_json_are_refused(plain):
 def test_cross_site_cookie_logout_is_refused(plain):
     t = requests.post(plain.url + "/v1/login", json={"username": "alice", "password": "alice-password"},
                       timeout=HTTP_TIMEOUT).json()["access_token"]
-    r = requests.post(plain.url + "/v1/logout", headers={"Cookie": f"tokenpolicy={t}",
+    r = requests.post(plain.url + "/v1/logout", headers={"Cookie": f"__Host-tokenpolicy={t}",
                                                          "Sec-Fetch-Site": "cross-site"}, timeout=HTTP_TIMEOUT)
     assert r.status_code == 403 and r.json()["error"]["code"] == "CSRF_REJECTED"
     r = requests.get(plain.url + "/v1/verify", headers={"Authorization": f"Bearer {t}"}, timeout=HTTP_TIMEOUT)
@@ -387,7 +387,7 @@ def test_foreign_non_ascii_cookie_is_skipped(plain):
                       timeout=HTTP_TIMEOUT).json()["access_token"]
     s = connect(plain.port)
     s.sendall(b"GET /v1/verify HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-              b"Cookie: theme=\xc3\xa9t\xe9; tokenpolicy=" + t.encode() + b"\r\n\r\n")
+              b"Cookie: theme=\xc3\xa9t\xe9; __Host-tokenpolicy=" + t.encode() + b"\r\n\r\n")
     s.settimeout(HTTP_TIMEOUT)
     answer = b""
     while True:

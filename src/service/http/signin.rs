@@ -132,7 +132,10 @@ pub(super) async fn signin_page(
 /// one (the cookie outlives the session by COOKIE_KEPT_AFTER_SESSION_SECS).
 async fn cookie_notice(app: &super::App, headers: &HeaderMap) -> Option<Notice> {
     let policy = app.service.policy();
-    let token = cookie(headers, &policy.cookie.name).ok().flatten()?;
+    let token = cookie(app, headers, &policy.cookie.name)
+        .await
+        .ok()
+        .flatten()?;
     if token.is_empty() {
         return None;
     }
