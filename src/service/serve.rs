@@ -125,6 +125,11 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub redirect_domains: Vec<String>,
+    /// Let `rd` and `Origin` name any port of this host or of a
+    /// --redirect-domain (the scheme must still match). Without it the
+    /// port must be the one the client used.
+    #[arg(long, env = "TOKENPOLICY_REDIRECT_ANY_PORT")]
+    pub redirect_any_port: bool,
     #[arg(
         long,
         env = "TOKENPOLICY_MAX_FAILED_LOGINS_PER_USER",
@@ -417,6 +422,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             renew_on_verify: !args.no_renew_on_verify,
             signin_url: args.signin_url.clone(),
             redirect_domains: args.redirect_domains.clone(),
+            redirect_any_port: args.redirect_any_port,
         },
     });
     let fd_limit = listen::raise_fd_limit();

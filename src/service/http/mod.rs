@@ -50,6 +50,9 @@ pub struct HttpConfig {
     /// Hosts that `rd` may point to besides the request's own host. A
     /// leading dot (`.example.com`) allows every subdomain.
     pub redirect_domains: Vec<String>,
+    /// `rd` and `Origin` may name any port of an allowed host (the scheme
+    /// must still be the request's). Off: the port must be the request's.
+    pub redirect_any_port: bool,
 }
 
 impl Default for HttpConfig {
@@ -62,6 +65,7 @@ impl Default for HttpConfig {
             renew_on_verify: true,
             signin_url: None,
             redirect_domains: Vec::new(),
+            redirect_any_port: false,
         }
     }
 }
@@ -195,7 +199,7 @@ async fn state_change_token<'a>(
 ) -> Result<&'a str, ApiError> {
     let (token, source) = token_and_source(app, headers, cookie_name).await?;
     if source == Source::Cookie {
-        origin::check_same_site(&app.config, headers)?;
+        origin::check_same_site(&app.config, headers, app.service.policy().cookie.secure)?;
     }
     Ok(token)
 }

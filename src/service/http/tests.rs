@@ -471,3 +471,30 @@ async fn a_cookie_tossed_ahead_of_ours_does_not_sign_the_user_out() {
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(error_code(resp).await, "INVALID_TOKEN");
 }
+
+#[tokio::test]
+async fn rd_keeps_scheme_and_port_and_goes_out_percent_encoded() {
+    let app = app(HttpConfig::default());
+    for (rd, status) in [
+        ("https://auth.example.net/app", StatusCode::OK),
+        ("http://auth.example.net/app", StatusCode::BAD_REQUEST),
+        ("https://auth.example.net:8443/app", StatusCode::BAD_REQUEST),
+    ] {
+        let req = Request::get(format!("/v1/login?rd={rd}"))
+            .header("host", "auth.example.net")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(send(&app, req).await.status(), status, "{rd}");
+    }
+    // The form's rd, in UTF-8 (percent-encoded in the form body).
+    let resp = send(
+        &app,
+        form_login(&[("sec-fetch-site", "same-origin")], "/caf%C3%A9?q=%C3%A9"),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        resp.headers()[header::LOCATION].as_bytes(),
+        b"/caf%C3%A9?q=%C3%A9"
+    );
+}
