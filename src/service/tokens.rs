@@ -253,7 +253,10 @@ impl TokenService {
             let _ = self.user_end(name).await;
         }
         if let Some(end) = self.user_ends.get(&key).and_then(|e| e.at) {
-            let wait = (end + 1) * 1_000 - now;
+            let wait = end
+                .saturating_add(1)
+                .saturating_mul(1_000)
+                .saturating_sub(now);
             if (1..=1_000).contains(&wait) {
                 tokio::time::sleep(Duration::from_millis(wait as u64)).await;
             }
