@@ -235,7 +235,8 @@ impl Default for TokenPolicySpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct CookieSpec {
-    /// Default `tokenpolicy`.
+    /// Default `__Host-tokenpolicy` (with `secure`, path `/` and no
+    /// domain), else `tokenpolicy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = "^[A-Za-z0-9._-]{1,64}$"))]
     pub name: Option<String>,

@@ -70,10 +70,26 @@ pub struct Cookie {
     pub same_site: SameSite,
 }
 
+/// The session cookie's name when the policy names none and the cookie can
+/// carry the `__Host-` prefix (Secure, `Path=/`, no `Domain`): a browser
+/// takes such a cookie only from this very host over https, so no sibling
+/// subdomain can set one in its place.
+pub const HOST_COOKIE_NAME: &str = "__Host-tokenpolicy";
+/// The default name otherwise (a `domain`, another `path`, or `secure: false`
+/// for plain-http use, where browsers refuse `__Host-` cookies).
+pub const PLAIN_COOKIE_NAME: &str = "tokenpolicy";
+
+impl Cookie {
+    /// Whether the cookie's attributes allow the `__Host-` prefix.
+    fn host_only(&self) -> bool {
+        self.secure && self.path == "/" && self.domain.is_none()
+    }
+}
+
 impl Default for Cookie {
     fn default() -> Self {
         Cookie {
-            name: "tokenpolicy".into(),
+            name: HOST_COOKIE_NAME.into(),
             domain: None,
             path: "/".into(),
             secure: true,
@@ -190,6 +206,7 @@ impl Policy {
             ));
         }
         let mut cookie = Cookie::default();
+        let mut named = false;
         if let Some(c) = &spec.cookie {
             if let Some(name) = &c.name {
                 let ok = !name.is_empty()
@@ -203,6 +220,7 @@ impl Policy {
                     ));
                 }
                 cookie.name = name.clone();
+                named = true;
             }
             let attr_ok = |v: &str| v.bytes().all(|b| b.is_ascii_graphic() && b != b';');
             if let Some(domain) = &c.domain {
@@ -242,6 +260,24 @@ impl Policy {
                     "None requires cookie.secure: true (browsers drop the cookie otherwise)",
                 ));
             }
+        }
+        if !named && !cookie.host_only() {
+            cookie.name = PLAIN_COOKIE_NAME.into();
+        }
+        // Browsers drop a prefixed cookie whose attributes break the
+        // prefix's rules (matched without regard to case).
+        let lower = cookie.name.to_ascii_lowercase();
+        if lower.starts_with("__host-") && !cookie.host_only() {
+            return Err(field(
+                "cookie.name",
+                "a __Host- cookie needs secure: true, path: / and no domain",
+            ));
+        }
+        if lower.starts_with("__secure-") && !cookie.secure {
+            return Err(field(
+                "cookie.name",
+                "a __Secure- cookie needs secure: true",
+            ));
         }
         Ok(Policy {
             session,
@@ -439,5 +475,81 @@ mod tests {
         assert_eq!(p.cookie.name, "sess");
         assert!(!p.cookie.secure);
         assert_eq!(p.cookie.same_site, SameSite::Strict);
+    }
+
+    #[test]
+    fn the_default_cookie_name_is_host_prefixed_when_it_can_be() {
+        let name = |c: Option<CookieSpec>| {
+            Policy::from_spec(&TokenPolicySpec {
+                cookie: c,
+                ..Default::default()
+            })
+            .map(|p| p.cookie.name)
+        };
+        assert_eq!(name(None).unwrap(), "__Host-tokenpolicy");
+        assert_eq!(Cookie::default().name, "__Host-tokenpolicy");
+        assert_eq!(
+            name(Some(CookieSpec::default())).unwrap(),
+            "__Host-tokenpolicy"
+        );
+        // Plain http, a domain or another path cannot carry the prefix.
+        for c in [
+            CookieSpec {
+                secure: Some(false),
+                ..Default::default()
+            },
+            CookieSpec {
+                domain: Some("example.com".into()),
+                ..Default::default()
+            },
+            CookieSpec {
+                path: Some("/auth".into()),
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(name(Some(c)).unwrap(), "tokenpolicy");
+        }
+        // A name given is kept, but a prefix must keep its rules.
+        let named = |n: &str, c: CookieSpec| {
+            name(Some(CookieSpec {
+                name: Some(n.into()),
+                ..c
+            }))
+        };
+        assert_eq!(
+            named("tokenpolicy", CookieSpec::default()).unwrap(),
+            "tokenpolicy"
+        );
+        assert_eq!(
+            named("__Host-s", CookieSpec::default()).unwrap(),
+            "__Host-s"
+        );
+        let insecure = || CookieSpec {
+            secure: Some(false),
+            ..Default::default()
+        };
+        assert!(named("__Host-s", insecure()).is_err());
+        assert!(named("__host-s", insecure()).is_err());
+        assert!(
+            named(
+                "__Host-s",
+                CookieSpec {
+                    domain: Some("example.com".into()),
+                    ..Default::default()
+                }
+            )
+            .is_err()
+        );
+        assert!(named("__Secure-s", insecure()).is_err());
+        assert!(
+            named(
+                "__Secure-s",
+                CookieSpec {
+                    domain: Some("example.com".into()),
+                    ..Default::default()
+                }
+            )
+            .is_ok()
+        );
     }
 }

@@ -137,6 +137,15 @@ pub fn revocation_ttl(c: &Claims, now: Millis) -> Millis {
     by_tokens.min(by_session).max(1_000)
 }
 
+/// How long the end of a user's sessions must be kept: every token of a
+/// session that started before it was issued before it, so with
+/// `exp <= then + 7d` (the token bound), and is usable at most 7d (the
+/// renew-limit bound) past `exp`, and never past the session bound.
+pub fn user_end_ttl() -> Millis {
+    use crate::policy::{RENEW_LIMIT_BOUNDS, SESSION_BOUNDS, TOKEN_BOUNDS};
+    ms(((TOKEN_BOUNDS.1 + RENEW_LIMIT_BOUNDS.1).min(SESSION_BOUNDS.1)) as i64) + 60_000
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -103,7 +103,8 @@ pub struct ServeArgs {
     /// Time a request may take, its body included, before a 408.
     #[arg(long, env = "TOKENPOLICY_REQUEST_TIMEOUT", default_value = "30s")]
     pub request_timeout: String,
-    /// Open client connections at most (lowered to fit the open-files limit).
+    /// Open client connections at most (lowered to fit the open-files limit
+    /// and, at 80 KiB each at worst, a quarter of the memory limit).
     #[arg(long, env = "TOKENPOLICY_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
     /// After SIGTERM: time to keep serving with /readyz unready, so that
@@ -128,6 +129,11 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub redirect_domains: Vec<String>,
+    /// Let `rd` and `Origin` name any port of this host or of a
+    /// --redirect-domain (the scheme must still match). Without it the
+    /// port must be the one the client used.
+    #[arg(long, env = "TOKENPOLICY_REDIRECT_ANY_PORT")]
+    pub redirect_any_port: bool,
     #[arg(
         long,
         env = "TOKENPOLICY_MAX_FAILED_LOGINS_PER_USER",
@@ -409,12 +415,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             renew_on_verify: !args.no_renew_on_verify,
             signin_url: args.signin_url.clone(),
             redirect_domains: args.redirect_domains.clone(),
+            redirect_any_port: args.redirect_any_port,
         },
     });
     let fd_limit = listen::raise_fd_limit();
+    let memory_limit = listen::memory_limit();
     let limits = Limits {
         header_timeout: timeout(&args.header_timeout, "--header-timeout")?,
-        max_connections: listen::connection_cap(args.max_connections, fd_limit),
+        max_connections: listen::connection_cap(args.max_connections, fd_limit, memory_limit),
         shutdown_delay: seconds(&args.shutdown_delay, "--shutdown-delay")?,
         shutdown_timeout: seconds(&args.shutdown_timeout, "--shutdown-timeout")?,
     };
@@ -422,7 +430,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!(
             max_connections = limits.max_connections,
             open_files_limit = fd_limit,
-            "--max-connections lowered to fit the open-files limit"
+            memory_limit_bytes = memory_limit,
+            "--max-connections lowered to fit the open-files and memory limits"
         );
     }
     let listener = tokio::net::TcpListener::bind(args.listen)

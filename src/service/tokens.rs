@@ -3,8 +3,11 @@
 //! HTTP lives in `http.rs`; this module knows nothing of it.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use sha2::{Digest, Sha256};
 
 use crate::policy::Policy;
 use crate::service::error::{ApiError, Code};
@@ -52,9 +55,46 @@ pub struct Identity {
     pub renewed: Option<Issued>,
 }
 
+/// What this replica knows of the end of a user's sessions (see
+/// [`TokenService::set_users`]): when it was last asked of the store.
+#[derive(Debug, Clone, Copy)]
+struct UserEnd {
+    at: Option<i64>,
+    checked: Instant,
+}
+
+/// A known end of a user's sessions is asked of the store again after this
+/// long (in the background: the answer in hand counts meanwhile), for ends
+/// that other replicas recorded and this one never saw happen.
+const USER_END_RECHECK: Duration = Duration::from_secs(30);
+
+/// The store key of a user's sessions' end: a digest, so that any name fits.
+fn user_key(name: &str) -> String {
+    let digest = Sha256::digest(format!("tokenpolicy user\n{name}").as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("user-{hex}")
+}
+
+fn merge_end(
+    ends: &DashMap<String, UserEnd>,
+    key: &str,
+    at: Option<i64>,
+    checked: Instant,
+) -> Option<i64> {
+    let mut e = ends
+        .entry(key.to_string())
+        .or_insert(UserEnd { at, checked });
+    e.at = e.at.max(at);
+    e.checked = checked;
+    e.at
+}
+
 pub struct TokenService {
     policy: ArcSwap<Policy>,
     users: ArcSwap<Users>,
+    /// Users whose sessions ended (removed, or their password changed), by
+    /// [`user_key`]; the store holds the same for every replica.
+    user_ends: Arc<DashMap<String, UserEnd>>,
     keys: KeySet,
     store: Arc<dyn OneTimeStore>,
     leeway: Millis,
@@ -84,6 +124,7 @@ impl TokenService {
         TokenService {
             policy: ArcSwap::from_pointee(policy),
             users: ArcSwap::from_pointee(users),
+            user_ends: Arc::new(DashMap::new()),
             keys,
             store,
             leeway,
@@ -110,9 +151,116 @@ impl TokenService {
         self.policy.store(Arc::new(policy));
     }
 
-    /// A removed user or a changed password ends that user's sessions at their next check.
+    /// A removed user or a changed password ends that user's sessions at
+    /// their next check, for good: the end is recorded (here at once, and in
+    /// the store for every replica), so that adding the user back, or the
+    /// old password, does not bring those sessions back.
     pub fn set_users(&self, users: Users) {
-        self.users.store(Arc::new(users));
+        self.set_users_at(users, crate::clock::now_millis());
+    }
+
+    /// [`TokenService::set_users`], the change seen at `now`.
+    pub fn set_users_at(&self, users: Users, now: Millis) {
+        let old = self.users.swap(Arc::new(users));
+        let new = self.users.load();
+        // A file being rewritten in place reads empty for an instant: no
+        // users at all refuses every session, but ends none for good.
+        if new.is_empty() {
+            return;
+        }
+        let ended: Vec<String> = old
+            .iter()
+            .filter(|u| {
+                new.get(&u.name)
+                    .is_none_or(|n| n.password_version != u.password_version)
+            })
+            .map(|u| u.name.clone())
+            .collect();
+        let at = now.div_euclid(1_000);
+        for name in ended {
+            let key = user_key(&name);
+            merge_end(&self.user_ends, &key, Some(at), Instant::now());
+            self.record_end(name, key, at);
+        }
+    }
+
+    /// Writes a user's sessions' end to the store, retrying for a while if
+    /// the store is away (this replica refuses those sessions meanwhile).
+    fn record_end(&self, name: String, key: String, at: i64) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(user = ?name, "user's sessions ended on this replica only: no runtime to tell the store");
+            return;
+        };
+        let store = self.store.clone();
+        runtime.spawn(async move {
+            let mut wait = Duration::from_secs(1);
+            for _ in 0..8 {
+                match store.end_user_sessions(&key, at, rules::user_end_ttl()).await {
+                    Ok(()) => {
+                        tracing::info!(user = ?name, "user removed or password changed: sessions ended");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(user = ?name, error = %e, "cannot record the end of a user's sessions yet");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+            tracing::error!(user = ?name, "the end of a user's sessions is known to this replica only: the store stayed away");
+        });
+    }
+
+    /// The second up to which `name`'s sessions are over, if any: from what
+    /// this replica saw or last read, else from the store.
+    async fn user_end(&self, name: &str) -> Result<Option<i64>, ApiError> {
+        let key = user_key(name);
+        let now = Instant::now();
+        let known = self.user_ends.get_mut(&key).map(|mut e| {
+            let stale = now.duration_since(e.checked) >= USER_END_RECHECK;
+            if stale {
+                e.checked = now;
+            }
+            (e.at, stale)
+        });
+        match known {
+            Some((at, stale)) => {
+                if stale && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let (store, ends) = (self.store.clone(), self.user_ends.clone());
+                    runtime.spawn(async move {
+                        if let Ok(fetched) = store.user_sessions_ended(&key).await {
+                            merge_end(&ends, &key, fetched, Instant::now());
+                        }
+                    });
+                }
+                Ok(at)
+            }
+            None => {
+                let fetched = self.store.user_sessions_ended(&key).await?;
+                Ok(merge_end(&self.user_ends, &key, fetched, now))
+            }
+        }
+    }
+
+    /// Before a login issues a session: reads `name`'s sessions' end if
+    /// this replica does not know it yet (so that checking the new token
+    /// needs no store while the store is away), and, when that end is this
+    /// very second (a password changed just now), waits for the next one:
+    /// sessions started at or before the end are over.
+    async fn wait_past_user_end(&self, name: &str, now: Millis) {
+        let key = user_key(name);
+        if !self.user_ends.contains_key(&key) {
+            let _ = self.user_end(name).await;
+        }
+        if let Some(end) = self.user_ends.get(&key).and_then(|e| e.at) {
+            let wait = end
+                .saturating_add(1)
+                .saturating_mul(1_000)
+                .saturating_sub(now);
+            if (1..=1_000).contains(&wait) {
+                tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+            }
+        }
     }
 
     pub fn keys(&self) -> &KeySet {
@@ -185,6 +333,16 @@ impl TokenService {
             }
             Some(_) => {}
         }
+        if self
+            .user_end(&claims.sub)
+            .await?
+            .is_some_and(|end| claims.auth_time <= end)
+        {
+            return Err(ApiError::new(
+                Code::RevokedSession,
+                "user removed or password changed since login",
+            ));
+        }
         if self.store.is_revoked(&claims.sid).await? {
             return Err(ApiError::new(Code::RevokedSession, "session was revoked"));
         }
@@ -253,6 +411,14 @@ impl TokenService {
     fn remember(&self, issued: &Issued, policy: &Policy, now: Millis) {
         self.verified
             .insert(&issued.token, Arc::new(issued.claims.clone()), policy, now);
+    }
+
+    /// Whether `token` is one a request could be answered with now (valid
+    /// or renewable, its user and session still there), without renewing
+    /// it or counting a decision: to choose among several cookies.
+    pub async fn holds(&self, token: &str, now: Millis) -> bool {
+        let policy = self.policy.load_full();
+        self.judge(token, &policy, now).await.is_ok()
     }
 
     /// `POST /v1/refresh`: a valid or renewable token for a new one.
@@ -501,22 +667,104 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn removed_user_or_changed_password_ends_sessions() {
+    async fn removed_user_or_changed_password_ends_sessions_for_good() {
+        let users = |text: String| Users::parse(&text, "t").unwrap();
         let (s, hash) = service(short());
         let t = s.login("alice", "pw", None, || T0).await.unwrap();
         let other = bcrypt::hash("new", 4).unwrap();
-        s.set_users(Users::parse(&format!("alice:{other}\n"), "t").unwrap());
+        s.set_users_at(users(format!("alice:{other}\n")), T0 + 50);
         assert_eq!(
             code(s.verify(&t.token, false, T0 + 100).await),
             "REVOKED_SESSION"
         );
-        s.set_users(Users::parse("", "t").unwrap());
+        s.set_users_at(users(format!("bob:{hash}\n")), T0 + 60);
         assert_eq!(
             code(s.verify(&t.token, false, T0 + 100).await),
             "REVOKED_SESSION"
         );
-        s.set_users(Users::parse(&format!("alice:{hash}\n"), "t").unwrap());
+        // Added back with the very same hash: the old session stays over.
+        s.set_users_at(users(format!("alice:{hash}\n")), T0 + 70);
+        assert_eq!(
+            code(s.verify(&t.token, false, T0 + 100).await),
+            "REVOKED_SESSION"
+        );
+        assert_eq!(
+            code(s.refresh(&t.token, T0 + 2_100).await),
+            "REVOKED_SESSION"
+        );
+        // A session started afterwards is fine.
+        let t2 = s.login("alice", "pw", None, || T0 + 1_100).await.unwrap();
+        assert!(s.verify(&t2.token, false, T0 + 1_200).await.is_ok());
+        // An empty file (one being rewritten reads so for an instant)
+        // refuses every session while it lasts, and ends none for good.
+        let (s, hash) = service(short());
+        let t = s.login("alice", "pw", None, || T0).await.unwrap();
+        s.set_users_at(users(String::new()), T0 + 50);
+        assert_eq!(
+            code(s.verify(&t.token, false, T0 + 100).await),
+            "REVOKED_SESSION"
+        );
+        s.set_users_at(users(format!("alice:{hash}\n")), T0 + 60);
         assert!(s.verify(&t.token, false, T0 + 100).await.is_ok());
+        // And another user's session is untouched by the change.
+        let (s, hash) = service(short());
+        s.set_users_at(users(format!("alice:{hash}\nbob:{hash}\n")), T0);
+        let t = s.login("alice", "pw", None, || T0 + 1_000).await.unwrap();
+        s.set_users_at(users(format!("alice:{hash}\n")), T0 + 1_500);
+        assert!(s.verify(&t.token, false, T0 + 1_600).await.is_ok());
+    }
+
+    /// A replica that never saw the user go (it started after, or its copy
+    /// of the users file skipped that version) learns it from the store.
+    #[tokio::test]
+    async fn the_end_of_a_users_sessions_reaches_every_replica() {
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let users = |text: String| Users::parse(&text, "t").unwrap();
+        let key = Key::generate().to_pem();
+        let store: Arc<dyn OneTimeStore> = Arc::new(MemoryStore::new());
+        let replica = || {
+            let keys = KeySet::new(
+                vec![Key::from_pem(&key, "k").unwrap()],
+                "tokenpolicy",
+                "tokenpolicy",
+            )
+            .unwrap();
+            TokenService::new(
+                short(),
+                users(format!("alice:{hash}\n")),
+                keys,
+                store.clone(),
+                0,
+                Throttle::default(),
+            )
+        };
+        let (a, b) = (replica(), replica());
+        let t = a.login("alice", "pw", None, || T0).await.unwrap();
+        a.set_users_at(users(format!("bob:{hash}\n")), T0 + 100);
+        a.set_users_at(users(format!("alice:{hash}\n")), T0 + 200);
+        // The store hears of it in the background.
+        let mut recorded = false;
+        for _ in 0..100 {
+            if store
+                .user_sessions_ended(&user_key("alice"))
+                .await
+                .unwrap()
+                .is_some()
+            {
+                recorded = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(recorded);
+        assert_eq!(
+            code(b.verify(&t.token, false, T0 + 300).await),
+            "REVOKED_SESSION"
+        );
+        assert_eq!(
+            code(a.verify(&t.token, false, T0 + 300).await),
+            "REVOKED_SESSION"
+        );
     }
 
     #[tokio::test]

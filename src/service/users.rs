@@ -248,6 +248,11 @@ impl Users {
         self.by_name.is_empty()
     }
 
+    /// Every user, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &User> {
+        self.by_name.values()
+    }
+
     pub fn get(&self, name: &str) -> Option<&User> {
         self.by_name.get(name)
     }

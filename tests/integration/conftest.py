@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 ISSUER = "tokenpolicy"
 AUDIENCE = "tokenpolicy"
-COOKIE_NAME = "tokenpolicy"
+COOKIE_NAME = "__Host-tokenpolicy"
 
 #: The short policy most tests run under (seconds).
 SHORT_POLICY = dict(session=8, token=2, renew=3, grace=1)

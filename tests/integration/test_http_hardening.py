@@ -140,6 +140,87 @@ def test_half_sent_request_is_closed_after_the_header_timeout(env, servers):
     assert healthz(srv) == 200
 
 
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def send_head(port: int, head: bytes) -> socket.socket:
+    """Opens a connection and sends `head`, stopping early if the server
+    answers or closes it (as it does past its header limit)."""
+    s = connect(port)
+    try:
+        s.sendall(head)
+    except (ConnectionResetError, BrokenPipeError, socket.timeout):
+        pass
+    return s
+
+
+def test_headers_over_32_kib_are_refused(env, servers):
+    srv = start(env, "big-head", {})
+    servers.append(srv)
+    # Complete requests: up to ~32 KiB of headers are served, past it 431.
+    ok = send_head(srv.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 24_000
+                   + b"\r\nConnection: close\r\n\r\n")
+    ok.settimeout(HTTP_TIMEOUT)
+    assert ok.recv(4096).startswith(b"HTTP/1.1 200"), "24 KiB of headers refused"
+    big = send_head(srv.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 40_000
+                    + b"\r\n\r\n")
+    big.settimeout(HTTP_TIMEOUT)
+    try:
+        answer = big.recv(4096)
+    except ConnectionResetError:
+        answer = b""
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    # Many small headers count too: more than 100 is refused.
+    many = send_head(srv.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     + b"".join(b"X-H%d: v\r\n" % i for i in range(150)) + b"\r\n")
+    many.settimeout(HTTP_TIMEOUT)
+    try:
+        answer = many.recv(4096)
+    except ConnectionResetError:
+        answer = b""
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert healthz(srv) == 200
+
+
+def test_half_sent_large_headers_keep_memory_bounded(env, servers):
+    srv = start(env, "big-heads", {"TOKENPOLICY_HEADER_TIMEOUT": "60s"})
+    servers.append(srv)
+    assert healthz(srv) == 200
+    idle = rss_mib(srv.pid)
+    line = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    # 200 connections, each sending 400 KiB of headers and never the blank
+    # line that ends them: without a bound the server buffers all of it.
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + line * 400
+    with ExitStack() as stack:
+        for _ in range(200):
+            s = send_head(srv.port, head)
+            stack.callback(s.close)
+        time.sleep(1.0)
+        held = rss_mib(srv.pid)
+        assert srv.running()
+        assert healthz(srv) == 200
+    # Connections that stay just under the limit are held until the
+    # header timeout; they too cost a bounded amount each.
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + line * 30
+    with ExitStack() as stack:
+        for _ in range(200):
+            s = send_head(srv.port, head)
+            stack.callback(s.close)
+        time.sleep(1.0)
+        under = rss_mib(srv.pid)
+        assert healthz(srv) == 200
+    figures = f"idle {idle:.1f} MiB, 200 x 400 KiB heads {held:.1f} MiB, 200 x 30 KiB heads {under:.1f} MiB"
+    print("\n[large headers] " + figures)
+    # 200 x 80 KiB (the bound per connection) is 16 MiB.
+    assert held - idle < 24, figures
+    assert under - idle < 24, figures
+
+
 def test_sigterm_with_a_half_sent_request_exits_within_the_bound(env, servers):
     srv = start(env, "term-half", {"TOKENPOLICY_SHUTDOWN_DELAY": "0s", "TOKENPOLICY_SHUTDOWN_TIMEOUT": "2s",
                                    "TOKENPOLICY_HEADER_TIMEOUT": "60s"})
@@ -289,7 +370,7 @@ def test_cross_site_form_login_and_text_plain_json_are_refused(plain):
 def test_cross_site_cookie_logout_is_refused(plain):
     t = requests.post(plain.url + "/v1/login", json={"username": "alice", "password": "alice-password"},
                       timeout=HTTP_TIMEOUT).json()["access_token"]
-    r = requests.post(plain.url + "/v1/logout", headers={"Cookie": f"tokenpolicy={t}",
+    r = requests.post(plain.url + "/v1/logout", headers={"Cookie": f"__Host-tokenpolicy={t}",
                                                          "Sec-Fetch-Site": "cross-site"}, timeout=HTTP_TIMEOUT)
     assert r.status_code == 403 and r.json()["error"]["code"] == "CSRF_REJECTED"
     r = requests.get(plain.url + "/v1/verify", headers={"Authorization": f"Bearer {t}"}, timeout=HTTP_TIMEOUT)
@@ -307,7 +388,7 @@ def test_foreign_non_ascii_cookie_is_skipped(plain):
                       timeout=HTTP_TIMEOUT).json()["access_token"]
     s = connect(plain.port)
     s.sendall(b"GET /v1/verify HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-              b"Cookie: theme=\xc3\xa9t\xe9; tokenpolicy=" + t.encode() + b"\r\n\r\n")
+              b"Cookie: theme=\xc3\xa9t\xe9; __Host-tokenpolicy=" + t.encode() + b"\r\n\r\n")
     s.settimeout(HTTP_TIMEOUT)
     answer = b""
     while True:

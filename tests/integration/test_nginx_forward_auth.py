@@ -335,7 +335,14 @@ def test_signin_page_rejects_open_redirects(stack: Stack):
                      timeout=HTTP_TIMEOUT, allow_redirects=False)
     assert (r.status_code, json_code(r)) == (400, "INVALID_REDIRECT"), r.text[:300]
 
-    for rd in (f"{stack.url}/app/page?x=1", f"http://{HOST}/app/other-port", "/app/relative"):
+    # This site is plain http on the ingress's port: another port or https
+    # is another site.
+    for rd in (f"http://{HOST}/app/other-port", f"http://{HOST}:1/app/other-port",
+               stack.url.replace("http://", "https://", 1) + "/app/page"):
+        r = requests.get(login_url, params={"rd": rd}, timeout=HTTP_TIMEOUT, allow_redirects=False)
+        assert (r.status_code, json_code(r)) == (400, "INVALID_REDIRECT"), (rd, r.status_code, r.text[:300])
+
+    for rd in (f"{stack.url}/app/page?x=1", "/app/relative"):
         r = requests.get(login_url, params={"rd": rd}, timeout=HTTP_TIMEOUT, allow_redirects=False)
         assert r.status_code == 200, (rd, r.status_code, r.text[:300])
         assert "text/html" in r.headers.get("Content-Type", "")

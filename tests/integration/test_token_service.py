@@ -1007,6 +1007,39 @@ def test_password_change_and_user_removal_end_sessions(env, start_server):
     assert_verified(verify(srv, a2.token), "alice", a2.claims["sid"])
 
 
+def test_a_removed_user_added_back_does_not_get_old_sessions_back(env, redis, start_server):
+    users_file = env.workdir / "users-removal"
+    alice_line = f"alice:{_bcrypt_2y(env.users['alice'])}\n"
+    erin_line = f"erin:{_bcrypt_2y(env.users['erin'])}\n"
+    users_file.write_text(alice_line + erin_line)
+    policy = dict(session=120, token=60, renew=10, grace=1)
+    # A prefix of its own: erin's end must not reach the other tests' replicas.
+    prefix = ["--redis-prefix", "removal-test"]
+    a = start_server("replica-removal-a", redis.url, policy=policy, users_file=users_file, extra_args=prefix)
+    old = login_ok(a, env, "erin", session_len=120, token_len=60)
+    assert_verified(verify(a, old.token), "erin", old.claims["sid"])
+
+    users_file.write_text(alice_line)
+    r, elapsed = poll(lambda: verify(a, old.token), lambda r: r.status_code != 200,
+                      timeout=RELOAD_TIMEOUT, interval=0.2)
+    assert_error(r, 401, "REVOKED_SESSION")
+    # Added back with the very same hash. Each login before the reload is a
+    # failed one (at most 5 per user name): ask every 2.5 s.
+    users_file.write_text(alice_line + erin_line)
+    r, elapsed = poll(lambda: login(a, "erin", env.users["erin"]), lambda r: r.status_code == 200,
+                      timeout=RELOAD_TIMEOUT, interval=2.5)
+    assert r.status_code == 200, f"erin not back after {elapsed:.1f}s:\n{describe(r)}"
+    new = r.json()["access_token"]
+    assert verify(a, new).status_code == 200
+    # The session from before the removal stays over, here and on a replica
+    # that started afterwards (and so never saw erin go): the store says so.
+    b = start_server("replica-removal-b", redis.url, policy=policy, users_file=users_file, extra_args=prefix)
+    for srv in (a, b):
+        assert_error(verify(srv, old.token), 401, "REVOKED_SESSION")
+        assert_error(refresh(srv, old.token), 401, "REVOKED_SESSION")
+        assert verify(srv, new).status_code == 200
+
+
 def test_policy_change_applies_to_live_tokens_and_sessions(env, start_server):
     srv = start_server("replica-policy-reload", None, policy=dict(session=60, token=30, renew=0, grace=1))
     iss = login_ok(srv, env, "alice", session_len=60, token_len=30)

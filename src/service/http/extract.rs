@@ -27,10 +27,19 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
         .map(|(_, rest)| rest.trim()))
 }
 
-/// Our cookie's value. The header is read as bytes: other cookies (set by
-/// other applications on the domain) may hold anything and are skipped;
-/// only our value must be visible ASCII.
-pub(super) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+/// Cookies of our name considered at most in one request: a browser sends
+/// several when cookies of that name were set for other paths or domains
+/// (a sibling subdomain can set one for the parent domain).
+pub(super) const MAX_COOKIE_CANDIDATES: usize = 8;
+
+/// The values of our cookie, in the order the browser sent them (at most
+/// [`MAX_COOKIE_CANDIDATES`]). The header is read as bytes: other cookies
+/// (set by other applications on the domain) may hold anything and are
+/// skipped; a value of ours that is not visible ASCII is skipped too, and
+/// is a bad token only when no other value came with it.
+pub(super) fn cookies<'a>(headers: &'a HeaderMap, name: &str) -> Result<Vec<&'a str>, ApiError> {
+    let mut found = Vec::new();
+    let mut unreadable = false;
     for v in headers.get_all(header::COOKIE) {
         for pair in v.as_bytes().split(|b| *b == b';') {
             let pair = pair.trim_ascii();
@@ -40,14 +49,43 @@ pub(super) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'
             if pair[..eq].trim_ascii() != name.as_bytes() {
                 continue;
             }
-            let value = std::str::from_utf8(pair[eq + 1..].trim_ascii())
+            match std::str::from_utf8(pair[eq + 1..].trim_ascii())
                 .ok()
                 .filter(|s| s.bytes().all(|b| b.is_ascii_graphic()))
-                .ok_or_else(|| ApiError::new(Code::InvalidToken, "token is not ASCII"))?;
-            return Ok(Some(value.trim_matches('"')));
+            {
+                Some(value) => found.push(value.trim_matches('"')),
+                None => unreadable = true,
+            }
+            if found.len() == MAX_COOKIE_CANDIDATES {
+                return Ok(found);
+            }
         }
     }
-    Ok(None)
+    if found.is_empty() && unreadable {
+        return Err(ApiError::new(Code::InvalidToken, "token is not ASCII"));
+    }
+    Ok(found)
+}
+
+/// Our cookie's value. When the browser sent several cookies of our name,
+/// the first that verifies (signature, times, user, session) counts, so a
+/// cookie tossed in from a sibling subdomain ahead of ours cannot sign the
+/// user out; when none verifies, the first (whose refusal is the answer).
+pub(super) async fn cookie<'a>(
+    app: &App,
+    headers: &'a HeaderMap,
+    name: &str,
+) -> Result<Option<&'a str>, ApiError> {
+    let found = cookies(headers, name)?;
+    if found.len() > 1 {
+        let now = crate::clock::now_millis();
+        for t in &found {
+            if app.service.holds(t, now).await {
+                return Ok(Some(t));
+            }
+        }
+    }
+    Ok(found.first().copied())
 }
 
 /// Where the token came from: a cross-site page can make a browser send
@@ -61,15 +99,17 @@ pub(super) enum Source {
 
 /// The token, from `Authorization: Bearer`, the configured header, or the
 /// cookie; `""` when there is none (the service answers `EMPTY_TOKEN`).
-pub(super) fn token_of<'a>(
+pub(super) async fn token_of<'a>(
     app: &App,
     headers: &'a HeaderMap,
     cookie_name: &str,
 ) -> Result<&'a str, ApiError> {
-    token_and_source(app, headers, cookie_name).map(|(t, _)| t)
+    token_and_source(app, headers, cookie_name)
+        .await
+        .map(|(t, _)| t)
 }
 
-pub(super) fn token_and_source<'a>(
+pub(super) async fn token_and_source<'a>(
     app: &App,
     headers: &'a HeaderMap,
     cookie_name: &str,
@@ -85,7 +125,7 @@ pub(super) fn token_and_source<'a>(
     {
         return Ok((readable(v)?, Source::Header));
     }
-    Ok(match cookie(headers, cookie_name)? {
+    Ok(match cookie(app, headers, cookie_name).await? {
         Some(t) => (t, Source::Cookie),
         None => ("", Source::None),
     })
@@ -143,8 +183,8 @@ mod tests {
     use crate::fixtures::headers;
     use crate::service::http::HttpConfig;
 
-    #[test]
-    fn token_sources_in_order() {
+    #[tokio::test]
+    async fn token_sources_in_order() {
         let app = App {
             service: Arc::new(crate::service::tokens::tests_support::service()),
             config: HttpConfig {
@@ -157,13 +197,15 @@ mod tests {
             ("x-token", "b"),
             ("cookie", "tokenpolicy=c"),
         ]);
-        assert_eq!(token_of(&app, &h, "tokenpolicy").unwrap(), "a");
+        assert_eq!(token_of(&app, &h, "tokenpolicy").await.unwrap(), "a");
         let h = headers(&[("x-token", "b"), ("cookie", "tokenpolicy=c")]);
-        assert_eq!(token_of(&app, &h, "tokenpolicy").unwrap(), "b");
+        assert_eq!(token_of(&app, &h, "tokenpolicy").await.unwrap(), "b");
         let h = headers(&[("cookie", "other=x; tokenpolicy=c")]);
-        assert_eq!(token_of(&app, &h, "tokenpolicy").unwrap(), "c");
+        assert_eq!(token_of(&app, &h, "tokenpolicy").await.unwrap(), "c");
         assert_eq!(
-            token_of(&app, &HeaderMap::new(), "tokenpolicy").unwrap(),
+            token_of(&app, &HeaderMap::new(), "tokenpolicy")
+                .await
+                .unwrap(),
             ""
         );
         let mut h = HeaderMap::new();
@@ -172,7 +214,40 @@ mod tests {
             HeaderValue::from_bytes(b"Bearer t\xf6k").unwrap(),
         );
         assert_eq!(
-            token_of(&app, &h, "tokenpolicy").unwrap_err().code,
+            token_of(&app, &h, "tokenpolicy").await.unwrap_err().code,
+            Code::InvalidToken
+        );
+    }
+
+    #[test]
+    fn every_cookie_of_our_name_is_a_candidate() {
+        let h = headers(&[
+            ("cookie", "tokenpolicy=a; other=x; tokenpolicy=\"b\""),
+            ("cookie", "tokenpolicy=c"),
+        ]);
+        assert_eq!(cookies(&h, "tokenpolicy").unwrap(), ["a", "b", "c"]);
+        let many = (0..20)
+            .map(|i| format!("tokenpolicy=t{i}"))
+            .collect::<Vec<_>>();
+        let joined = many.join("; ");
+        let h = headers(&[("cookie", joined.as_str())]);
+        assert_eq!(
+            cookies(&h, "tokenpolicy").unwrap().len(),
+            MAX_COOKIE_CANDIDATES
+        );
+        let mut h = HeaderMap::new();
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_bytes(b"tokenpolicy=t\xc3\xb6k; tokenpolicy=ok").unwrap(),
+        );
+        assert_eq!(cookies(&h, "tokenpolicy").unwrap(), ["ok"]);
+        let mut h = HeaderMap::new();
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_bytes(b"tokenpolicy=t\xc3\xb6k").unwrap(),
+        );
+        assert_eq!(
+            cookies(&h, "tokenpolicy").unwrap_err().code,
             Code::InvalidToken
         );
     }

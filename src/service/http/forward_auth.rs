@@ -75,7 +75,7 @@ pub(super) async fn verify(State(app): Shared, req: Request) -> Response {
     let headers = req.headers();
     let policy = app.service.policy();
     let now = now_millis();
-    let decision = match token_of(&app, headers, &policy.cookie.name) {
+    let decision = match token_of(&app, headers, &policy.cookie.name).await {
         Ok(token) => {
             let may_renew = app.config.renew_on_verify && !is_stream(headers);
             app.service.verify(token, may_renew, now).await

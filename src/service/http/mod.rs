@@ -51,6 +51,9 @@ pub struct HttpConfig {
     /// Hosts that `rd` may point to besides the request's own host. A
     /// leading dot (`.example.com`) allows every subdomain.
     pub redirect_domains: Vec<String>,
+    /// `rd` and `Origin` may name any port of an allowed host (the scheme
+    /// must still be the request's). Off: the port must be the request's.
+    pub redirect_any_port: bool,
 }
 
 impl Default for HttpConfig {
@@ -63,6 +66,7 @@ impl Default for HttpConfig {
             renew_on_verify: true,
             signin_url: None,
             redirect_domains: Vec::new(),
+            redirect_any_port: false,
         }
     }
 }
@@ -189,14 +193,14 @@ pub(super) fn issued_response(app: &App, issued: &Issued, now_secs: i64) -> Resp
 
 /// The token of a refresh or logout: a cookie-borne one only from a
 /// same-site request (see [`origin`]).
-fn state_change_token<'a>(
+async fn state_change_token<'a>(
     app: &App,
     headers: &'a HeaderMap,
     cookie_name: &str,
 ) -> Result<&'a str, ApiError> {
-    let (token, source) = token_and_source(app, headers, cookie_name)?;
+    let (token, source) = token_and_source(app, headers, cookie_name).await?;
     if source == Source::Cookie {
-        origin::check_same_site(&app.config, headers)?;
+        origin::check_same_site(&app.config, headers, app.service.policy().cookie.secure)?;
     }
     Ok(token)
 }
@@ -204,14 +208,14 @@ fn state_change_token<'a>(
 async fn refresh(State(app): Shared, headers: HeaderMap) -> Result<Response, ApiError> {
     let policy = app.service.policy();
     let now = now_millis();
-    let token = state_change_token(&app, &headers, &policy.cookie.name)?;
+    let token = state_change_token(&app, &headers, &policy.cookie.name).await?;
     let issued = app.service.refresh(token, now).await?;
     Ok(issued_response(&app, &issued, now / 1_000))
 }
 
 async fn logout(State(app): Shared, headers: HeaderMap) -> Result<Response, ApiError> {
     let policy = app.service.policy();
-    let token = state_change_token(&app, &headers, &policy.cookie.name)?;
+    let token = state_change_token(&app, &headers, &policy.cookie.name).await?;
     app.service.logout(token, now_millis()).await?;
     // A sign-out button (a form post) goes on to the sign-in page, which
     // says why; API clients get 204.

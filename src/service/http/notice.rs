@@ -163,11 +163,11 @@ mod http_tests {
             })
         };
         // Logged in ten days ago: the default 8 h session is over.
-        let cookie = format!("tokenpolicy={}", token(now - 10 * 86_400));
+        let cookie = format!("__Host-tokenpolicy={}", token(now - 10 * 86_400));
         let (_, body) = page(app.clone(), "/v1/login", Some(&cookie)).await;
         assert!(body.contains(Notice::SessionExpired.text()), "{body}");
         // A cookie that is not ours says nothing.
-        let (_, body) = page(app.clone(), "/v1/login", Some("tokenpolicy=forged")).await;
+        let (_, body) = page(app.clone(), "/v1/login", Some("__Host-tokenpolicy=forged")).await;
         assert!(!body.contains(Notice::SessionExpired.text()), "{body}");
         assert!(!body.contains(Notice::SignedOut.text()), "{body}");
         // The session cookie outlives the session, so that this works.
@@ -202,7 +202,7 @@ mod http_tests {
             let mut req = Request::builder()
                 .method("POST")
                 .uri("/v1/logout")
-                .header(header::COOKIE, format!("tokenpolicy={token}"));
+                .header(header::COOKIE, format!("__Host-tokenpolicy={token}"));
             if form {
                 req = req.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
             }

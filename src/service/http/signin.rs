@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::extract::{Credentials, client_ip, cookie, is_form, is_json};
 use super::notice::Notice;
-use super::origin::{check_same_site, host_allowed};
+use super::origin::{Site, check_same_site, site_allowed};
 use super::{HttpConfig, MAX_BODY, Shared, issued_response};
 use crate::clock::now_millis;
 use crate::service::error::{ApiError, Code};
@@ -27,9 +27,10 @@ pub(super) async fn login(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let form = is_form(&headers);
+    let secure = app.service.policy().cookie.secure;
     if form {
         // The form is what a cross-site page can post (login CSRF).
-        check_same_site(&app.config, &headers)?;
+        check_same_site(&app.config, &headers, secure)?;
     } else if !is_json(&headers) {
         return Err(ApiError::new(
             Code::UnsupportedMediaType,
@@ -58,12 +59,14 @@ pub(super) async fn login(
         )
     })?;
     let target = match &creds.rd {
-        Some(rd) if form => Some(safe_redirect(&app.config, &headers, rd).ok_or_else(|| {
-            ApiError::new(
-                Code::InvalidRedirect,
-                "rd must point to this site or an allowed domain",
-            )
-        })?),
+        Some(rd) if form => Some(safe_redirect(&app.config, &headers, secure, rd).ok_or_else(
+            || {
+                ApiError::new(
+                    Code::InvalidRedirect,
+                    "rd must point to this site or an allowed domain",
+                )
+            },
+        )?),
         _ => None,
     };
     let ip = client_ip(&app, &headers, peer.map(|c| c.0.0));
@@ -104,8 +107,9 @@ pub(super) async fn signin_page(
     headers: HeaderMap,
     Query(q): Query<SigninQuery>,
 ) -> Response {
+    let secure = app.service.policy().cookie.secure;
     if let Some(rd) = &q.rd
-        && safe_redirect(&app.config, &headers, rd).is_none()
+        && safe_redirect(&app.config, &headers, secure, rd).is_none()
     {
         return ApiError::new(
             Code::InvalidRedirect,
@@ -132,7 +136,10 @@ pub(super) async fn signin_page(
 /// one (the cookie outlives the session by COOKIE_KEPT_AFTER_SESSION_SECS).
 async fn cookie_notice(app: &super::App, headers: &HeaderMap) -> Option<Notice> {
     let policy = app.service.policy();
-    let token = cookie(headers, &policy.cookie.name).ok().flatten()?;
+    let token = cookie(app, headers, &policy.cookie.name)
+        .await
+        .ok()
+        .flatten()?;
     if token.is_empty() {
         return None;
     }
@@ -180,24 +187,42 @@ fn signin_html(rd: Option<&str>, error: Option<&str>, notice: Option<Notice>) ->
 }
 
 /// `rd` is followed only to this site (a relative path, or an absolute URL
-/// on the request's host) or to an allow-listed domain: never an open redirect.
-pub fn safe_redirect(config: &HttpConfig, headers: &HeaderMap, rd: &str) -> Option<String> {
+/// with the request's scheme, host and port) or to an allow-listed domain
+/// (with the request's scheme and port): never an open redirect. What is
+/// followed is written out percent-encoded, so a `Location` header never
+/// carries raw non-ASCII bytes. `secure`: the session cookie's `Secure`,
+/// which tells the site's scheme when no trusted proxy does.
+pub fn safe_redirect(
+    config: &HttpConfig,
+    headers: &HeaderMap,
+    secure: bool,
+    rd: &str,
+) -> Option<String> {
     if rd.is_empty() || rd.len() > 4_096 || rd.contains('\\') || rd.chars().any(|c| c.is_control())
     {
         return None;
     }
     if rd.starts_with('/') {
-        return (!rd.starts_with("//")).then(|| rd.to_string());
+        if rd.starts_with("//") {
+            return None;
+        }
+        // Resolved against a placeholder origin, only to normalise and
+        // encode the path, query and fragment.
+        let base = url::Url::parse("http://relative.invalid/").ok()?;
+        let resolved = base.join(rd).ok()?;
+        if resolved.host_str() != Some("relative.invalid") {
+            return None;
+        }
+        let path = &resolved[url::Position::BeforePath..];
+        // Dot segments (`/..//evil.example`) must not make it protocol-relative.
+        return (path.starts_with('/') && !path.starts_with("//")).then(|| path.to_string());
     }
     let url = url::Url::parse(rd).ok()?;
-    if !matches!(url.scheme(), "http" | "https")
-        || !url.username().is_empty()
-        || url.password().is_some()
-    {
+    if !url.username().is_empty() || url.password().is_some() {
         return None;
     }
-    let host = url.host_str()?.to_ascii_lowercase();
-    host_allowed(config, headers, &host).then(|| url.to_string())
+    let site = Site::of(&url)?;
+    site_allowed(config, headers, secure, &site).then(|| url.to_string())
 }
 
 #[cfg(test)]
@@ -211,13 +236,13 @@ mod tests {
             redirect_domains: vec![".example.com".into(), "other.org".into()],
             ..Default::default()
         };
-        let h = headers(&[("host", "auth.example.net:8443")]);
-        let ok = |rd: &str| safe_redirect(&cfg, &h, rd).is_some();
+        let h = headers(&[("host", "auth.example.net")]);
+        let ok = |rd: &str| safe_redirect(&cfg, &h, true, rd).is_some();
         assert!(ok("/app?x=1"));
         assert!(ok("https://auth.example.net/app"));
         assert!(ok("https://app.example.com/x"));
         assert!(ok("https://example.com/"));
-        assert!(ok("http://other.org/"));
+        assert!(ok("https://other.org/"));
         assert!(!ok("https://evil.org/"));
         assert!(!ok("https://example.com.evil.org/"));
         assert!(!ok("https://evilexample.com/"));
@@ -227,6 +252,74 @@ mod tests {
         assert!(!ok("javascript:alert(1)"));
         assert!(!ok("https://app.example.com@evil.org/"));
         assert!(!ok(""));
+        assert!(!ok("/..//evil.org/"));
+        assert!(!ok("/./\u{2f}evil.org"));
+    }
+
+    #[test]
+    fn redirects_keep_the_scheme_and_port() {
+        let cfg = HttpConfig {
+            redirect_domains: vec![".example.com".into()],
+            ..Default::default()
+        };
+        let h = headers(&[("host", "auth.example.net")]);
+        let ok =
+            |cfg: &HttpConfig, secure: bool, rd: &str| safe_redirect(cfg, &h, secure, rd).is_some();
+        assert!(ok(&cfg, true, "https://auth.example.net/app"));
+        assert!(ok(&cfg, true, "https://auth.example.net:443/app"));
+        // http on an https site (its cookie is Secure), another port.
+        assert!(!ok(&cfg, true, "http://auth.example.net/app"));
+        assert!(!ok(&cfg, true, "https://auth.example.net:8443/app"));
+        assert!(!ok(&cfg, true, "http://app.example.com/"));
+        assert!(!ok(&cfg, true, "https://app.example.com:8443/"));
+        // Plain http use (no Secure): the other way round.
+        assert!(ok(&cfg, false, "http://auth.example.net/app"));
+        assert!(!ok(&cfg, false, "https://auth.example.net/app"));
+        // The port the client used.
+        let on_port = headers(&[("host", "auth.example.net:8443")]);
+        assert!(safe_redirect(&cfg, &on_port, true, "https://auth.example.net:8443/").is_some());
+        assert!(safe_redirect(&cfg, &on_port, true, "https://auth.example.net/").is_none());
+        // A trusted proxy's X-Forwarded-Proto is the scheme.
+        let trusting = HttpConfig {
+            trust_forwarded_headers: true,
+            ..cfg.clone()
+        };
+        let fwd = headers(&[("host", "auth.example.net"), ("x-forwarded-proto", "http")]);
+        assert!(safe_redirect(&trusting, &fwd, true, "http://auth.example.net/").is_some());
+        assert!(safe_redirect(&trusting, &fwd, true, "https://auth.example.net/").is_none());
+        // --redirect-any-port: any port, never another scheme.
+        let any_port = HttpConfig {
+            redirect_any_port: true,
+            ..cfg.clone()
+        };
+        assert!(ok(&any_port, true, "https://auth.example.net:8443/app"));
+        assert!(ok(&any_port, true, "https://app.example.com:8443/"));
+        assert!(!ok(&any_port, true, "http://auth.example.net:8443/app"));
+    }
+
+    #[test]
+    fn relative_redirects_are_percent_encoded() {
+        let cfg = HttpConfig::default();
+        let h = headers(&[("host", "auth.example.net")]);
+        let rd = |r: &str| safe_redirect(&cfg, &h, true, r);
+        assert_eq!(
+            rd("/caf\u{e9}?q=\u{e9}t\u{e9}#\u{e9}").as_deref(),
+            Some("/caf%C3%A9?q=%C3%A9t%C3%A9#%C3%A9")
+        );
+        assert_eq!(rd("/a b?x=1&y=%41").as_deref(), Some("/a%20b?x=1&y=%41"));
+        assert_eq!(rd("/app/../x").as_deref(), Some("/x"));
+        // Absolute ones too.
+        assert_eq!(
+            rd("https://auth.example.net/caf\u{e9}").as_deref(),
+            Some("https://auth.example.net/caf%C3%A9")
+        );
+        for out in [rd("/\u{e9}"), rd("https://auth.example.net/\u{e9}")]
+            .into_iter()
+            .flatten()
+        {
+            assert!(out.is_ascii(), "{out}");
+            assert!(HeaderValue::from_str(&out).is_ok());
+        }
     }
 
     #[test]

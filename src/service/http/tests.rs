@@ -145,7 +145,7 @@ async fn cookie_refresh_and_logout_need_a_same_site_request() {
     for path in ["/v1/refresh", "/v1/logout"] {
         let req = Request::post(path)
             .header("host", "auth.example.net")
-            .header(header::COOKIE, format!("tokenpolicy={t}"))
+            .header(header::COOKIE, format!("__Host-tokenpolicy={t}"))
             .header("origin", "https://evil.example")
             .body(Body::empty())
             .unwrap();
@@ -165,7 +165,7 @@ async fn cookie_refresh_and_logout_need_a_same_site_request() {
     let t = token(&app).await;
     let req = Request::post("/v1/logout")
         .header("host", "auth.example.net")
-        .header(header::COOKIE, format!("tokenpolicy={t}"))
+        .header(header::COOKIE, format!("__Host-tokenpolicy={t}"))
         .header("sec-fetch-site", "same-origin")
         .body(Body::empty())
         .unwrap();
@@ -217,7 +217,7 @@ async fn foreign_cookies_may_hold_any_bytes() {
     let t = token(&app).await;
     let cookie = [
         b"theme=\xc3\xa9t\xe9; ".as_slice(),
-        format!("tokenpolicy={t}; ").as_bytes(),
+        format!("__Host-tokenpolicy={t}; ").as_bytes(),
         b"other=\xff\xfe".as_slice(),
     ]
     .concat();
@@ -231,7 +231,7 @@ async fn foreign_cookies_may_hold_any_bytes() {
 
     // Our own cookie must still be ASCII.
     let req = Request::get("/v1/verify")
-        .header(header::COOKIE, b"tokenpolicy=t\xc3\xb6k".as_slice())
+        .header(header::COOKIE, b"__Host-tokenpolicy=t\xc3\xb6k".as_slice())
         .body(Body::empty())
         .unwrap();
     let resp = send(&app, req).await;
@@ -405,4 +405,96 @@ async fn every_route_has_its_own_latency_histogram() {
         assert!(text.contains(&count), "no histogram for {route}:\n{text}");
     }
     assert!(!text.contains("route=\"other\""), "{text}");
+}
+
+fn verify_with_cookie(cookie: &str) -> Request<Body> {
+    Request::get("/v1/verify")
+        .header("host", "auth.example.net")
+        .header(header::COOKIE, cookie)
+        .body(Body::empty())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_session_cookie_is_host_prefixed_by_default() {
+    let app = app(HttpConfig::default());
+    let resp = send(&app, json_login(&[])).await;
+    let set = resp.headers()[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(set.starts_with("__Host-tokenpolicy=ey"), "{set}");
+    assert!(
+        set.contains("; Path=/;") && set.contains("; Secure"),
+        "{set}"
+    );
+    assert!(!set.contains("Domain"), "{set}");
+    // A cookie of the unprefixed name, which a sibling subdomain could set
+    // for the parent domain, is not ours: it signs nobody in.
+    let t = token(&app).await;
+    let resp = send(&app, verify_with_cookie(&format!("tokenpolicy={t}"))).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(resp).await, "EMPTY_TOKEN");
+}
+
+#[tokio::test]
+async fn a_cookie_tossed_ahead_of_ours_does_not_sign_the_user_out() {
+    let app = app(HttpConfig::default());
+    let t = token(&app).await;
+    // A logged-out session's token, and a forged one, sent first.
+    let spent = token(&app).await;
+    let logout = Request::post("/v1/logout")
+        .header(header::AUTHORIZATION, format!("Bearer {spent}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&app, logout).await.status(), StatusCode::NO_CONTENT);
+    for first in ["forged", spent.as_str()] {
+        let cookie = format!("__Host-tokenpolicy={first}; __Host-tokenpolicy={t}");
+        let resp = send(&app, verify_with_cookie(&cookie)).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{first}");
+        assert_eq!(resp.headers()["x-auth-request-user"], "alice");
+    }
+    // Refresh takes the same one.
+    let req = Request::post("/v1/refresh")
+        .header("host", "auth.example.net")
+        .header(
+            header::COOKIE,
+            format!("__Host-tokenpolicy=forged; __Host-tokenpolicy={t}"),
+        )
+        .header("sec-fetch-site", "same-origin")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&app, req).await.status(), StatusCode::OK);
+    // When none verifies, the first one's refusal is the answer.
+    let cookie = format!("__Host-tokenpolicy=forged; __Host-tokenpolicy={spent}");
+    let resp = send(&app, verify_with_cookie(&cookie)).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(resp).await, "INVALID_TOKEN");
+}
+
+#[tokio::test]
+async fn rd_keeps_scheme_and_port_and_goes_out_percent_encoded() {
+    let app = app(HttpConfig::default());
+    for (rd, status) in [
+        ("https://auth.example.net/app", StatusCode::OK),
+        ("http://auth.example.net/app", StatusCode::BAD_REQUEST),
+        ("https://auth.example.net:8443/app", StatusCode::BAD_REQUEST),
+    ] {
+        let req = Request::get(format!("/v1/login?rd={rd}"))
+            .header("host", "auth.example.net")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(send(&app, req).await.status(), status, "{rd}");
+    }
+    // The form's rd, in UTF-8 (percent-encoded in the form body).
+    let resp = send(
+        &app,
+        form_login(&[("sec-fetch-site", "same-origin")], "/caf%C3%A9?q=%C3%A9"),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        resp.headers()[header::LOCATION].as_bytes(),
+        b"/caf%C3%A9?q=%C3%A9"
+    );
 }

@@ -13,6 +13,8 @@ use crate::clock::Millis;
 struct Maps {
     refreshes: HashMap<(String, String), (RefreshRecord, Instant)>,
     revoked: HashMap<String, Instant>,
+    /// User digest -> (sessions started at or before this second are over, until).
+    user_ends: HashMap<String, (i64, Instant)>,
     failures: HashMap<String, (u64, Instant)>,
     writes: u64,
 }
@@ -24,6 +26,7 @@ impl Maps {
         if self.writes.is_multiple_of(1_024) {
             self.refreshes.retain(|_, (_, until)| *until > now);
             self.revoked.retain(|_, until| *until > now);
+            self.user_ends.retain(|_, (_, until)| *until > now);
             self.failures.retain(|_, (_, until)| *until > now);
         }
     }
@@ -108,6 +111,28 @@ impl OneTimeStore for MemoryStore {
             .is_some_and(|until| *until > now))
     }
 
+    async fn end_user_sessions(&self, user: &str, at: i64, ttl: Millis) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut m = self.lock();
+        m.sweep(now);
+        let until = after(now, ttl);
+        let entry = m.user_ends.entry(user.to_string()).or_insert((at, until));
+        if entry.1 <= now || at >= entry.0 {
+            *entry = (at, until);
+        }
+        Ok(())
+    }
+
+    async fn user_sessions_ended(&self, user: &str) -> Result<Option<i64>, StoreError> {
+        let now = Instant::now();
+        Ok(self
+            .lock()
+            .user_ends
+            .get(user)
+            .filter(|(_, until)| *until > now)
+            .map(|(at, _)| *at))
+    }
+
     async fn failures(&self, key: &str) -> Result<Attempts, StoreError> {
         let now = Instant::now();
         Ok(match self.lock().failures.get(key) {
@@ -178,6 +203,7 @@ mod tests {
         let s = MemoryStore::new();
         contract::claim_is_once(&s).await;
         contract::revocation_sticks(&s).await;
+        contract::user_sessions_end_for_good(&s).await;
         contract::failures_count_and_clear(&s).await;
         contract::entries_expire(&s).await;
         contract::take_window_expires(&s).await;

@@ -93,6 +93,16 @@ pub trait OneTimeStore: Send + Sync + 'static {
     /// have already seen without a network round trip.
     async fn is_revoked(&self, sid: &str) -> Result<bool, StoreError>;
 
+    /// Ends, on every replica, the sessions of one user (`user`: a digest
+    /// of the name) that started at or before `at` (seconds): the user was
+    /// removed or their password changed. Kept `ttl` ms; an earlier `at`
+    /// never replaces a later one.
+    async fn end_user_sessions(&self, user: &str, at: i64, ttl: Millis) -> Result<(), StoreError>;
+
+    /// The latest `at` given to [`OneTimeStore::end_user_sessions`] for
+    /// `user`, while it is kept.
+    async fn user_sessions_ended(&self, user: &str) -> Result<Option<i64>, StoreError>;
+
     async fn failures(&self, key: &str) -> Result<Attempts, StoreError>;
     async fn add_failure(&self, key: &str, window: Millis) -> Result<Attempts, StoreError>;
     async fn clear_failures(&self, key: &str) -> Result<(), StoreError>;
@@ -175,6 +185,18 @@ pub(crate) mod contract {
         store.revoke_session("s2", 60_000).await.unwrap();
         assert!(store.is_revoked("s2").await.unwrap());
         assert!(!store.is_revoked("s3").await.unwrap());
+    }
+
+    pub async fn user_sessions_end_for_good(store: &dyn OneTimeStore) {
+        assert_eq!(store.user_sessions_ended("u-1").await.unwrap(), None);
+        store.end_user_sessions("u-1", 1_000, 60_000).await.unwrap();
+        assert_eq!(store.user_sessions_ended("u-1").await.unwrap(), Some(1_000));
+        // A later end moves it on; an earlier one (a replica that saw the
+        // change late) does not move it back.
+        store.end_user_sessions("u-1", 2_000, 60_000).await.unwrap();
+        store.end_user_sessions("u-1", 1_500, 60_000).await.unwrap();
+        assert_eq!(store.user_sessions_ended("u-1").await.unwrap(), Some(2_000));
+        assert_eq!(store.user_sessions_ended("u-2").await.unwrap(), None);
     }
 
     pub async fn failures_count_and_clear(store: &dyn OneTimeStore) {

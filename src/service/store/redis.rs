@@ -62,6 +62,20 @@ return {1, redis.call('PTTL', KEYS[1])}
     )
 });
 
+/// Ends a user's sessions up to ARGV[1] (seconds), kept ARGV[2] ms; an
+/// earlier end never replaces a later one.
+static END_USER_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local v = tonumber(redis.call('GET', KEYS[1]) or '')
+if v == nil or tonumber(ARGV[1]) >= v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 0
+"#,
+    )
+});
+
 /// Gives one taken attempt back, never below zero, keeping the window.
 static RELEASE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
@@ -420,6 +434,30 @@ impl OneTimeStore for RedisStore {
         }
     }
 
+    async fn end_user_sessions(&self, user: &str, at: i64, ttl: Millis) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let mut inv = END_USER_SCRIPT.key(self.session_key(user, "sessions-ended"));
+        inv.arg(at).arg(ttl.max(1));
+        self.run(inv.invoke_async::<i64>(&mut conn))
+            .await
+            .map(|_| ())
+    }
+
+    async fn user_sessions_ended(&self, user: &str) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.session_key(user, "sessions-ended");
+        let value: Option<String> = self
+            .run(redis::cmd("GET").arg(key).query_async(&mut conn))
+            .await?;
+        match value {
+            None => Ok(None),
+            Some(v) => v
+                .parse::<i64>()
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt(format!("user sessions end {v:?}"))),
+        }
+    }
+
     async fn failures(&self, key: &str) -> Result<Attempts, StoreError> {
         let mut conn = self.conn.clone();
         let key = self.failure_key(key);
@@ -590,6 +628,7 @@ mod tests {
         let s = RedisStore::new(&url, &prefix).unwrap();
         crate::service::store::contract::claim_is_once(&s).await;
         crate::service::store::contract::revocation_sticks(&s).await;
+        crate::service::store::contract::user_sessions_end_for_good(&s).await;
         crate::service::store::contract::failures_count_and_clear(&s).await;
         crate::service::store::contract::entries_expire(&s).await;
         crate::service::store::contract::take_window_expires(&s).await;

@@ -119,6 +119,7 @@ impl TokenService {
             ));
         };
         self.release_attempts(&taken).await;
+        self.wait_past_user_end(&user.name, clock()).await;
         let policy = self.policy.load();
         let (auth_time, iat, exp) = rules::login_times(&policy, clock());
         let claims = Claims {
@@ -462,6 +463,17 @@ mod tests {
         }
         async fn is_revoked(&self, sid: &str) -> Result<bool, StoreError> {
             self.inner.is_revoked(sid).await
+        }
+        async fn end_user_sessions(
+            &self,
+            user: &str,
+            at: i64,
+            ttl: Millis,
+        ) -> Result<(), StoreError> {
+            self.inner.end_user_sessions(user, at, ttl).await
+        }
+        async fn user_sessions_ended(&self, user: &str) -> Result<Option<i64>, StoreError> {
+            self.inner.user_sessions_ended(user).await
         }
         async fn failures(&self, key: &str) -> Result<Attempts, StoreError> {
             self.inner.failures(key).await
