@@ -19,6 +19,8 @@ use crate::crd::TokenPolicy;
 pub const MANAGER: &str = "tokenpolicy-operator";
 /// The token service's HTTP port.
 pub const PORT: i32 = 8080;
+/// The token service's port for the kubelet probes and /metrics.
+pub const METRICS_PORT: i32 = 9090;
 /// On a TokenPolicy: change its value to rotate the signing key.
 pub const ROTATE_ANNOTATION: &str = "auth.tokenpolicy.io/rotate-signing-key";
 /// On the signing-key Secret: the rotate value it was last made for.

@@ -26,7 +26,7 @@ use kube::{Resource, ResourceExt};
 use crate::crd::TokenPolicy;
 use crate::operator::names::selector;
 pub use crate::operator::names::{
-    KEYS_ANNOTATION, MANAGER, PORT, PROMOTED_AT_ANNOTATION, ROTATE_ANNOTATION,
+    KEYS_ANNOTATION, MANAGER, METRICS_PORT, PORT, PROMOTED_AT_ANNOTATION, ROTATE_ANNOTATION,
     ROTATED_FOR_ANNOTATION, endpoint, labels, object_name, signing_secret_name,
 };
 use crate::operator::rotation::{self, KeyRing};
@@ -197,17 +197,19 @@ pub struct NetworkPolicyConfig {
     pub metrics_from: Vec<NetworkPolicyPeer>,
 }
 
-/// Ingress to the token service pods only from the configured peers, only
-/// on the HTTP port (which also serves `/metrics`). Both lists empty: any
-/// source, on that port only. Egress is left open: Redis and the API server
-/// are wherever the cluster keeps them.
+/// Ingress to the token service pods only from the configured peers: the
+/// ingress controllers on the HTTP port, the metrics scraper on the metrics
+/// port. A list left empty admits any source, on its port only. Egress is
+/// left open: Redis and the API server are wherever the cluster keeps them.
 pub fn network_policy(tp: &TokenPolicy, config: &NetworkPolicyConfig) -> NetworkPolicy {
-    let peers: Vec<NetworkPolicyPeer> = config
-        .from
-        .iter()
-        .chain(&config.metrics_from)
-        .cloned()
-        .collect();
+    let rule = |peers: &[NetworkPolicyPeer], port: i32| NetworkPolicyIngressRule {
+        from: (!peers.is_empty()).then(|| peers.to_vec()),
+        ports: Some(vec![NetworkPolicyPort {
+            port: Some(IntOrString::Int(port)),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+    };
     NetworkPolicy {
         metadata: meta(tp, object_name(tp)),
         spec: Some(NetworkPolicySpec {
@@ -216,14 +218,10 @@ pub fn network_policy(tp: &TokenPolicy, config: &NetworkPolicyConfig) -> Network
                 ..Default::default()
             }),
             policy_types: Some(vec!["Ingress".into()]),
-            ingress: Some(vec![NetworkPolicyIngressRule {
-                from: (!peers.is_empty()).then_some(peers),
-                ports: Some(vec![NetworkPolicyPort {
-                    port: Some(IntOrString::Int(PORT)),
-                    protocol: Some("TCP".into()),
-                    ..Default::default()
-                }]),
-            }]),
+            ingress: Some(vec![
+                rule(&config.from, PORT),
+                rule(&config.metrics_from, METRICS_PORT),
+            ]),
             ..Default::default()
         }),
     }
@@ -245,7 +243,7 @@ fn probe(path: &str, period: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
-            port: IntOrString::String("http".into()),
+            port: IntOrString::String("metrics".into()),
             ..Default::default()
         }),
         period_seconds: Some(period),
@@ -272,6 +270,10 @@ pub fn deployment(
         format!("{namespace}/{}", tp.name_any()),
         "--listen".into(),
         format!("0.0.0.0:{PORT}"),
+        // Probes and metrics on a port of their own: a flood of clients on
+        // the public port cannot make the kubelet restart the pods.
+        "--metrics-listen".into(),
+        format!("0.0.0.0:{METRICS_PORT}"),
         "--log-format".into(),
         "json".into(),
         "--signing-keys-dir".into(),
@@ -350,12 +352,20 @@ pub fn deployment(
         ),
         args: Some(args),
         env: (!env.is_empty()).then_some(env),
-        ports: Some(vec![ContainerPort {
-            name: Some("http".into()),
-            container_port: PORT,
-            protocol: Some("TCP".into()),
-            ..Default::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: METRICS_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+        ]),
         liveness_probe: Some(probe("/healthz", 10)),
         readiness_probe: Some(probe("/readyz", 5)),
         resources: Some(spec.resources.clone().unwrap_or_else(default_resources)),
@@ -590,6 +600,22 @@ pub(crate) mod tests {
             "{args}"
         );
         assert!(args.contains("--signing-keys-dir /etc/tokenpolicy/keys"));
+        // The kubelet probes a port of their own, never the public one.
+        assert!(args.contains("--metrics-listen 0.0.0.0:9090"), "{args}");
+        for p in [&c.liveness_probe, &c.readiness_probe] {
+            let port = &p.as_ref().unwrap().http_get.as_ref().unwrap().port;
+            assert_eq!(port, &IntOrString::String("metrics".into()));
+        }
+        let ports: Vec<_> = c
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.clone().unwrap_or_default(), p.container_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [("http".to_string(), 8080), ("metrics".to_string(), 9090)]
+        );
         assert!(args.contains("--users /etc/tokenpolicy/users/users"));
         let env = c.env.clone().unwrap();
         let redis = env.iter().find(|e| e.name == "TOKENPOLICY_REDIS").unwrap();
@@ -678,13 +704,21 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn without_peers_the_network_policy_still_admits_only_the_http_port() {
+    fn without_peers_the_network_policy_still_admits_only_the_two_ports() {
         let np = network_policy(&policy(1), &NetworkPolicyConfig::default());
         assert_eq!(np.metadata.name.as_deref(), Some("tokenpolicy-demo"));
-        let rule = &np.spec.unwrap().ingress.unwrap()[0];
-        assert_eq!(rule.from, None);
-        let port = &rule.ports.as_ref().unwrap()[0];
-        assert_eq!(port.port, Some(IntOrString::Int(8080)));
+        let rules = np.spec.unwrap().ingress.unwrap();
+        let ports: Vec<_> = rules
+            .iter()
+            .map(|r| {
+                assert_eq!(r.from, None);
+                r.ports.as_ref().unwrap()[0].port.clone()
+            })
+            .collect();
+        assert_eq!(
+            ports,
+            [Some(IntOrString::Int(8080)), Some(IntOrString::Int(9090))]
+        );
     }
 
     #[test]

@@ -1,25 +1,29 @@
 //! Serving connections: HTTP/1.1 with a header (and keep-alive idle)
-//! timeout, a cap on open connections, and a shutdown that turns the
-//! service unready, keeps serving for a moment, then drains within a bound.
+//! timeout, a cap on open connections and a smaller one per client, a
+//! maximum age and request count per connection, and a shutdown that turns
+//! the service unready, keeps serving for a moment, then drains within a
+//! bound.
 //!
 //! Without these, a client that opens connections and sends nothing (or half
 //! a request) holds a file descriptor each for ever: enough of them and the
 //! process can no longer accept, not even `/healthz`, nor reach Redis.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
+use axum::http::{HeaderValue, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
 use tower::ServiceExt as _;
 
 /// File descriptors kept free for everything but client connections: the
@@ -61,6 +65,16 @@ pub struct Limits {
     /// Open client connections at most; past it, new ones wait in the
     /// kernel's backlog until one closes.
     pub max_connections: usize,
+    /// Open connections of one client (one address; IPv6 per /64) at most:
+    /// past it, a new one of that client is closed at once, so that no
+    /// client holds every slot.
+    pub max_connections_per_client: usize,
+    /// A connection older than this is closed once its current request is
+    /// answered (None: never).
+    pub max_connection_age: Option<Duration>,
+    /// The answer to a connection's n-th request carries `Connection:
+    /// close`, and the connection ends with it (None: never).
+    pub max_requests_per_connection: Option<u64>,
     /// After the shutdown signal: how long the service keeps answering
     /// (with `/readyz` unready) before it stops accepting.
     pub shutdown_delay: Duration,
@@ -140,6 +154,83 @@ pub fn connection_cap(requested: usize, fd_limit: Option<u64>, memory: Option<u6
     cap
 }
 
+/// Who a connection's client is, for [`ClientSlots`]: its address, an IPv6
+/// one by its /64 (a host is given at least that many addresses).
+fn client_of(ip: IpAddr) -> IpAddr {
+    match crate::trusted_proxies::canonical(ip) {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+/// Open connections per client, bounded.
+#[derive(Debug)]
+pub struct ClientSlots {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One open connection of a client, counted until dropped.
+#[derive(Debug)]
+pub struct ClientSlot {
+    slots: Arc<ClientSlots>,
+    client: IpAddr,
+}
+
+impl ClientSlots {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(ClientSlots {
+            max: max.max(1),
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn open(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot for a connection from `ip`, or None when its client has all
+    /// of its own.
+    pub fn take(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        let client = client_of(ip);
+        let mut open = self.open();
+        let n = open.entry(client).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            slots: self.clone(),
+            client,
+        })
+    }
+
+    /// Open connections of `ip`'s client.
+    pub fn count(&self, ip: IpAddr) -> usize {
+        self.open().get(&client_of(ip)).copied().unwrap_or(0)
+    }
+
+    /// Clients with an open connection.
+    pub fn clients(&self) -> usize {
+        self.open().len()
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open();
+        if let Some(n) = open.get_mut(&self.client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.client);
+            }
+        }
+    }
+}
+
 /// Accepts connections until `signal` resolves, then shuts down as
 /// [`Limits`] says. Every request carries the peer's `ConnectInfo`.
 pub async fn serve(
@@ -150,7 +241,9 @@ pub async fn serve(
     signal: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let clients = ClientSlots::new(limits.max_connections_per_client);
+    let (closing, closed) = watch::channel(false);
+    let mut connections = JoinSet::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
@@ -172,6 +265,7 @@ pub async fn serve(
     tokio::pin!(stop);
 
     loop {
+        while connections.try_join_next().is_some() {}
         let permit = tokio::select! {
             _ = &mut stop => break,
             p = permits.clone().acquire_owned() => match p {
@@ -192,42 +286,127 @@ pub async fn serve(
                 }
             },
         };
+        let Some(slot) = clients.take(peer.ip()) else {
+            tracing::debug!(
+                client = %client_of(peer.ip()),
+                limit = limits.max_connections_per_client,
+                "connection closed: the client has its limit of open connections"
+            );
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
+        let served = Arc::new(AtomicU64::new(0));
+        let max_requests = limits.max_requests_per_connection;
         let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
             let router = router.clone();
+            let n = served.fetch_add(1, Ordering::Relaxed) + 1;
             async move {
-                let resp = router.oneshot(req.map(Body::new)).await;
-                Ok::<_, Infallible>(resp.unwrap_or_else(|never| match never {}))
+                let mut resp = match router.oneshot(req.map(Body::new)).await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                };
+                if max_requests.is_some_and(|max| n >= max) {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(resp)
             }
         });
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+        let conn = http.serve_connection(TokioIo::new(stream), svc);
+        let mut closed = closed.clone();
+        let max_age = limits.max_connection_age;
+        connections.spawn(async move {
+            tokio::pin!(conn);
+            let aged = async {
+                match max_age {
+                    Some(age) => tokio::time::sleep(age).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(aged);
+            let mut ending = false;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    // Old enough, or the service stops: the request in
+                    // flight is answered, then the connection ends.
+                    _ = &mut aged, if !ending => {
+                        conn.as_mut().graceful_shutdown();
+                        ending = true;
+                    }
+                    _ = closed.changed(), if !ending => {
+                        conn.as_mut().graceful_shutdown();
+                        ending = true;
+                    }
+                }
             }
+            drop(slot);
             drop(permit);
         });
     }
     drop(listener);
-    let open = graceful.count();
+    while connections.try_join_next().is_some() {}
     tracing::info!(
-        connections = open,
+        connections = connections.len(),
         "stopped accepting; draining open connections"
     );
-    match tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown()).await {
+    let _ = closing.send(true);
+    let drained = async { while connections.join_next().await.is_some() {} };
+    match tokio::time::timeout(limits.shutdown_timeout, drained).await {
         Ok(()) => tracing::info!("all connections drained"),
-        Err(_) => tracing::warn!(
-            timeout_ms = limits.shutdown_timeout.as_millis() as u64,
-            "shutdown timeout reached: closing the remaining connections"
-        ),
+        Err(_) => {
+            tracing::warn!(
+                timeout_ms = limits.shutdown_timeout.as_millis() as u64,
+                "shutdown timeout reached: closing the remaining connections"
+            );
+            connections.abort_all();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_gets_its_own_slots_and_no_more() {
+        let slots = ClientSlots::new(2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let first = slots.take(a).unwrap();
+        let _second = slots.take(a).unwrap();
+        assert!(slots.take(a).is_none(), "a third of the same client");
+        // Written as IPv6, the same IPv4 client.
+        assert!(slots.take("::ffff:192.0.2.1".parse().unwrap()).is_none());
+        let _other = slots.take(b).unwrap();
+        drop(first);
+        assert_eq!(slots.count(a), 1);
+        let _again = slots.take(a).unwrap();
+        assert_eq!(slots.clients(), 2);
+    }
+
+    #[test]
+    fn an_ipv6_network_is_one_client() {
+        let slots = ClientSlots::new(1);
+        let _one = slots.take("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        assert!(
+            slots
+                .take("2001:db8:1:2:ffff::9".parse().unwrap())
+                .is_none()
+        );
+        let _next = slots.take("2001:db8:1:3::1".parse().unwrap()).unwrap();
+        drop(_one);
+        drop(_next);
+        // Closed connections leave no entry behind.
+        assert_eq!(slots.clients(), 0);
+    }
 
     #[test]
     fn cap_leaves_room_for_the_process() {

@@ -10,7 +10,7 @@ use axum::http::HeaderName;
 
 use crate::duration::parse_seconds;
 use crate::policy::Policy;
-use crate::service::http::{App, HttpConfig, TrustedProxies, router};
+use crate::service::http::{App, HttpConfig, TrustedProxies, admin_router, public_router, router};
 use crate::service::listen::{self, Draining, Limits};
 use crate::service::store::redis_conn::RedisTls;
 use crate::service::store::{MemoryStore, OneTimeStore, RedisStore};
@@ -32,6 +32,12 @@ pub struct ServeArgs {
     pub users: Option<PathBuf>,
     #[arg(long, env = "TOKENPOLICY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// A second address for /healthz, /readyz and /metrics (kubelet probes
+    /// and the metrics scraper), with connection slots of its own: a flood
+    /// on --listen cannot fail the probes. /metrics is then served here
+    /// only. Unset: all on --listen.
+    #[arg(long, env = "TOKENPOLICY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Redis URL shared by all replicas: `redis://[:password@]host:port[/db]`,
     /// `redis+sentinel://[:password@]host:port[,host:port...]/MASTER_NAME` or
     /// `redis+cluster://[:password@]host:port[,host:port...]` (`rediss` for TLS).
@@ -107,6 +113,27 @@ pub struct ServeArgs {
     /// and, at 80 KiB each at worst, a quarter of the memory limit).
     #[arg(long, env = "TOKENPOLICY_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
+    /// Open connections of one client address (IPv6: of one /64) at most;
+    /// more are closed at once. Behind a proxy the client is the proxy:
+    /// keep it above the connections each proxy instance keeps open.
+    #[arg(
+        long,
+        env = "TOKENPOLICY_MAX_CONNECTIONS_PER_CLIENT",
+        default_value_t = 256
+    )]
+    pub max_connections_per_client: usize,
+    /// A connection older than this is closed after its current request
+    /// (0s: never).
+    #[arg(long, env = "TOKENPOLICY_MAX_CONNECTION_AGE", default_value = "10m")]
+    pub max_connection_age: String,
+    /// Requests on one connection at most: the last answer says
+    /// `Connection: close` (0: no limit).
+    #[arg(
+        long,
+        env = "TOKENPOLICY_MAX_REQUESTS_PER_CONNECTION",
+        default_value_t = 10_000
+    )]
+    pub max_requests_per_connection: u64,
     /// After SIGTERM: time to keep serving with /readyz unready, so that
     /// load balancers stop sending new requests.
     #[arg(long, env = "TOKENPOLICY_SHUTDOWN_DELAY", default_value = "1s")]
@@ -420,9 +447,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     let fd_limit = listen::raise_fd_limit();
     let memory_limit = listen::memory_limit();
+    let max_connections = listen::connection_cap(args.max_connections, fd_limit, memory_limit);
+    let age = seconds(&args.max_connection_age, "--max-connection-age")?;
     let limits = Limits {
         header_timeout: timeout(&args.header_timeout, "--header-timeout")?,
-        max_connections: listen::connection_cap(args.max_connections, fd_limit, memory_limit),
+        max_connections,
+        max_connections_per_client: args.max_connections_per_client.min(max_connections),
+        max_connection_age: (!age.is_zero()).then_some(age),
+        max_requests_per_connection: (args.max_requests_per_connection > 0)
+            .then_some(args.max_requests_per_connection),
         shutdown_delay: seconds(&args.shutdown_delay, "--shutdown-delay")?,
         shutdown_timeout: seconds(&args.shutdown_timeout, "--shutdown-timeout")?,
     };
@@ -439,11 +472,47 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(address = %args.listen, max_connections = limits.max_connections, "listening");
     let draining = Draining::default();
-    let router = router(app).layer(axum::Extension(draining.clone()));
-    listen::serve(listener, router, limits, draining, shutdown()).await;
+    let Some(metrics_addr) = args.metrics_listen else {
+        let router = router(app).layer(axum::Extension(draining.clone()));
+        listen::serve(listener, router, limits, draining, shutdown()).await;
+        tracing::info!("stopped");
+        return Ok(());
+    };
+    let metrics_listener = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .with_context(|| format!("listening on {metrics_addr} (--metrics-listen)"))?;
+    tracing::info!(address = %metrics_addr, "probes and metrics listening");
+    let admin = admin_router(app.clone()).layer(axum::Extension(draining.clone()));
+    let public = public_router(app).layer(axum::Extension(draining.clone()));
+    // Probes and metrics answer until the public listener has drained.
+    let (done, public_done) = tokio::sync::oneshot::channel::<()>();
+    let admin_limits = Limits {
+        max_connections: ADMIN_CONNECTIONS,
+        max_connections_per_client: ADMIN_CONNECTIONS,
+        max_connection_age: None,
+        max_requests_per_connection: None,
+        shutdown_delay: Duration::ZERO,
+        ..limits.clone()
+    };
+    let admin_task = tokio::spawn(listen::serve(
+        metrics_listener,
+        admin,
+        admin_limits,
+        draining.clone(),
+        async {
+            let _ = public_done.await;
+        },
+    ));
+    listen::serve(listener, public, limits, draining, shutdown()).await;
+    let _ = done.send(());
+    let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(())
 }
+
+/// Connection slots of the probes and metrics listener (kubelet probes and a
+/// scraper or two need a handful).
+const ADMIN_CONNECTIONS: usize = 64;
 
 async fn shutdown() {
     let ctrl_c = async {

@@ -141,8 +141,13 @@ def test_each_token_service_gets_the_configured_network_policy(kube, operator):
     assert np, "no NetworkPolicy"
     assert np["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "keys"
     assert np["spec"]["policyTypes"] == ["Ingress"]
-    (rule,) = np["spec"]["ingress"]
-    assert rule["ports"] == [{"port": 8080, "protocol": "TCP"}]
-    names = [p["namespaceSelector"] for p in rule["from"]]
-    assert {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}} in names, names
-    assert any("ingress-nginx" in json.dumps(n) for n in names), names
+    web, scrape = np["spec"]["ingress"]
+    # The ingress controllers on the HTTP port, the scraper on the metrics port.
+    assert web["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    assert scrape["ports"] == [{"port": 9090, "protocol": "TCP"}]
+    assert any("ingress-nginx" in json.dumps(p) for p in web["from"]), web
+    assert scrape["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    # The kubelet probes the metrics port, never the public one.
+    c = kube.get("deployment", "tokenpolicy-keys", NS)["spec"]["template"]["spec"]["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["port"] == "metrics"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "metrics": 9090}

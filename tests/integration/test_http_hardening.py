@@ -97,7 +97,8 @@ def test_600_idle_connections_do_not_starve_healthz(env, servers):
     # process that exhausted its descriptors did; we then raise ours.
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
     try:
-        srv = start(env, "idle", {})
+        # One test client stands for 600 of them here.
+        srv = start(env, "idle", {"TOKENPOLICY_MAX_CONNECTIONS_PER_CLIENT": "1024"})
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
     servers.append(srv)
@@ -122,6 +123,74 @@ def test_connection_cap_bounds_open_files(env, servers):
         assert held <= 50, f"{held} descriptors for 150 idle connections with a cap of 50"
         # Idle connections time out, so the backlog moves and /healthz answers.
         assert healthz(srv, timeout=15) == 200
+
+
+def test_one_client_cannot_hold_every_connection_slot(env, servers):
+    srv = start(env, "per-client", {"TOKENPOLICY_MAX_CONNECTIONS": "40",
+                                    "TOKENPOLICY_MAX_CONNECTIONS_PER_CLIENT": "5"})
+    servers.append(srv)
+    with ExitStack() as stack:
+        held = [stack.enter_context(connect(srv.port)) for _ in range(5)]
+        time.sleep(0.3)
+        # The sixth of the same client is closed at once; the five stay open.
+        extra = stack.enter_context(connect(srv.port))
+        assert closed_within(extra, 2.0), "a sixth connection of one client was kept"
+        for s in held:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200"), "a held connection was dropped"
+    # Once they close, the client may connect again.
+    time.sleep(0.3)
+    assert healthz(srv) == 200
+
+
+def test_a_connection_ends_after_its_request_count_and_its_age(env, servers):
+    srv = start(env, "conn-life", {"TOKENPOLICY_MAX_REQUESTS_PER_CONNECTION": "3",
+                                   "TOKENPOLICY_MAX_CONNECTION_AGE": "2s",
+                                   "TOKENPOLICY_HEADER_TIMEOUT": "30s"})
+    servers.append(srv)
+    with connect(srv.port) as s:
+        answers = []
+        for _ in range(3):
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answers.append(s.recv(4096))
+        assert all(a.startswith(b"HTTP/1.1 200") for a in answers), answers
+        assert b"connection: close" not in answers[1].lower()
+        assert b"connection: close" in answers[2].lower(), answers[2]
+        assert closed_within(s, 2.0), "still open after its last request"
+    with connect(srv.port) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        # Idle and kept alive (header timeout 30 s), it is closed at 2 s of age.
+        started = time.monotonic()
+        assert closed_within(s, 5.0), "an old connection was kept"
+        assert time.monotonic() - started < 4.0
+
+
+def test_probes_and_metrics_have_a_listener_of_their_own(env, servers):
+    from conftest import free_port
+    admin = free_port()
+    srv = start(env, "admin-port", {"TOKENPOLICY_METRICS_LISTEN": f"127.0.0.1:{admin}",
+                                    "TOKENPOLICY_MAX_CONNECTIONS": "20",
+                                    "TOKENPOLICY_MAX_CONNECTIONS_PER_CLIENT": "20",
+                                    "TOKENPOLICY_HEADER_TIMEOUT": "30s"})
+    servers.append(srv)
+    admin_url = f"http://127.0.0.1:{admin}"
+    assert requests.get(admin_url + "/metrics", timeout=HTTP_TIMEOUT).status_code == 200
+    # /metrics is not served to the public any more; the probes still are.
+    assert requests.get(srv.url + "/metrics", timeout=HTTP_TIMEOUT).status_code == 404
+    assert healthz(srv) == 200
+    assert requests.get(srv.url + "/v1/verify", timeout=HTTP_TIMEOUT).status_code == 401
+    with ExitStack() as stack:
+        # Every public slot held by idle connections: the public port is full...
+        for _ in range(40):
+            stack.enter_context(connect(srv.port))
+        time.sleep(0.5)
+        with pytest.raises(requests.exceptions.RequestException):
+            requests.get(srv.url + "/healthz", timeout=1.5)
+        # ...and the kubelet's probes and the scraper are still answered.
+        assert requests.get(admin_url + "/healthz", timeout=HTTP_TIMEOUT).status_code == 200
+        assert requests.get(admin_url + "/readyz", timeout=HTTP_TIMEOUT).status_code == 200
+        assert "tokenpolicy_" in requests.get(admin_url + "/metrics", timeout=HTTP_TIMEOUT).text
 
 
 def test_half_sent_request_is_closed_after_the_header_timeout(env, servers):

@@ -865,15 +865,36 @@ async fn an_allowed_image_runs_behind_the_configured_network_policy() {
             "demo"
         );
         assert_eq!(np["spec"]["policyTypes"], json!(["Ingress"]));
-        let rule = &np["spec"]["ingress"][0];
-        assert_eq!(rule["ports"], json!([{"port": 8080, "protocol": "TCP"}]));
-        let from: Vec<_> = rule["from"]
+        // The ingress controllers reach the HTTP port, the scraper the metrics port.
+        let rules: Vec<_> = np["spec"]["ingress"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|p| p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"].clone())
+            .map(|rule| {
+                let from: Vec<_> = rule["from"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| {
+                        p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"].clone()
+                    })
+                    .collect();
+                (rule["ports"].clone(), from)
+            })
             .collect();
-        assert_eq!(from, [json!("ingress-nginx"), json!("monitoring")]);
+        assert_eq!(
+            rules,
+            [
+                (
+                    json!([{"port": 8080, "protocol": "TCP"}]),
+                    vec![json!("ingress-nginx")]
+                ),
+                (
+                    json!([{"port": 9090, "protocol": "TCP"}]),
+                    vec![json!("monitoring")]
+                ),
+            ]
+        );
         status(&mut api).await;
         api.no_more_calls(200).await;
     });

@@ -91,7 +91,23 @@ use forward_auth::verify;
 pub use signin::safe_redirect;
 use signin::{login, signin_page};
 
+/// Every route on one listener.
 pub fn router(app: Arc<App>) -> Router {
+    layered(public_routes().merge(admin_routes()), app)
+}
+
+/// The routes clients and proxies call, with the probes (for load
+/// balancers that check this port) but without /metrics.
+pub fn public_router(app: Arc<App>) -> Router {
+    layered(public_routes().merge(probe_routes()), app)
+}
+
+/// /healthz, /readyz and /metrics, for `--metrics-listen`.
+pub fn admin_router(app: Arc<App>) -> Router {
+    layered(admin_routes(), app)
+}
+
+fn public_routes() -> Router<Arc<App>> {
     Router::new()
         .route("/v1/login", post(login).get(signin_page))
         .route("/v1/refresh", post(refresh))
@@ -99,9 +115,20 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/verify", any(verify))
         .route("/v1/verify/{*rest}", any(verify))
         .route("/.well-known/jwks.json", get(jwks))
+}
+
+fn probe_routes() -> Router<Arc<App>> {
+    Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+}
+
+fn admin_routes() -> Router<Arc<App>> {
+    probe_routes().route("/metrics", get(metrics))
+}
+
+fn layered(routes: Router<Arc<App>>, app: Arc<App>) -> Router {
+    routes
         .layer(middleware::from_fn_with_state(app.clone(), deadline))
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         .layer(
