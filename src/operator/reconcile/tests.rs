@@ -198,6 +198,18 @@ const OWNED: [(&str, &str, &str); 7] = [
     ),
 ];
 
+/// The signing-key Secret found (ours), and nothing else of ours yet.
+async fn keys_found(api: &mut ApiServer) {
+    api.expect(
+        "GET",
+        "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys",
+        200,
+        key_secret(),
+    )
+    .await;
+    lookups(api, &[]).await;
+}
+
 /// The reads before any write: each owned kind answered as `answer` says
 /// (kind -> body; absent kinds are not found).
 async fn lookups(api: &mut ApiServer, answer: &[(&str, Value)]) {
@@ -282,14 +294,7 @@ async fn unchanged_spec_applies_the_same_and_keeps_the_key() {
     let scenario = tokio::spawn(async move {
         users_secret_found(&mut api).await;
         // The key exists: no create, no event, nothing overwritten.
-        api.expect(
-            "GET",
-            "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys",
-            200,
-            key_secret(),
-        )
-        .await;
-        lookups(&mut api, &[]).await;
+        keys_found(&mut api).await;
         let dep = applies(&mut api, 1).await;
         assert_eq!(dep["spec"]["replicas"], first.spec.replicas.unwrap());
         assert_eq!(
@@ -325,14 +330,7 @@ async fn scaling_out_adds_redis_and_a_disruption_budget() {
             secret("redis", "url", "redis://r:6379"),
         )
         .await;
-        api.expect(
-            "GET",
-            "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys",
-            200,
-            key_secret(),
-        )
-        .await;
-        lookups(&mut api, &[]).await;
+        keys_found(&mut api).await;
         let dep = applies(&mut api, 3).await;
         assert_eq!(dep["spec"]["replicas"], 3);
         let env = &dep["spec"]["template"]["spec"]["containers"][0]["env"];
@@ -840,14 +838,7 @@ async fn an_allowed_image_runs_behind_the_configured_network_policy() {
     tp.spec.image = Some("mirror.example/tokenpolicy:2".into());
     let scenario = tokio::spawn(async move {
         users_secret_found(&mut api).await;
-        api.expect(
-            "GET",
-            "/api/v1/namespaces/team/secrets/tokenpolicy-demo-signing-keys",
-            200,
-            key_secret(),
-        )
-        .await;
-        lookups(&mut api, &[]).await;
+        keys_found(&mut api).await;
         let dep = applies(&mut api, 1).await;
         assert_eq!(
             dep["spec"]["template"]["spec"]["containers"][0]["image"],
