@@ -202,7 +202,7 @@ async fn degrade(
         degraded: C::yes(reason, message),
         ready_replicas: tp.status.as_ref().and_then(|s| s.ready_replicas),
     };
-    write_status(tp, policies, &report).await?;
+    write_status(tp, policies, &report, Timestamp::now()).await?;
     Ok(Action::requeue(Duration::from_secs(30)))
 }
 
@@ -276,7 +276,8 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
         return degrade(tp, ctx, &policies, R::OBJECT_NOT_OWNED, message).await;
     }
 
-    let now = Timestamp::now().as_second();
+    let clock = Timestamp::now();
+    let now = clock.as_second();
     let existing_keys = match key_secret {
         Found::Ours(s) => Some(s),
         _ => None,
@@ -362,7 +363,7 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
         )
         .await;
     }
-    write_status(tp, &policies, &report).await?;
+    write_status(tp, &policies, &report, clock).await?;
     // After a rotation step, come back at once to roll the pods to the new
     // ring; while a previous key is kept, come back when it may be retired.
     Ok(Action::requeue(Duration::from_secs(if rotated {

@@ -123,17 +123,19 @@ struct StatusPatch {
     status: TokenPolicyStatus,
 }
 
+/// Writes `report` as the status, its conditions made at `now` (the
+/// reconcile's clock: nothing in here reads one).
 pub(crate) async fn write_status(
     tp: &TokenPolicy,
     api: &Api<TokenPolicy>,
     report: &Report,
+    now: Timestamp,
 ) -> Result<(), Error> {
     let old = tp
         .status
         .as_ref()
         .map(|s| s.conditions.as_slice())
         .unwrap_or(&[]);
-    let now = Timestamp::now();
     let generation = tp.metadata.generation;
     let status = TokenPolicyStatus {
         observed_generation: generation,
