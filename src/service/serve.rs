@@ -168,14 +168,25 @@ pub struct ServeArgs {
 
     /// With --redis: how many sessions known to be live to remember, so that
     /// their tokens skip a Redis round trip. Past it, other sessions are
-    /// asked of Redis on each request; revocations are always remembered.
-    /// Bounds memory: about 170 bytes per entry.
+    /// asked of Redis on each request. Bounds memory: about 170 bytes per
+    /// entry (revocations are bounded apart: --max-cached-revocations).
     #[arg(
         long,
         env = "TOKENPOLICY_SESSION_CACHE_SIZE",
         default_value_t = crate::service::store::redis::DEFAULT_LIVE_SESSIONS
     )]
     pub session_cache_size: usize,
+
+    /// How many revocations to keep in memory (at least 1). Bounds memory:
+    /// about 150-170 bytes per entry (default: under 9 MiB). With --redis,
+    /// Redis answers for the others. Without it, memory is the only copy:
+    /// past the bound, a logout ends all of that user's sessions so far.
+    #[arg(
+        long,
+        env = "TOKENPOLICY_MAX_CACHED_REVOCATIONS",
+        default_value_t = crate::service::store::DEFAULT_MAX_REVOCATIONS
+    )]
+    pub max_cached_revocations: usize,
 }
 
 /// A duration flag in whole seconds (`10s`, `1m`).
@@ -350,9 +361,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let store: Arc<dyn OneTimeStore> = match &args.redis {
         Some(url) => Arc::new(
             RedisStore::with_tls(url, &args.redis_prefix, &redis_tls(&args)?)?
-                .with_live_session_limit(args.session_cache_size),
+                .with_live_session_limit(args.session_cache_size)
+                .with_revocation_limit(args.max_cached_revocations),
         ),
-        None => Arc::new(MemoryStore::new()),
+        None => Arc::new(MemoryStore::new().with_revocation_limit(args.max_cached_revocations)),
     };
     let leeway = leeway(&args.leeway)?;
     let window =

@@ -285,3 +285,40 @@ def test_hash_password_refuses_the_empty_password():
                              capture_output=True, timeout=60, env=child_env())
         assert out.returncode != 0 and out.stdout == b"", out
         assert b"empty password" in out.stderr, out.stderr
+
+
+# ==========================================================================
+# 5. revocations held in memory
+# ==========================================================================
+
+
+def test_logouts_past_the_in_memory_bound_stay_revoked(env, start_server):
+    users = users_file(env, "revoked", [f"cycler:{_bcrypt_2y('cycler-password')}",
+                                        f"other:{_bcrypt_2y('other-password')}"])
+    srv = start_server("revocations", None, users_file=users,
+                       extra_args=["--max-cached-revocations", "2"])
+
+    def token(user: str) -> str:
+        r = login(srv.url, user, f"{user}-password")
+        assert r.status_code == 200, r.text[:200]
+        return r.json()["access_token"]
+
+    def verify(tok: str) -> requests.Response:
+        return requests.get(srv.url + "/v1/verify", headers={"Authorization": f"Bearer {tok}"},
+                            timeout=30)
+
+    other = token("other")
+    out = []
+    for i in range(6):
+        tok = token("cycler")
+        assert verify(tok).status_code == 200, f"login {i}"
+        r = requests.post(srv.url + "/v1/logout", headers={"Authorization": f"Bearer {tok}"},
+                          timeout=30)
+        assert r.status_code in (200, 204), r.text[:200]
+        out.append(tok)
+        for j, old in enumerate(out):
+            v = verify(old)
+            assert v.status_code == 401 and error_code(v) == "REVOKED_SESSION", \
+                (i, j, v.status_code, v.text[:200])
+    assert verify(other).status_code == 200
+    assert verify(token("cycler")).status_code == 200

@@ -206,7 +206,7 @@ mod tests {
     use super::*;
     use crate::policy::Policy;
     use crate::service::store::{
-        Attempts, Claim, MemoryStore, OneTimeStore, RefreshRecord, StoreError, Take,
+        Attempts, Claim, MemoryStore, OneTimeStore, RefreshRecord, Revoked, StoreError, Take,
     };
     use crate::service::token::{Key, KeySet};
     use crate::service::tokens::Throttle;
@@ -458,7 +458,7 @@ mod tests {
                 .claim_refresh(sid, jti, issued_at, record, ttl)
                 .await
         }
-        async fn revoke_session(&self, sid: &str, ttl: Millis) -> Result<(), StoreError> {
+        async fn revoke_session(&self, sid: &str, ttl: Millis) -> Result<Revoked, StoreError> {
             self.inner.revoke_session(sid, ttl).await
         }
         async fn is_revoked(&self, sid: &str) -> Result<bool, StoreError> {
