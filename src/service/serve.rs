@@ -148,6 +148,13 @@ pub struct ServeArgs {
     pub max_failed_logins_per_address: u64,
     #[arg(long, env = "TOKENPOLICY_FAILED_LOGIN_WINDOW", default_value = "15m")]
     pub failed_login_window: String,
+    /// Successful logins allowed per user per --login-window; past it, 429
+    /// TOO_MANY_ATTEMPTS with Retry-After. Every session may cost a
+    /// revocation to keep: this bounds how fast one account makes them.
+    #[arg(long, env = "TOKENPOLICY_MAX_LOGINS_PER_USER", default_value_t = 30)]
+    pub max_logins_per_user: u64,
+    #[arg(long, env = "TOKENPOLICY_LOGIN_WINDOW", default_value = "15m")]
+    pub login_window: String,
     /// Password checks run at once (default: cores, at most 4). Each holds
     /// its hash's memory cost (argon2id default: 19 MiB).
     #[arg(long, env = "TOKENPOLICY_LOGIN_THREADS")]
@@ -373,6 +380,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_per_user: args.max_failed_logins_per_user,
         max_per_address: args.max_failed_logins_per_address,
         window,
+        max_logins_per_user: args.max_logins_per_user,
+        login_window: parse_seconds(&args.login_window).context("--login-window")? as i64 * 1_000,
     };
     let token_header = match &args.token_header {
         Some(h) => Some(

@@ -21,13 +21,18 @@ use crate::service::users::Users;
 mod login;
 use crate::service::verified::Verified;
 
-/// Failed-login throttling: at most `max_per_user` failures per user name and
-/// `max_per_address` per client address within `window`.
+/// Login throttling: at most `max_per_user` failures per user name and
+/// `max_per_address` per client address within `window`; and at most
+/// `max_logins_per_user` successful logins per user within `login_window`,
+/// so that one account cannot mint sessions (and their revocations) at the
+/// rate of the network.
 #[derive(Debug, Clone, Copy)]
 pub struct Throttle {
     pub max_per_user: u64,
     pub max_per_address: u64,
     pub window: Millis,
+    pub max_logins_per_user: u64,
+    pub login_window: Millis,
 }
 
 impl Default for Throttle {
@@ -36,6 +41,8 @@ impl Default for Throttle {
             max_per_user: 5,
             max_per_address: 20,
             window: 15 * 60 * 1_000,
+            max_logins_per_user: 30,
+            login_window: 15 * 60 * 1_000,
         }
     }
 }

@@ -10,6 +10,10 @@
 * An unknown user name costs what a known one costs, whatever hash kinds
   the users file mixes (medians compared as ratios, not absolute times).
 * Empty passwords and bcrypt passwords past 72 bytes never log in.
+* Successful logins are limited per user, across replicas sharing Redis
+  (429 TOO_MANY_ATTEMPTS with Retry-After past the limit).
+* Logouts past the in-process store's bound on revocations held in memory
+  (`--max-cached-revocations`) stay revoked.
 
 Every loop here is bounded in count and every wait has a deadline.
 """
@@ -288,8 +292,28 @@ def test_hash_password_refuses_the_empty_password():
 
 
 # ==========================================================================
-# 5. revocations held in memory
+# 5. successful logins and the revocations they cost
 # ==========================================================================
+
+
+def test_successful_logins_are_limited_per_user_across_replicas(env, start_server, start_redis):
+    redis = start_redis("redis-logins")
+    users = users_file(env, "logins", [f"busy:{_bcrypt_2y('busy-password')}",
+                                       f"calm:{_bcrypt_2y('calm-password')}"])
+    extra = ["--max-logins-per-user", "3", "--login-window", "1m"]
+    a = start_server("logins-a", redis.url, users_file=users, extra_args=extra, wait=False)
+    b = start_server("logins-b", redis.url, users_file=users, extra_args=extra, wait=False)
+    a.wait_ready()
+    b.wait_ready()
+    answers = [login((a, b)[i % 2].url, "busy", "busy-password") for i in range(5)]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429, 429], \
+        [(r.status_code, r.text[:200]) for r in answers]
+    for r in answers[3:]:
+        assert error_code(r) == "TOO_MANY_ATTEMPTS", r.text[:200]
+        assert 1 <= int(r.headers["Retry-After"]) <= 60, r.headers
+        assert "access_token" not in r.text
+    # Another user is not held back.
+    assert login(b.url, "calm", "calm-password").status_code == 200
 
 
 def test_logouts_past_the_in_memory_bound_stay_revoked(env, start_server):
