@@ -114,9 +114,11 @@ struct Cache {
     /// Past `max_live + max_revoked` entries, a revocation of a session not
     /// held is not remembered: Redis answers for it.
     max_revoked: AtomicUsize,
-    /// A revocation learnt from this replica or the channel was left out
-    /// since the last sweep: cached "live" answers are not trusted.
-    overflowed: AtomicBool,
+    /// How many revocations learnt from this replica or the channel were
+    /// left out, and how many of them a sweep has since dealt with (by a
+    /// new epoch): while they differ, cached "live" answers are not trusted.
+    left_out: AtomicU64,
+    dealt_with: AtomicU64,
     /// Bumped each time the subscription is (re)established.
     epoch: AtomicU64,
     subscribed: AtomicBool,
@@ -128,7 +130,8 @@ impl Cache {
             entries: DashMap::new(),
             max_live: AtomicUsize::new(max_live),
             max_revoked: AtomicUsize::new(max_revoked),
-            overflowed: AtomicBool::new(false),
+            left_out: AtomicU64::new(0),
+            dealt_with: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             subscribed: AtomicBool::new(false),
         }
@@ -165,13 +168,13 @@ impl Cache {
     /// one might be this session's, written by a check that raced it.
     fn learn_revocation(&self, sid: &str, ttl: Millis) {
         if !self.mark_revoked(sid, ttl) {
-            self.overflowed.store(true, Ordering::SeqCst);
+            self.left_out.fetch_add(1, Ordering::SeqCst);
         }
     }
 
     /// Whether cached "live" answers may be used.
     fn trusts_live(&self) -> bool {
-        !self.overflowed.load(Ordering::SeqCst)
+        self.left_out.load(Ordering::SeqCst) == self.dealt_with.load(Ordering::SeqCst)
     }
 
     fn mark_live(&self, sid: &str, epoch: u64) {
@@ -213,15 +216,21 @@ impl Cache {
             .collect()
     }
 
-    /// Drops lapsed entries. If a revocation was left out and there is room
+    /// Drops lapsed entries. If revocations were left out and there is room
     /// again, a new epoch starts (every "live" answer cached so far is
     /// checked in Redis once more) and cached answers are trusted again.
+    /// Only those left out before the new epoch are dealt with: a "live"
+    /// answer of the new epoch was read from Redis after they were written
+    /// there. One left out meanwhile waits for the next sweep.
     fn sweep(&self) {
         let now = Instant::now();
         self.entries.retain(|_, k| k.until > now);
-        if self.overflowed.load(Ordering::SeqCst) && self.entries.len() < self.capacity() {
+        let left_out = self.left_out.load(Ordering::SeqCst);
+        if left_out != self.dealt_with.load(Ordering::SeqCst)
+            && self.entries.len() < self.capacity()
+        {
             self.epoch.fetch_add(1, Ordering::SeqCst);
-            self.overflowed.store(false, Ordering::SeqCst);
+            self.dealt_with.store(left_out, Ordering::SeqCst);
         }
     }
 }
