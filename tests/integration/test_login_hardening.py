@@ -13,7 +13,8 @@
 * Successful logins are limited per user, across replicas sharing Redis
   (429 TOO_MANY_ATTEMPTS with Retry-After past the limit).
 * Logouts past the in-process store's bound on revocations held in memory
-  (`--max-cached-revocations`) stay revoked.
+  (`--max-cached-revocations`) stay revoked, and so do those past the
+  Redis store's cache bound, on every replica.
 
 Every loop here is bounded in count and every wait has a deadline.
 """
@@ -346,3 +347,34 @@ def test_logouts_past_the_in_memory_bound_stay_revoked(env, start_server):
                 (i, j, v.status_code, v.text[:200])
     assert verify(other).status_code == 200
     assert verify(token("cycler")).status_code == 200
+
+
+def test_logouts_past_the_cache_bound_stay_revoked_on_every_replica(env, start_server, start_redis):
+    redis = start_redis("redis-revocations")
+    users = users_file(env, "revoked-redis", [f"cycler:{_bcrypt_2y('cycler-password')}"])
+    extra = ["--max-cached-revocations", "1", "--session-cache-size", "1"]
+    a = start_server("revocations-a", redis.url, users_file=users, extra_args=extra, wait=False)
+    b = start_server("revocations-b", redis.url, users_file=users, extra_args=extra, wait=False)
+    a.wait_ready()
+    b.wait_ready()
+
+    def verify(srv, tok: str) -> requests.Response:
+        return requests.get(srv.url + "/v1/verify", headers={"Authorization": f"Bearer {tok}"},
+                            timeout=30)
+
+    tokens = []
+    for i in range(5):
+        r = login(a.url, "cycler", "cycler-password")
+        assert r.status_code == 200, r.text[:200]
+        tokens.append(r.json()["access_token"])
+    for tok in tokens:
+        assert verify(b, tok).status_code == 200
+    for tok in tokens:
+        r = requests.post(a.url + "/v1/logout", headers={"Authorization": f"Bearer {tok}"},
+                          timeout=30)
+        assert r.status_code in (200, 204), r.text[:200]
+    for srv in (a, b):
+        for i, tok in enumerate(tokens):
+            v = verify(srv, tok)
+            assert v.status_code == 401 and error_code(v) == "REVOKED_SESSION", \
+                (srv, i, v.status_code, v.text[:200])
