@@ -185,7 +185,7 @@ pub struct ServeArgs {
     pub session_cache_size: usize,
 
     /// How many revocations to keep in memory (at least 1). Bounds memory:
-    /// about 150-170 bytes per entry (default: under 9 MiB). With --redis,
+    /// about 150 bytes per entry (default: about 7.5 MiB). With --redis,
     /// Redis answers for the others. Without it, memory is the only copy:
     /// past the bound, a logout ends all of that user's sessions so far.
     #[arg(

@@ -12,8 +12,8 @@
 //! missed in between.
 //!
 //! That memory is bounded: at most `--session-cache-size` live sessions and
-//! `--max-cached-revocations` revocations (each about 170 bytes; defaults
-//! 50,000 and 50,000, about 17 MiB in all). Redis holds every revocation;
+//! `--max-cached-revocations` revocations (about 170 and 150 bytes each;
+//! defaults 50,000 and 50,000, about 16 MiB in all). Redis holds every revocation;
 //! one the cache has no room for is asked of Redis on each check, never
 //! taken for live. While one has been left out, no cached "live" answer is
 //! trusted (it might belong to that session); once expired entries make
