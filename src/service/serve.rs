@@ -175,6 +175,13 @@ pub struct ServeArgs {
     pub max_failed_logins_per_address: u64,
     #[arg(long, env = "TOKENPOLICY_FAILED_LOGIN_WINDOW", default_value = "15m")]
     pub failed_login_window: String,
+    /// Successful logins allowed per user per --login-window; past it, 429
+    /// TOO_MANY_ATTEMPTS with Retry-After. Every session may cost a
+    /// revocation to keep: this bounds how fast one account makes them.
+    #[arg(long, env = "TOKENPOLICY_MAX_LOGINS_PER_USER", default_value_t = 30)]
+    pub max_logins_per_user: u64,
+    #[arg(long, env = "TOKENPOLICY_LOGIN_WINDOW", default_value = "15m")]
+    pub login_window: String,
     /// Password checks run at once (default: cores, at most 4). Each holds
     /// its hash's memory cost (argon2id default: 19 MiB).
     #[arg(long, env = "TOKENPOLICY_LOGIN_THREADS")]
@@ -195,14 +202,25 @@ pub struct ServeArgs {
 
     /// With --redis: how many sessions known to be live to remember, so that
     /// their tokens skip a Redis round trip. Past it, other sessions are
-    /// asked of Redis on each request; revocations are always remembered.
-    /// Bounds memory: about 170 bytes per entry.
+    /// asked of Redis on each request. Bounds memory: about 170 bytes per
+    /// entry (revocations are bounded apart: --max-cached-revocations).
     #[arg(
         long,
         env = "TOKENPOLICY_SESSION_CACHE_SIZE",
         default_value_t = crate::service::store::redis::DEFAULT_LIVE_SESSIONS
     )]
     pub session_cache_size: usize,
+
+    /// How many revocations to keep in memory (at least 1). Bounds memory:
+    /// about 150 bytes per entry (default: about 7.5 MiB). With --redis,
+    /// Redis answers for the others. Without it, memory is the only copy:
+    /// past the bound, a logout ends all of that user's sessions so far.
+    #[arg(
+        long,
+        env = "TOKENPOLICY_MAX_CACHED_REVOCATIONS",
+        default_value_t = crate::service::store::DEFAULT_MAX_REVOCATIONS
+    )]
+    pub max_cached_revocations: usize,
 }
 
 /// A duration flag in whole seconds (`10s`, `1m`).
@@ -377,9 +395,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let store: Arc<dyn OneTimeStore> = match &args.redis {
         Some(url) => Arc::new(
             RedisStore::with_tls(url, &args.redis_prefix, &redis_tls(&args)?)?
-                .with_live_session_limit(args.session_cache_size),
+                .with_live_session_limit(args.session_cache_size)
+                .with_revocation_limit(args.max_cached_revocations),
         ),
-        None => Arc::new(MemoryStore::new()),
+        None => Arc::new(MemoryStore::new().with_revocation_limit(args.max_cached_revocations)),
     };
     let leeway = leeway(&args.leeway)?;
     let window =
@@ -388,6 +407,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_per_user: args.max_failed_logins_per_user,
         max_per_address: args.max_failed_logins_per_address,
         window,
+        max_logins_per_user: args.max_logins_per_user,
+        login_window: parse_seconds(&args.login_window).context("--login-window")? as i64 * 1_000,
     };
     let token_header = match &args.token_header {
         Some(h) => Some(

@@ -14,20 +14,25 @@ use crate::service::error::{ApiError, Code};
 use crate::service::hashing::HashPool;
 use crate::service::metrics::Metrics;
 use crate::service::rules::{self, LateRefresh, Millis, Standing};
-use crate::service::store::{Claim, OneTimeStore, RefreshRecord};
+use crate::service::store::{Claim, OneTimeStore, RefreshRecord, Revoked};
 use crate::service::token::{Claims, KeySet, TokenError};
 use crate::service::users::Users;
 
 mod login;
 use crate::service::verified::Verified;
 
-/// Failed-login throttling: at most `max_per_user` failures per user name and
-/// `max_per_address` per client address within `window`.
+/// Login throttling: at most `max_per_user` failures per user name and
+/// `max_per_address` per client address within `window`; and at most
+/// `max_logins_per_user` successful logins per user within `login_window`,
+/// so that one account cannot mint sessions (and their revocations) at the
+/// rate of the network.
 #[derive(Debug, Clone, Copy)]
 pub struct Throttle {
     pub max_per_user: u64,
     pub max_per_address: u64,
     pub window: Millis,
+    pub max_logins_per_user: u64,
+    pub login_window: Millis,
 }
 
 impl Default for Throttle {
@@ -36,6 +41,8 @@ impl Default for Throttle {
             max_per_user: 5,
             max_per_address: 20,
             window: 15 * 60 * 1_000,
+            max_logins_per_user: 30,
+            login_window: 15 * 60 * 1_000,
         }
     }
 }
@@ -382,9 +389,7 @@ impl TokenService {
                 LateRefresh::SameToken => (first, "grace"),
                 LateRefresh::Reuse { revoke_session } => {
                     if revoke_session {
-                        self.store
-                            .revoke_session(&old.sid, rules::revocation_ttl(old, now))
-                            .await?;
+                        self.revoke(old, now).await?;
                         self.metrics.revocations.inc();
                         tracing::warn!(user = ?old.sub, sid = %old.sid, "spent token presented again: session revoked");
                     }
@@ -514,11 +519,32 @@ impl TokenService {
         if now >= rules::session_end(&claims, &policy) * 1_000 {
             return Ok(());
         }
-        self.store
-            .revoke_session(&claims.sid, rules::revocation_ttl(&claims, now))
-            .await?;
+        self.revoke(&claims, now).await?;
         self.metrics.revocations.inc();
         tracing::info!(user = ?claims.sub, sid = %claims.sid, "logout");
+        Ok(())
+    }
+
+    /// Revokes the session of `claims`. A store with no room for one more
+    /// revocation (the in-process store at its bound) records nothing; then
+    /// every session of that user started until now ends instead (one entry
+    /// per user): more than was asked, never less, so that no revoked
+    /// session is ever live again.
+    async fn revoke(&self, claims: &Claims, now: Millis) -> Result<(), ApiError> {
+        let ttl = rules::revocation_ttl(claims, now);
+        if self.store.revoke_session(&claims.sid, ttl).await? == Revoked::Session {
+            return Ok(());
+        }
+        let key = user_key(&claims.sub);
+        let at = now.div_euclid(1_000).max(claims.auth_time);
+        self.store
+            .end_user_sessions(&key, at, rules::user_end_ttl())
+            .await?;
+        merge_end(&self.user_ends, &key, Some(at), Instant::now());
+        tracing::warn!(
+            user = ?claims.sub,
+            "revocations at their bound (--max-cached-revocations): all of this user's sessions so far ended"
+        );
         Ok(())
     }
 }
@@ -664,6 +690,55 @@ mod tests {
         s.logout(&t.token, T0 + 300).await.unwrap();
         assert_eq!(code(s.logout("", T0).await), "EMPTY_TOKEN");
         assert_eq!(code(s.logout("x.y.z", T0).await), "INVALID_TOKEN");
+    }
+
+    /// Logging out again and again with the in-process store at a bound of
+    /// 3 revocations: the store never holds more, and every session logged
+    /// out stays revoked (past the bound, by ending the user's sessions so
+    /// far); a login after that works.
+    #[tokio::test]
+    async fn logouts_past_the_revocation_bound_stay_revoked() {
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let users = Users::parse(&format!("alice:{hash}\nbob:{hash}\n"), "test").unwrap();
+        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
+        let store = Arc::new(MemoryStore::new().with_revocation_limit(3));
+        let s = TokenService::new(
+            Policy::default(),
+            users,
+            keys,
+            store.clone(),
+            0,
+            Throttle::default(),
+        );
+        let bob = s.login("bob", "pw", None, || T0).await.unwrap();
+        let mut out = Vec::new();
+        for i in 0..12 {
+            let at = T0 + i * 2_000;
+            let t = s.login("alice", "pw", None, || at).await.unwrap();
+            assert!(
+                s.verify(&t.token, false, at + 100).await.is_ok(),
+                "login {i}"
+            );
+            s.logout(&t.token, at + 500).await.unwrap();
+            out.push(t);
+            for (j, old) in out.iter().enumerate() {
+                assert_eq!(
+                    code(s.verify(&old.token, false, at + 600).await),
+                    "REVOKED_SESSION",
+                    "session {j} after logout {i}"
+                );
+            }
+            assert!(
+                store.revocations_held() <= 3,
+                "{}",
+                store.revocations_held()
+            );
+        }
+        assert_eq!(store.revocations_held(), 3);
+        // Another user's session is not touched, and alice may log in again.
+        assert!(s.verify(&bob.token, false, T0 + 30_000).await.is_ok());
+        let again = s.login("alice", "pw", None, || T0 + 40_000).await.unwrap();
+        assert!(s.verify(&again.token, false, T0 + 40_100).await.is_ok());
     }
 
     #[tokio::test]

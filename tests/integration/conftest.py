@@ -280,6 +280,11 @@ class Server(ManagedProcess):
             argv += ["--redis", redis_url]
         for k in key_files:
             argv += ["--signing-key", str(k)]
+        # The suite logs one user in far more often than a person would:
+        # the per-user limit on successful logins is lifted unless a test
+        # sets it.
+        if "--max-logins-per-user" not in extra_args:
+            argv += ["--max-logins-per-user", "1000000"]
         argv += list(extra_args)
         super().__init__(name, argv, workdir / f"{name}.log")
 

@@ -10,6 +10,11 @@
 * An unknown user name costs what a known one costs, whatever hash kinds
   the users file mixes (medians compared as ratios, not absolute times).
 * Empty passwords and bcrypt passwords past 72 bytes never log in.
+* Successful logins are limited per user, across replicas sharing Redis
+  (429 TOO_MANY_ATTEMPTS with Retry-After past the limit).
+* Logouts past the in-process store's bound on revocations held in memory
+  (`--max-cached-revocations`) stay revoked, and so do those past the
+  Redis store's cache bound, on every replica.
 
 Every loop here is bounded in count and every wait has a deadline.
 """
@@ -285,3 +290,91 @@ def test_hash_password_refuses_the_empty_password():
                              capture_output=True, timeout=60, env=child_env())
         assert out.returncode != 0 and out.stdout == b"", out
         assert b"empty password" in out.stderr, out.stderr
+
+
+# ==========================================================================
+# 5. successful logins and the revocations they cost
+# ==========================================================================
+
+
+def test_successful_logins_are_limited_per_user_across_replicas(env, start_server, start_redis):
+    redis = start_redis("redis-logins")
+    users = users_file(env, "logins", [f"busy:{_bcrypt_2y('busy-password')}",
+                                       f"calm:{_bcrypt_2y('calm-password')}"])
+    extra = ["--max-logins-per-user", "3", "--login-window", "1m"]
+    a = start_server("logins-a", redis.url, users_file=users, extra_args=extra, wait=False)
+    b = start_server("logins-b", redis.url, users_file=users, extra_args=extra, wait=False)
+    a.wait_ready()
+    b.wait_ready()
+    answers = [login((a, b)[i % 2].url, "busy", "busy-password") for i in range(5)]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429, 429], \
+        [(r.status_code, r.text[:200]) for r in answers]
+    for r in answers[3:]:
+        assert error_code(r) == "TOO_MANY_ATTEMPTS", r.text[:200]
+        assert 1 <= int(r.headers["Retry-After"]) <= 60, r.headers
+        assert "access_token" not in r.text
+    # Another user is not held back.
+    assert login(b.url, "calm", "calm-password").status_code == 200
+
+
+def test_logouts_past_the_in_memory_bound_stay_revoked(env, start_server):
+    users = users_file(env, "revoked", [f"cycler:{_bcrypt_2y('cycler-password')}",
+                                        f"other:{_bcrypt_2y('other-password')}"])
+    srv = start_server("revocations", None, users_file=users,
+                       extra_args=["--max-cached-revocations", "2"])
+
+    def token(user: str) -> str:
+        r = login(srv.url, user, f"{user}-password")
+        assert r.status_code == 200, r.text[:200]
+        return r.json()["access_token"]
+
+    def verify(tok: str) -> requests.Response:
+        return requests.get(srv.url + "/v1/verify", headers={"Authorization": f"Bearer {tok}"},
+                            timeout=30)
+
+    other = token("other")
+    out = []
+    for i in range(6):
+        tok = token("cycler")
+        assert verify(tok).status_code == 200, f"login {i}"
+        r = requests.post(srv.url + "/v1/logout", headers={"Authorization": f"Bearer {tok}"},
+                          timeout=30)
+        assert r.status_code in (200, 204), r.text[:200]
+        out.append(tok)
+        for j, old in enumerate(out):
+            v = verify(old)
+            assert v.status_code == 401 and error_code(v) == "REVOKED_SESSION", \
+                (i, j, v.status_code, v.text[:200])
+    assert verify(other).status_code == 200
+    assert verify(token("cycler")).status_code == 200
+
+
+def test_logouts_past_the_cache_bound_stay_revoked_on_every_replica(env, start_server, start_redis):
+    redis = start_redis("redis-revocations")
+    users = users_file(env, "revoked-redis", [f"cycler:{_bcrypt_2y('cycler-password')}"])
+    extra = ["--max-cached-revocations", "1", "--session-cache-size", "1"]
+    a = start_server("revocations-a", redis.url, users_file=users, extra_args=extra, wait=False)
+    b = start_server("revocations-b", redis.url, users_file=users, extra_args=extra, wait=False)
+    a.wait_ready()
+    b.wait_ready()
+
+    def verify(srv, tok: str) -> requests.Response:
+        return requests.get(srv.url + "/v1/verify", headers={"Authorization": f"Bearer {tok}"},
+                            timeout=30)
+
+    tokens = []
+    for i in range(5):
+        r = login(a.url, "cycler", "cycler-password")
+        assert r.status_code == 200, r.text[:200]
+        tokens.append(r.json()["access_token"])
+    for tok in tokens:
+        assert verify(b, tok).status_code == 200
+    for tok in tokens:
+        r = requests.post(a.url + "/v1/logout", headers={"Authorization": f"Bearer {tok}"},
+                          timeout=30)
+        assert r.status_code in (200, 204), r.text[:200]
+    for srv in (a, b):
+        for i, tok in enumerate(tokens):
+            v = verify(srv, tok)
+            assert v.status_code == 401 and error_code(v) == "REVOKED_SESSION", \
+                (srv, i, v.status_code, v.text[:200])

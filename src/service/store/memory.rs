@@ -1,4 +1,11 @@
 //! The in-process store: the embedded default, for one replica.
+//!
+//! Memory is the only copy of its state, so it is bounded: at most
+//! `max_revoked` revocations are held (each about 150 bytes: see
+//! [`super::DEFAULT_MAX_REVOCATIONS`]). Past the bound, a revocation is not
+//! recorded and [`Revoked::Full`] says so: the caller ends the user's
+//! sessions instead, one entry per user. No revocation is ever evicted
+//! before it expires, so a revoked session stays revoked.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -6,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Attempts, Claim, OneTimeStore, RefreshRecord, StoreError, Take};
+use super::{
+    Attempts, Claim, DEFAULT_MAX_REVOCATIONS, OneTimeStore, RefreshRecord, Revoked, StoreError,
+    Take,
+};
 use crate::clock::Millis;
 
 #[derive(Default)]
@@ -17,6 +27,8 @@ struct Maps {
     user_ends: HashMap<String, (i64, Instant)>,
     failures: HashMap<String, (u64, Instant)>,
     writes: u64,
+    /// When the revocations were last swept because they were at the bound.
+    revoked_swept: Option<Instant>,
 }
 
 impl Maps {
@@ -46,9 +58,18 @@ impl Maps {
     }
 }
 
-#[derive(Default)]
 pub struct MemoryStore {
     maps: Mutex<Maps>,
+    max_revoked: usize,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            maps: Mutex::default(),
+            max_revoked: DEFAULT_MAX_REVOCATIONS,
+        }
+    }
 }
 
 fn after(now: Instant, ttl: Millis) -> Instant {
@@ -58,6 +79,17 @@ fn after(now: Instant, ttl: Millis) -> Instant {
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Holds at most `n` revocations (at least 1); see the module docs.
+    pub fn with_revocation_limit(mut self, n: usize) -> Self {
+        self.max_revoked = n.max(1);
+        self
+    }
+
+    /// How many revocations are held now, expired ones included.
+    pub fn revocations_held(&self) -> usize {
+        self.lock().revoked.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
@@ -94,12 +126,30 @@ impl OneTimeStore for MemoryStore {
         Ok(Claim::Won)
     }
 
-    async fn revoke_session(&self, sid: &str, ttl: Millis) -> Result<(), StoreError> {
+    async fn revoke_session(&self, sid: &str, ttl: Millis) -> Result<Revoked, StoreError> {
         let now = Instant::now();
         let mut m = self.lock();
         m.sweep(now);
-        m.revoked.insert(sid.to_string(), after(now, ttl));
-        Ok(())
+        let until = after(now, ttl);
+        if let Some(held) = m.revoked.get_mut(sid) {
+            *held = (*held).max(until);
+            return Ok(Revoked::Session);
+        }
+        if m.revoked.len() >= self.max_revoked {
+            // Expired entries make room; looked for at most once a second,
+            // so that a store at its bound costs no full scan per logout.
+            if m.revoked_swept
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+            {
+                m.revoked.retain(|_, until| *until > now);
+                m.revoked_swept = Some(now);
+            }
+            if m.revoked.len() >= self.max_revoked {
+                return Ok(Revoked::Full);
+            }
+        }
+        m.revoked.insert(sid.to_string(), until);
+        Ok(Revoked::Session)
     }
 
     async fn is_revoked(&self, sid: &str) -> Result<bool, StoreError> {
@@ -208,6 +258,39 @@ mod tests {
         contract::entries_expire(&s).await;
         contract::take_window_expires(&s).await;
         contract::takes_are_atomic(std::sync::Arc::new(MemoryStore::new())).await;
+        let small = MemoryStore::new().with_revocation_limit(50);
+        let refused = contract::revocations_past_the_memory_bound_stay_revoked(&small, 50).await;
+        assert_eq!(refused, 50 * 3 + 7 - 50);
+    }
+
+    /// However many sessions are revoked, the store holds at most its bound,
+    /// answers `Full` past it, and keeps every revocation it took.
+    #[tokio::test]
+    async fn revocations_are_bounded_and_never_evicted_early() {
+        let s = MemoryStore::new().with_revocation_limit(1_000);
+        for i in 0..100_000 {
+            let r = s.revoke_session(&format!("s{i}"), 60_000).await.unwrap();
+            assert_eq!(r == Revoked::Session, i < 1_000, "revocation {i}");
+        }
+        assert_eq!(s.revocations_held(), 1_000);
+        assert!(s.is_revoked("s0").await.unwrap());
+        assert!(s.is_revoked("s999").await.unwrap());
+        // Revoking a session held already needs no room.
+        assert_eq!(
+            s.revoke_session("s5", 60_000).await.unwrap(),
+            Revoked::Session
+        );
+        // Expired revocations make room again.
+        let s = MemoryStore::new().with_revocation_limit(2);
+        s.revoke_session("a", 30).await.unwrap();
+        s.revoke_session("b", 30).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(
+            s.revoke_session("c", 60_000).await.unwrap(),
+            Revoked::Session
+        );
+        assert!(s.is_revoked("c").await.unwrap());
+        assert_eq!(s.revocations_held(), 1);
     }
 
     #[tokio::test]

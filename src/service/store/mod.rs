@@ -57,6 +57,28 @@ pub enum Take {
     Refused { retry_in: Millis },
 }
 
+/// How many revocations a store keeps in this process's memory, unless the
+/// service says otherwise (`--max-cached-revocations`). An entry costs about
+/// 150 bytes (the session id, 36 bytes, in its own allocation; its expiry;
+/// the hash table's slot and spare capacity; 138 bytes measured for
+/// 1,000,000 entries in the in-process store, 131 in the Redis store's
+/// cache), so the default bound holds about 7.5 MiB per replica, however
+/// many logouts there are.
+pub const DEFAULT_MAX_REVOCATIONS: usize = 50_000;
+
+/// The answer to [`OneTimeStore::revoke_session`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    /// The session is revoked, on every replica the store reaches.
+    Session,
+    /// Nothing was recorded: the store holds as many revocations as it may
+    /// (the in-process store at its bound, where memory is the only copy).
+    /// The caller must end the session another way: by ending its user's
+    /// sessions ([`OneTimeStore::end_user_sessions`]), one entry per user
+    /// however many sessions.
+    Full,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]
@@ -86,8 +108,10 @@ pub trait OneTimeStore: Send + Sync + 'static {
     /// replica may vouch for it while the store is away.
     fn note_issued(&self, _sid: &str) {}
 
-    /// Revokes a session on every replica (rule 6).
-    async fn revoke_session(&self, sid: &str, ttl: Millis) -> Result<(), StoreError>;
+    /// Revokes a session on every replica (rule 6), or answers
+    /// [`Revoked::Full`] having recorded nothing. A session once revoked
+    /// stays revoked for `ttl`, whatever is revoked after it.
+    async fn revoke_session(&self, sid: &str, ttl: Millis) -> Result<Revoked, StoreError>;
 
     /// Whether a session is revoked. Implementations answer sessions they
     /// have already seen without a network round trip.
@@ -182,9 +206,46 @@ pub(crate) mod contract {
 
     pub async fn revocation_sticks(store: &dyn OneTimeStore) {
         assert!(!store.is_revoked("s2").await.unwrap());
-        store.revoke_session("s2", 60_000).await.unwrap();
+        assert_eq!(
+            store.revoke_session("s2", 60_000).await.unwrap(),
+            Revoked::Session
+        );
         assert!(store.is_revoked("s2").await.unwrap());
         assert!(!store.is_revoked("s3").await.unwrap());
+    }
+
+    /// Many more revocations than the store keeps in memory (`limit`): every
+    /// one it accepted stays revoked, and any it refused is said so
+    /// (`Full`), never silently dropped. Answers how many were refused.
+    pub async fn revocations_past_the_memory_bound_stay_revoked(
+        store: &dyn OneTimeStore,
+        limit: usize,
+    ) -> usize {
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let n = limit * 3 + 7;
+        let mut refused = Vec::new();
+        for i in 0..n {
+            let sid = format!("bound-{tag}-{i}");
+            if store.revoke_session(&sid, 60_000).await.unwrap() == Revoked::Full {
+                refused.push(sid);
+            }
+        }
+        for i in 0..n {
+            let sid = format!("bound-{tag}-{i}");
+            if !refused.contains(&sid) {
+                assert!(
+                    store.is_revoked(&sid).await.unwrap(),
+                    "revocation {i} of {n} was forgotten"
+                );
+            }
+        }
+        assert!(
+            !store
+                .is_revoked(&format!("bound-{tag}-none"))
+                .await
+                .unwrap()
+        );
+        refused.len()
     }
 
     pub async fn user_sessions_end_for_good(store: &dyn OneTimeStore) {

@@ -10,6 +10,14 @@
 //! subscription drops, later checks go back to Redis; when it is back, every
 //! cached answer is checked once more, since revocations may have been
 //! missed in between.
+//!
+//! That memory is bounded: at most `--session-cache-size` live sessions and
+//! `--max-cached-revocations` revocations (about 170 and 150 bytes each;
+//! defaults 50,000 and 50,000, about 16 MiB in all). Redis holds every revocation;
+//! one the cache has no room for is asked of Redis on each check, never
+//! taken for live. While one has been left out, no cached "live" answer is
+//! trusted (it might belong to that session); once expired entries make
+//! room again, a new epoch makes every cached "live" answer checked again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -22,7 +30,10 @@ use sha2::{Digest, Sha256};
 
 use super::redis_conn::{RedisConn, RedisTls};
 use super::redis_url::RedisTarget;
-use super::{Attempts, Claim, OneTimeStore, RefreshRecord, StoreError, Take};
+use super::{
+    Attempts, Claim, DEFAULT_MAX_REVOCATIONS, OneTimeStore, RefreshRecord, Revoked, StoreError,
+    Take,
+};
 use crate::clock::Millis;
 
 mod health;
@@ -98,25 +109,72 @@ struct Cache {
     /// Sharded, so that verifies on different cores do not queue on one lock.
     entries: DashMap<String, Known>,
     /// Past this many entries, a session seen live is not remembered: it is
-    /// asked of Redis again next time. Revocations are always kept.
+    /// asked of Redis again next time.
     max_live: AtomicUsize,
+    /// Past `max_live + max_revoked` entries, a revocation of a session not
+    /// held is not remembered: Redis answers for it.
+    max_revoked: AtomicUsize,
+    /// How many revocations learnt from this replica or the channel were
+    /// left out, and how many of them a sweep has since dealt with (by a
+    /// new epoch): while they differ, cached "live" answers are not trusted.
+    left_out: AtomicU64,
+    dealt_with: AtomicU64,
     /// Bumped each time the subscription is (re)established.
     epoch: AtomicU64,
     subscribed: AtomicBool,
 }
 
 impl Cache {
-    /// A revocation is never downgraded by a later "live" answer.
-    fn mark_revoked(&self, sid: &str, ttl: Millis) {
-        let until = Instant::now() + Duration::from_millis(ttl.max(0) as u64);
-        self.entries.insert(
-            sid.to_string(),
-            Known {
-                revoked: true,
-                epoch: u64::MAX,
-                until,
-            },
-        );
+    fn new(max_live: usize, max_revoked: usize) -> Cache {
+        Cache {
+            entries: DashMap::new(),
+            max_live: AtomicUsize::new(max_live),
+            max_revoked: AtomicUsize::new(max_revoked),
+            left_out: AtomicU64::new(0),
+            dealt_with: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            subscribed: AtomicBool::new(false),
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        self.max_live
+            .load(Ordering::Relaxed)
+            .saturating_add(self.max_revoked.load(Ordering::Relaxed))
+    }
+
+    /// A revocation is never downgraded by a later "live" answer. A session
+    /// held already is always updated in place; a new one only while there
+    /// is room. Answers whether it is held.
+    fn mark_revoked(&self, sid: &str, ttl: Millis) -> bool {
+        let revoked = Known {
+            revoked: true,
+            epoch: u64::MAX,
+            until: Instant::now() + Duration::from_millis(ttl.max(0) as u64),
+        };
+        if let Some(mut held) = self.entries.get_mut(sid) {
+            *held = revoked;
+            return true;
+        }
+        if self.entries.len() >= self.capacity() {
+            return false;
+        }
+        self.entries.insert(sid.to_string(), revoked);
+        true
+    }
+
+    /// A revocation that just happened (here or on another replica): when
+    /// it cannot be held, cached "live" answers stop being trusted, since
+    /// one might be this session's, written by a check that raced it.
+    fn learn_revocation(&self, sid: &str, ttl: Millis) {
+        if !self.mark_revoked(sid, ttl) {
+            self.left_out.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether cached "live" answers may be used.
+    fn trusts_live(&self) -> bool {
+        self.left_out.load(Ordering::SeqCst) == self.dealt_with.load(Ordering::SeqCst)
     }
 
     fn mark_live(&self, sid: &str, epoch: u64) {
@@ -158,9 +216,22 @@ impl Cache {
             .collect()
     }
 
+    /// Drops lapsed entries. If revocations were left out and there is room
+    /// again, a new epoch starts (every "live" answer cached so far is
+    /// checked in Redis once more) and cached answers are trusted again.
+    /// Only those left out before the new epoch are dealt with: a "live"
+    /// answer of the new epoch was read from Redis after they were written
+    /// there. One left out meanwhile waits for the next sweep.
     fn sweep(&self) {
         let now = Instant::now();
         self.entries.retain(|_, k| k.until > now);
+        let left_out = self.left_out.load(Ordering::SeqCst);
+        if left_out != self.dealt_with.load(Ordering::SeqCst)
+            && self.entries.len() < self.capacity()
+        {
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+            self.dealt_with.store(left_out, Ordering::SeqCst);
+        }
     }
 }
 
@@ -201,12 +272,7 @@ impl RedisStore {
         let conn = RedisConn::new(&target, tls).map_err(|e| {
             StoreError::Unavailable(format!("cannot use Redis {}: {e}", target.describe()))
         })?;
-        let cache = Arc::new(Cache {
-            entries: DashMap::new(),
-            max_live: AtomicUsize::new(DEFAULT_LIVE_SESSIONS),
-            epoch: AtomicU64::new(0),
-            subscribed: AtomicBool::new(false),
-        });
+        let cache = Arc::new(Cache::new(DEFAULT_LIVE_SESSIONS, DEFAULT_MAX_REVOCATIONS));
         let channel = format!("{prefix}:revocations");
         let guard = Arc::new(Guard::new());
         tokio::spawn(follow_revocations(
@@ -239,6 +305,13 @@ impl RedisStore {
     /// Keeps at most `n` sessions known to be live in memory (at least 1).
     pub fn with_live_session_limit(self, n: usize) -> RedisStore {
         self.cache.max_live.store(n.max(1), Ordering::Relaxed);
+        self
+    }
+
+    /// Keeps at most `n` revocations in memory (at least 1); Redis answers
+    /// for the others.
+    pub fn with_revocation_limit(self, n: usize) -> RedisStore {
+        self.cache.max_revoked.store(n.max(1), Ordering::Relaxed);
         self
     }
 
@@ -307,7 +380,7 @@ async fn follow_revocations(
                     if let Some((ttl, sid)) = payload.split_once(' ')
                         && let Ok(ttl) = ttl.parse::<Millis>()
                     {
-                        c.mark_revoked(sid, ttl);
+                        c.learn_revocation(sid, ttl);
                     }
                     if Instant::now() > sweep_at {
                         c.sweep();
@@ -367,7 +440,7 @@ impl OneTimeStore for RedisStore {
             .mark_live(sid, self.cache.epoch.load(Ordering::SeqCst));
     }
 
-    async fn revoke_session(&self, sid: &str, ttl: Millis) -> Result<(), StoreError> {
+    async fn revoke_session(&self, sid: &str, ttl: Millis) -> Result<Revoked, StoreError> {
         let mut conn = self.conn.clone();
         let ttl = ttl.max(1);
         // Two commands, not one pipeline: in a Redis Cluster the key and
@@ -381,8 +454,8 @@ impl OneTimeStore for RedisStore {
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(&self.channel).arg(format!("{ttl} {sid}"));
         self.run(publish.query_async::<()>(&mut conn)).await?;
-        self.cache.mark_revoked(sid, ttl);
-        Ok(())
+        self.cache.learn_revocation(sid, ttl);
+        Ok(Revoked::Session)
     }
 
     async fn is_revoked(&self, sid: &str) -> Result<bool, StoreError> {
@@ -393,6 +466,11 @@ impl OneTimeStore for RedisStore {
             if fresh && k.revoked {
                 return Ok(true);
             }
+        }
+        // A "live" answer is used only while no revocation was left out.
+        let known = known.filter(|_| self.cache.trusts_live());
+        if let Some(k) = known {
+            let fresh = k.until > Instant::now();
             // Redis is away (the watch task's last check failed), so nobody
             // can revoke anything meanwhile: answer without waiting for it.
             if fresh && self.guard.away.load(Ordering::SeqCst) {
@@ -528,12 +606,9 @@ mod tests {
 
     #[test]
     fn a_cached_revocation_is_never_downgraded_to_live() {
-        let c = Cache {
-            entries: DashMap::new(),
-            max_live: AtomicUsize::new(DEFAULT_LIVE_SESSIONS),
-            epoch: AtomicU64::new(1),
-            subscribed: AtomicBool::new(true),
-        };
+        let c = Cache::new(DEFAULT_LIVE_SESSIONS, DEFAULT_MAX_REVOCATIONS);
+        c.epoch.store(1, Ordering::SeqCst);
+        c.subscribed.store(true, Ordering::SeqCst);
         c.mark_live("s1", 1);
         assert!(c.entries.get("s1").is_some_and(|k| !k.revoked));
         c.mark_revoked("s1", 60_000);
@@ -552,13 +627,10 @@ mod tests {
     }
 
     #[test]
-    fn live_sessions_are_bounded_but_revocations_always_kept() {
-        let c = Cache {
-            entries: DashMap::new(),
-            max_live: AtomicUsize::new(2),
-            epoch: AtomicU64::new(1),
-            subscribed: AtomicBool::new(true),
-        };
+    fn live_sessions_are_bounded_and_revocations_have_room_of_their_own() {
+        let c = Cache::new(2, 10);
+        c.epoch.store(1, Ordering::SeqCst);
+        c.subscribed.store(true, Ordering::SeqCst);
         c.mark_live("s1", 1);
         c.mark_live("s2", 1);
         c.mark_live("s3", 1);
@@ -567,7 +639,7 @@ mod tests {
         // A session already held is still brought up to date when full.
         c.mark_live("s1", 2);
         assert!(c.entries.get("s1").is_some_and(|k| k.epoch == 2));
-        // A revocation is kept even past the bound.
+        // A revocation is kept past the bound of live sessions.
         c.mark_revoked("s4", 60_000);
         assert!(c.entries.get("s4").is_some_and(|k| k.revoked));
         assert_eq!(c.entries.len(), 3);
@@ -578,6 +650,53 @@ mod tests {
         assert_eq!(c.entries.len(), 1);
         c.mark_live("s5", 2);
         assert!(c.entries.get("s5").is_some_and(|k| !k.revoked));
+    }
+
+    /// However many revocations are heard, the cache holds at most its
+    /// bound; one left out makes no cached "live" answer trusted until a
+    /// sweep finds room again and starts a new epoch.
+    #[test]
+    fn revocations_are_bounded_and_one_left_out_distrusts_live_answers() {
+        let c = Cache::new(10, 1_000);
+        c.mark_live("live", 0);
+        for i in 0..100_000 {
+            c.learn_revocation(&format!("r{i}"), 60_000);
+        }
+        assert_eq!(c.entries.len(), 1_010);
+        assert!(!c.trusts_live());
+        // A session held already is revoked in place, whatever the bound.
+        assert!(c.mark_revoked("live", 60_000));
+        assert!(c.entries.get("live").is_some_and(|k| k.revoked));
+        assert_eq!(c.entries.len(), 1_010);
+        // Room again: a new epoch, and live answers are trusted again.
+        let c = Cache::new(1, 1);
+        c.mark_live("a", 0);
+        c.learn_revocation("b", 0);
+        c.learn_revocation("c", 60_000);
+        assert!(!c.trusts_live());
+        c.sweep();
+        assert!(c.trusts_live());
+        assert_eq!(c.epoch.load(Ordering::SeqCst), 1);
+    }
+
+    /// With a revocation left out of memory, a session cached as live is
+    /// no longer vouched for while Redis is away: it might be that one.
+    #[tokio::test]
+    async fn a_left_out_revocation_is_never_answered_as_live() {
+        let s = RedisStore::new("redis://127.0.0.1:1/", "p")
+            .unwrap()
+            .with_live_session_limit(1)
+            .with_revocation_limit(1);
+        s.note_issued("a");
+        // Room for one more; the next revocation (it might be of "a", heard
+        // while a check of "a" raced it) finds none.
+        s.cache.learn_revocation("x", 60_000);
+        s.cache.learn_revocation("y", 60_000);
+        assert_eq!(s.cache.entries.len(), 2);
+        assert!(matches!(
+            s.is_revoked("a").await,
+            Err(StoreError::Unavailable(_))
+        ));
     }
 
     #[tokio::test]
@@ -635,5 +754,17 @@ mod tests {
         let other = format!("contract-{}", uuid::Uuid::new_v4());
         let fresh = std::sync::Arc::new(RedisStore::new(&url, &other).unwrap());
         crate::service::store::contract::takes_are_atomic(fresh).await;
+        // Past the memory bound Redis answers, and every revocation holds.
+        let small = RedisStore::new(&url, &format!("contract-{}", uuid::Uuid::new_v4()))
+            .unwrap()
+            .with_live_session_limit(1)
+            .with_revocation_limit(20);
+        let refused =
+            crate::service::store::contract::revocations_past_the_memory_bound_stay_revoked(
+                &small, 20,
+            )
+            .await;
+        assert_eq!(refused, 0);
+        assert!(small.cache.entries.len() <= 21);
     }
 }

@@ -9,6 +9,11 @@
 //! its own attempt back (so that successful logins never use up the
 //! allowance) but does not erase the failures before it: a correct guess
 //! cannot buy a fresh allowance for guesses racing with it.
+//!
+//! Successful logins have a counter of their own per user (`logins:` keys,
+//! at most `max_logins_per_user` per `login_window`): every session is one
+//! more revocation to keep when it logs out, so one account may not open
+//! and close sessions at the rate of the network.
 
 use std::net::IpAddr;
 
@@ -38,6 +43,14 @@ fn too_many(retry_in: Millis) -> ApiError {
     ApiError::new(
         Code::TooManyAttempts,
         "too many failed logins; try again later",
+    )
+    .retry_after((retry_in.max(1) as u64).div_ceil(1_000))
+}
+
+fn too_many_logins(retry_in: Millis) -> ApiError {
+    ApiError::new(
+        Code::TooManyAttempts,
+        "too many logins for this user; try again later",
     )
     .retry_after((retry_in.max(1) as u64).div_ceil(1_000))
 }
@@ -119,6 +132,21 @@ impl TokenService {
             ));
         };
         self.release_attempts(&taken).await;
+        // Successful logins are counted too, per user: each is a session
+        // the store may have to revoke later.
+        let t = self.throttle;
+        if let Take::Refused { retry_in } = self
+            .store
+            .take_attempt(
+                &format!("logins:{}", user.name),
+                t.max_logins_per_user,
+                t.login_window,
+            )
+            .await?
+        {
+            tracing::info!(user = ?user.name, "login refused: too many logins for this user");
+            return Err(too_many_logins(retry_in));
+        }
         self.wait_past_user_end(&user.name, clock()).await;
         let policy = self.policy.load();
         let (auth_time, iat, exp) = rules::login_times(&policy, clock());
@@ -206,7 +234,7 @@ mod tests {
     use super::*;
     use crate::policy::Policy;
     use crate::service::store::{
-        Attempts, Claim, MemoryStore, OneTimeStore, RefreshRecord, StoreError, Take,
+        Attempts, Claim, MemoryStore, OneTimeStore, RefreshRecord, Revoked, StoreError, Take,
     };
     use crate::service::token::{Key, KeySet};
     use crate::service::tokens::Throttle;
@@ -321,6 +349,7 @@ mod tests {
                 max_per_user: 50,
                 max_per_address: 3,
                 window: 60_000,
+                ..Throttle::default()
             },
         );
         // A new address of the same /64 for every guess, as a client that
@@ -368,6 +397,7 @@ mod tests {
                 max_per_user: 5,
                 max_per_address: 2,
                 window: 60_000,
+                ..Throttle::default()
             },
         );
         let ip: IpAddr = "192.0.2.3".parse().unwrap();
@@ -387,6 +417,54 @@ mod tests {
         s.login("alice", "pw", Some("192.0.2.4".parse().unwrap()), || T0)
             .await
             .unwrap();
+    }
+
+    /// Right passwords too are counted per user: past the limit, 429 with
+    /// Retry-After and no token, however the logins race; another user is
+    /// not held back, and failures are not counted as logins.
+    #[tokio::test]
+    async fn successful_logins_are_limited_per_user() {
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let users = Users::parse(&format!("alice:{hash}\nbob:{hash}\n"), "t").unwrap();
+        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
+        let s = Arc::new(TokenService::new(
+            Policy::default(),
+            users,
+            keys,
+            Arc::new(MemoryStore::new()),
+            0,
+            Throttle {
+                max_per_user: 50,
+                max_logins_per_user: 3,
+                login_window: 60_000,
+                ..Throttle::default()
+            },
+        ));
+        assert_eq!(
+            code(s.login("alice", "wrong", None, || T0).await),
+            "INVALID_CREDENTIALS"
+        );
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.login("alice", "pw", None, move || T0 + i).await
+            }));
+        }
+        let (mut ok, mut refused) = (0, 0);
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    assert_eq!(e.code.as_str(), "TOO_MANY_ATTEMPTS");
+                    let retry = e.retry_after.unwrap();
+                    assert!((1..=60).contains(&retry), "{retry}");
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!((ok, refused), (3, 5));
+        assert!(s.login("bob", "pw", None, || T0).await.is_ok());
     }
 
     #[tokio::test]
@@ -458,7 +536,7 @@ mod tests {
                 .claim_refresh(sid, jti, issued_at, record, ttl)
                 .await
         }
-        async fn revoke_session(&self, sid: &str, ttl: Millis) -> Result<(), StoreError> {
+        async fn revoke_session(&self, sid: &str, ttl: Millis) -> Result<Revoked, StoreError> {
             self.inner.revoke_session(sid, ttl).await
         }
         async fn is_revoked(&self, sid: &str) -> Result<bool, StoreError> {
@@ -524,9 +602,9 @@ mod tests {
         assert_eq!((e.code, e.retry_after), (Code::ServiceBusy, Some(1)));
         assert_eq!(store.calls.load(std::sync::atomic::Ordering::SeqCst), 0);
         // Once the place is free, a login takes and gives back its two
-        // attempts (user and address).
+        // attempts (user and address), and takes one login of the user's.
         drop(place);
         s.login("alice", "pw", Some(ip), || T0).await.unwrap();
-        assert_eq!(store.calls.load(std::sync::atomic::Ordering::SeqCst), 4);
+        assert_eq!(store.calls.load(std::sync::atomic::Ordering::SeqCst), 5);
     }
 }
