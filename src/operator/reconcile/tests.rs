@@ -198,6 +198,18 @@ const OWNED: [(&str, &str, &str); 7] = [
     ),
 ];
 
+/// Above one replica: the users Secret, then the Redis URL's, both found.
+async fn users_and_redis_secrets_found(api: &mut ApiServer) {
+    users_secret_found(api).await;
+    api.expect(
+        "GET",
+        "/api/v1/namespaces/team/secrets/redis",
+        200,
+        secret("redis", "url", "redis://r:6379"),
+    )
+    .await;
+}
+
 /// The signing-key Secret found (ours), and nothing else of ours yet.
 async fn keys_found(api: &mut ApiServer) {
     api.expect(
@@ -322,14 +334,7 @@ async fn unchanged_spec_applies_the_same_and_keeps_the_key() {
 async fn scaling_out_adds_redis_and_a_disruption_budget() {
     let (ctx, mut api) = context();
     let scenario = tokio::spawn(async move {
-        users_secret_found(&mut api).await;
-        api.expect(
-            "GET",
-            "/api/v1/namespaces/team/secrets/redis",
-            200,
-            secret("redis", "url", "redis://r:6379"),
-        )
-        .await;
+        users_and_redis_secrets_found(&mut api).await;
         keys_found(&mut api).await;
         let dep = applies(&mut api, 3).await;
         assert_eq!(dep["spec"]["replicas"], 3);
@@ -719,14 +724,7 @@ async fn refused(api: &mut ApiServer, reason: &str) -> Value {
 async fn objects_of_others_under_our_names_are_never_written() {
     let (ctx, mut api) = context();
     let scenario = tokio::spawn(async move {
-        users_secret_found(&mut api).await;
-        api.expect(
-            "GET",
-            "/api/v1/namespaces/team/secrets/redis",
-            200,
-            secret("redis", "url", "redis://r:6379"),
-        )
-        .await;
+        users_and_redis_secrets_found(&mut api).await;
         // Not adopted as the key ring: someone else's Secret.
         let mut keys = theirs("Secret", "v1");
         keys["metadata"]["name"] = json!("tokenpolicy-demo-signing-keys");
