@@ -35,6 +35,7 @@ fn claims(now: Millis) -> Claims {
         exp: t + 1_800,
         auth_time: t,
         pwv: None,
+        ..Default::default()
     }
 }
 

@@ -35,12 +35,14 @@ fn main() {
         exp: 1_767_227_400,
         auth_time: 1_767_225_600,
         pwv: None,
+        ..Default::default()
     };
     let ed = keyset(vec![ed25519_key()]);
     let p = keyset(vec![p256_key()]);
     let valid_ed = ed.sign(&claims);
     let valid_p = p.sign(&Claims {
         pwv: Some("q1w2e3r4t5y6".into()),
+        ..Default::default()
         ..claims.clone()
     });
     write(&dir, "valid-eddsa", &valid_ed);

@@ -174,6 +174,7 @@ mod tests {
             exp,
             auth_time,
             pwv: None,
+            ..Default::default()
         }
     }
 

@@ -27,7 +27,7 @@ pub const MAX_TOKEN_LEN: usize = 4_096;
 
 /// The claims of every token we issue. Field order is the serialization
 /// order, which makes re-signing the same claims give the same token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     pub iss: String,
     pub aud: String,
@@ -41,6 +41,27 @@ pub struct Claims {
     /// so that changing the password ends the sessions made with the old one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pwv: Option<String>,
+    /// The identity provider (its issuer URL) of an OpenID Connect
+    /// session; absent for a password login. With it, `sub` is the
+    /// provider's subject, and the user is the pair of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idp: Option<String>,
+    /// The name shown to apps (`X-Auth-Request-User`), when it is not `sub`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The user's verified email address, when the provider gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// The user's groups, as the provider named them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+}
+
+impl Claims {
+    /// The name apps see: the display name, else the subject.
+    pub fn user_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.sub)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

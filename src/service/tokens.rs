@@ -55,6 +55,42 @@ pub struct Issued {
     pub session_end: i64,
 }
 
+/// Who is at the other end of a request that starts or acts on a session:
+/// for the login throttle, the session registry and the audit trail.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Client {
+    /// The client's address (see `--trusted-proxies`).
+    pub addr: Option<std::net::IpAddr>,
+    /// Its `User-Agent`, as sent (at most a few hundred bytes are kept).
+    pub user_agent: Option<String>,
+}
+
+impl From<Option<std::net::IpAddr>> for Client {
+    fn from(addr: Option<std::net::IpAddr>) -> Self {
+        Client {
+            addr,
+            user_agent: None,
+        }
+    }
+}
+
+/// Who a new session is for, as the way in established it (see
+/// [`TokenService::start_session`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionStart {
+    /// The token's `sub`: the user's name for a password login, the
+    /// provider's subject for an OpenID Connect one.
+    pub sub: String,
+    /// Password version (password logins).
+    pub pwv: Option<String>,
+    /// The provider's issuer URL (OpenID Connect logins).
+    pub idp: Option<String>,
+    /// The display name, when it is not `sub`.
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub groups: Vec<String>,
+}
+
 /// Who a verified request belongs to; `renewed` when verify refreshed on the fly.
 #[derive(Debug, Clone)]
 pub struct Identity {

@@ -107,6 +107,7 @@ mod tests {
             exp: T0 + 60,
             auth_time: T0,
             pwv: None,
+            ..Default::default()
         }
     }
 

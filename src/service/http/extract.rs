@@ -146,6 +146,21 @@ pub(super) fn client_ip(
     at.ip
 }
 
+/// The most of a `User-Agent` that is kept (for the session registry and
+/// the audit trail): enough to tell browsers and devices apart.
+pub const MAX_USER_AGENT: usize = 256;
+
+/// The request's `User-Agent`, if it is printable text; cut to
+/// [`MAX_USER_AGENT`] bytes at a character boundary.
+pub(super) fn user_agent(headers: &HeaderMap) -> Option<String> {
+    let ua = headers.get(axum::http::header::USER_AGENT)?.to_str().ok()?;
+    let mut end = ua.len().min(MAX_USER_AGENT);
+    while !ua.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(ua[..end].to_string()).filter(|s| !s.is_empty())
+}
+
 #[derive(Deserialize)]
 pub(super) struct Credentials {
     pub username: String,

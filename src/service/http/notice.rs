@@ -160,6 +160,7 @@ mod http_tests {
                 exp: auth_time + 60,
                 auth_time,
                 pwv: None,
+                ..Default::default()
             })
         };
         // Logged in ten days ago: the default 8 h session is over.
@@ -197,6 +198,7 @@ mod http_tests {
             exp: now + 60,
             auth_time: now,
             pwv: None,
+            ..Default::default()
         });
         let logout = |form: bool| {
             let mut req = Request::builder()

@@ -11,12 +11,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
-use super::extract::{Credentials, client_ip, cookie, is_form, is_json};
+use super::extract::{Credentials, client_ip, cookie, is_form, is_json, user_agent};
 use super::notice::Notice;
 use super::origin::{Site, check_same_site, site_allowed};
 use super::{HttpConfig, MAX_BODY, Shared, issued_response};
 use crate::clock::now_millis;
 use crate::service::error::{ApiError, Code};
+use crate::service::tokens::Client;
 
 /// `POST /v1/login`: JSON `{username,password}` from API clients, or the
 /// sign-in form (which then redirects to `rd`).
@@ -69,10 +70,13 @@ pub(super) async fn login(
         )?),
         _ => None,
     };
-    let ip = client_ip(&app, &headers, peer.map(|c| c.0.0));
+    let client = Client {
+        addr: client_ip(&app, &headers, peer.map(|c| c.0.0)),
+        user_agent: user_agent(&headers),
+    };
     match app
         .service
-        .login(&creds.username, &creds.password, ip, now_millis)
+        .login(&creds.username, &creds.password, client, now_millis)
         .await
     {
         Ok(issued) => {

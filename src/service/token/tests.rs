@@ -13,6 +13,7 @@ fn claims() -> Claims {
         exp: 1_800_000_060,
         auth_time: 1_800_000_000,
         pwv: None,
+        ..Default::default()
     }
 }
 

@@ -17,7 +17,7 @@
 
 use std::net::IpAddr;
 
-use super::{Issued, TokenService};
+use super::{Client, Issued, SessionStart, TokenService};
 use crate::service::error::{ApiError, Code};
 use crate::service::hashing::{HashPool, PoolError};
 use crate::service::rules::{self, Millis};
@@ -71,10 +71,11 @@ impl TokenService {
         &self,
         name: &str,
         password: &str,
-        client: Option<IpAddr>,
+        client: impl Into<Client>,
         clock: impl Fn() -> Millis,
     ) -> Result<Issued, ApiError> {
-        let result = self.login_inner(name, password, client, clock).await;
+        let client = client.into();
+        let result = self.login_inner(name, password, &client, clock).await;
         let outcome = match &result {
             Ok(_) => "success",
             Err(e) => e.code.as_str(),
@@ -87,7 +88,7 @@ impl TokenService {
         &self,
         name: &str,
         password: &str,
-        client: Option<IpAddr>,
+        client: &Client,
         clock: impl Fn() -> Millis,
     ) -> Result<Issued, ApiError> {
         if name.is_empty() || name.len() > MAX_NAME_LEN || password.len() > MAX_PASSWORD_LEN {
@@ -107,7 +108,7 @@ impl TokenService {
         // turned away before it costs a store round trip.
         let place = self.hashing.admit().map_err(busy)?;
         let user_key = format!("user:{name}");
-        let addr_key = client.map(address_key);
+        let addr_key = client.addr.map(address_key);
         let taken = self.take_attempts(&user_key, addr_key.as_deref()).await?;
 
         let users = self.users.load_full();
@@ -132,36 +133,62 @@ impl TokenService {
             ));
         };
         self.release_attempts(&taken).await;
+        self.start_session(
+            SessionStart {
+                sub: user.name.clone(),
+                pwv: Some(user.password_version.clone()),
+                ..SessionStart::default()
+            },
+            client,
+            clock,
+        )
+        .await
+    }
+
+    /// The first token of a new session, for a user who has just proved who
+    /// they are (a password, or an OpenID Connect provider's ID token): one
+    /// path, so that every way in gives a session that the policy governs
+    /// alike. `clock` is read here, after the (slow) proof.
+    pub async fn start_session(
+        &self,
+        start: SessionStart,
+        client: &Client,
+        clock: impl Fn() -> Millis,
+    ) -> Result<Issued, ApiError> {
         // Successful logins are counted too, per user: each is a session
         // the store may have to revoke later.
         let t = self.throttle;
         if let Take::Refused { retry_in } = self
             .store
             .take_attempt(
-                &format!("logins:{}", user.name),
+                &format!("logins:{}", start.sub),
                 t.max_logins_per_user,
                 t.login_window,
             )
             .await?
         {
-            tracing::info!(user = ?user.name, "login refused: too many logins for this user");
+            tracing::info!(user = ?start.sub, "login refused: too many logins for this user");
             return Err(too_many_logins(retry_in));
         }
-        self.wait_past_user_end(&user.name, clock()).await;
+        self.wait_past_user_end(&start.sub, clock()).await;
         let policy = self.policy.load();
         let (auth_time, iat, exp) = rules::login_times(&policy, clock());
         let claims = Claims {
             iss: self.keys.issuer().to_string(),
             aud: self.keys.audience().to_string(),
-            sub: user.name.clone(),
+            sub: start.sub,
             sid: uuid::Uuid::new_v4().to_string(),
             jti: uuid::Uuid::new_v4().to_string(),
             iat,
             exp,
             auth_time,
-            pwv: Some(user.password_version.clone()),
+            pwv: start.pwv,
+            idp: start.idp,
+            name: start.name,
+            email: start.email,
+            groups: start.groups,
         };
-        tracing::info!(user = ?user.name, sid = %claims.sid, "login");
+        tracing::info!(user = ?claims.sub, sid = %claims.sid, client = ?client.addr, "login");
         self.store.note_issued(&claims.sid);
         let issued = self.sign(claims, auth_time + policy.session as i64);
         self.remember(&issued, &policy, iat * 1_000);

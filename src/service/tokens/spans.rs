@@ -53,6 +53,7 @@ async fn spans_name_the_operation_and_never_hold_the_token() {
         exp: now + 60,
         auth_time: now,
         pwv: None,
+        ..Default::default()
     };
     let token = s.keys().sign(&claims);
     let at = now * 1_000 + 1_000;
