@@ -313,15 +313,23 @@ impl Provider {
         let endpoints = self
             .endpoints()
             .ok_or_else(|| unavailable("not discovered yet".into()))?;
-        let mut form = url::form_urlencoded::Serializer::new(String::new());
-        form.append_pair("grant_type", "authorization_code")
-            .append_pair("code", code)
-            .append_pair("redirect_uri", &self.redirect_uri)
-            .append_pair("code_verifier", verifier);
+        let basic = endpoints.basic_auth;
+        let body = {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "authorization_code")
+                .append_pair("code", code)
+                .append_pair("redirect_uri", &self.redirect_uri)
+                .append_pair("code_verifier", verifier);
+            if !basic {
+                form.append_pair("client_id", &self.config.client_id)
+                    .append_pair("client_secret", &self.client_secret);
+            }
+            form.finish()
+        };
         let mut req = axum::http::Request::post(endpoints.token.as_str())
             .header("content-type", "application/x-www-form-urlencoded")
             .header("accept", "application/json");
-        if endpoints.basic_auth {
+        if basic {
             // RFC 6749 §2.3.1: each part form-encoded, then Basic.
             let enc =
                 |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
@@ -331,12 +339,9 @@ impl Provider {
                 enc(&self.client_secret)
             ));
             req = req.header("authorization", format!("Basic {basic}"));
-        } else {
-            form.append_pair("client_id", &self.config.client_id)
-                .append_pair("client_secret", &self.client_secret);
         }
         let req = req
-            .body(Full::new(Bytes::from(form.finish())))
+            .body(Full::new(Bytes::from(body)))
             .map_err(|e| unavailable(e.to_string()))?;
         let (status, body) = self.call(req).await.map_err(unavailable)?;
         let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
