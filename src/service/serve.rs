@@ -49,6 +49,18 @@ pub struct ServeArgs {
     /// memory limits set (half each).
     #[arg(long, env = "TOKENPOLICY_FORWARD_AUTH_LISTEN")]
     pub forward_auth_listen: Option<SocketAddr>,
+    /// With --forward-auth-listen: everything on --listen (verify there
+    /// included) runs on threads of its own this much nicer than the rest
+    /// (0-19; 0: on the same threads as forward-auth). Under a CPU-bound
+    /// flood of the public routes, forward-auth keeps the CPU it needs and
+    /// the public routes get what is left.
+    #[arg(
+        long,
+        env = "TOKENPOLICY_PUBLIC_NICENESS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u8).range(0..=19)
+    )]
+    pub public_niceness: u8,
     /// Redis URL shared by all replicas: `redis://[:password@]host:port[/db]`,
     /// `redis+sentinel://[:password@]host:port[,host:port...]/MASTER_NAME` or
     /// `redis+cluster://[:password@]host:port[,host:port...]` (`rediss` for TLS).
@@ -550,6 +562,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let mut fronts = tokio::task::JoinSet::new();
+    // With a forward-auth listener, --listen's routes yield the CPU to it.
+    let public_niceness = match forward_auth_listener {
+        Some(_) => i32::from(args.public_niceness),
+        None => 0,
+    };
     if let Some(l) = forward_auth_listener {
         fronts.spawn(listen::serve(
             l,
@@ -560,24 +577,28 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ));
     }
     let Some(metrics_listener) = metrics_listener else {
-        fronts.spawn(listen::serve(
-            listener,
+        let (r, lim, d, sig) = (
             with_draining(router(app)),
             limits,
             draining.clone(),
             signal(),
-        ));
+        );
+        fronts.spawn(on_threads_below(public_niceness, listener, move |l| {
+            listen::serve(l, r, lim, d, sig)
+        })?);
         while fronts.join_next().await.is_some() {}
         tracing::info!("stopped");
         return Ok(());
     };
-    fronts.spawn(listen::serve(
-        listener,
+    let (r, lim, d, sig) = (
         with_draining(public_router(app.clone())),
         limits.clone(),
         draining.clone(),
         signal(),
-    ));
+    );
+    fronts.spawn(on_threads_below(public_niceness, listener, move |l| {
+        listen::serve(l, r, lim, d, sig)
+    })?);
     // Probes and metrics answer until the client-facing listeners have
     // drained.
     let admin_limits = Limits {
@@ -603,6 +624,65 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `serve(listener)` as it is (niceness 0), or on a runtime of its own
+/// whose threads run `niceness` below the rest of the process, the listener
+/// and its connections on that runtime's reactor: the future returned ends
+/// when serving has.
+fn on_threads_below<F, S>(
+    niceness: i32,
+    listener: tokio::net::TcpListener,
+    serve: S,
+) -> anyhow::Result<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>
+where
+    S: FnOnce(tokio::net::TcpListener) -> F + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    if niceness == 0 {
+        return Ok(Box::pin(serve(listener)));
+    }
+    let listener = listener.into_std().context("--listen")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("public")
+        .on_thread_start(move || lower_this_thread(niceness))
+        .enable_all()
+        .build()
+        .context("starting the threads of --listen")?;
+    let (done, ended) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("public".into())
+        .spawn(move || {
+            // The accept loop runs on this thread: below the rest too.
+            lower_this_thread(niceness);
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => serve(l).await,
+                    Err(e) => tracing::error!(error = %e, "--listen: cannot serve"),
+                }
+            });
+            let _ = done.send(());
+        })
+        .context("starting the threads of --listen")?;
+    Ok(Box::pin(async move {
+        let _ = ended.await;
+    }))
+}
+
+/// Lowers the calling thread's CPU priority by `niceness` (capped at 19).
+/// On Linux a priority is per thread; lowering one's own needs no privilege.
+fn lower_this_thread(niceness: i32) {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{getpriority_process, setpriority_process};
+        let me = Some(rustix::thread::gettid());
+        let lower = (getpriority_process(me).unwrap_or(0) + niceness).min(19);
+        if let Err(e) = setpriority_process(me, lower) {
+            tracing::warn!(error = %e, "cannot lower the priority of a --listen thread");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = niceness;
 }
 
 /// Connection slots of the probes and metrics listener (kubelet probes and a

@@ -273,6 +273,44 @@ def test_forward_auth_listener_has_its_own_per_client_cap(env, servers):
             assert s.recv(4096).startswith(b"HTTP/1.1 401"), "a held connection was dropped"
 
 
+def thread_niceness(pid: int) -> dict[str, set[int]]:
+    """The nice values of a process's threads, by thread name."""
+    out: dict[str, set[int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            stat = f.read()
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        # Field 19 of the line is the nice value; 17th after the comm.
+        nice = int(stat[stat.rindex(")") + 2:].split()[16])
+        out.setdefault(name, set()).add(nice)
+    return out
+
+
+def test_the_public_routes_run_below_forward_auth(env, servers):
+    from conftest import free_port
+    fa = free_port()
+    admin = free_port()
+    srv = start(env, "fa-nice", {"TOKENPOLICY_FORWARD_AUTH_LISTEN": f"127.0.0.1:{fa}",
+                                 "TOKENPOLICY_METRICS_LISTEN": f"127.0.0.1:{admin}"})
+    servers.append(srv)
+    # Both listeners answer (a request on each, so that both runtimes run).
+    assert requests.get(srv.url + "/healthz", timeout=HTTP_TIMEOUT).status_code == 200
+    assert requests.get(f"http://127.0.0.1:{fa}/v1/verify", timeout=HTTP_TIMEOUT).status_code == 401
+    assert requests.get(f"http://127.0.0.1:{admin}/readyz", timeout=HTTP_TIMEOUT).status_code == 200
+    nice = thread_niceness(srv.pid)
+    base = os.getpriority(os.PRIO_PROCESS, srv.pid)
+    # --listen's threads run 10 below (the default), forward-auth's at the
+    # process's own priority.
+    assert nice.get("public") == {min(base + 10, 19)}, nice
+    assert nice.get("tokio-rt-worker") == {base}, nice
+    # With --public-niceness 0 they are the same threads.
+    fa0 = free_port()
+    same = start(env, "fa-nice0", {"TOKENPOLICY_FORWARD_AUTH_LISTEN": f"127.0.0.1:{fa0}",
+                                   "TOKENPOLICY_PUBLIC_NICENESS": "0"})
+    servers.append(same)
+    assert "public" not in thread_niceness(same.pid)
+
+
 def test_sigterm_drains_the_forward_auth_listener(env, servers):
     from conftest import free_port
     fa = free_port()
