@@ -5,13 +5,15 @@
 # tokens) alone, then beside closed-loop floods of 8, 16, 32 and 64
 # connections sending logins of the demo user (real cost-10 bcrypt hash,
 # turned away once the check threads are busy) or GET /healthz, on --listen.
-# Two layouts in the same run, in turn each round: verify sent to --listen
-# (shared with the flood) and to --forward-auth-listen (its own). Prints,
+# Three layouts in the same run, in turn each round: verify sent to
+# --listen (shared with the flood), to --forward-auth-listen on the same
+# threads as --listen (--public-niceness 0), and to --forward-auth-listen
+# with --listen's threads at nice +10 (the default). Prints,
 # per row, verify's rate and p99 as ratios to verify alone in the same
 # layout and round, the flood's rate, and how the CPU was split while
 # verify ran (shares of the whole machine, 100% = both cores).
 #
-#   bash bench/flood-listener.sh     # about 2.5 minutes per round (ROUNDS=2,
+#   bash bench/flood-listener.sh     # about 3.5 minutes per round (ROUNDS=2,
 #                                    # SECONDS_PER_RUN=6, TOKENS=2000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,15 +36,24 @@ openssl genpkey -algorithm ed25519 -out "$work/key.pem" 2>/dev/null
 # bench / bench-password at bcrypt cost 4 (bench only); demo at cost 10.
 { grep -v '^#' examples/users.htpasswd
   echo 'bench:$2b$04$NqOsMSBf2X5Vm.ypNfpwtuIG.Ibli2MSHkpQfTRdkhQvhb7bCkSJK'; } >"$work/users"
-port=$(free_port)
-faport=$(free_port)
-RUST_LOG=warn "$bin" serve --policy examples/tokenpolicy.yaml --users "$work/users" --signing-key "$work/key.pem" \
-  --listen "127.0.0.1:$port" --forward-auth-listen "127.0.0.1:$faport" \
-  --redis "redis://127.0.0.1:$rport/" --max-logins-per-user 1000000000 \
-  >/dev/null 2>"$work/a.log" &
-spid=$!
-pids+=("$spid")
-wait_http "127.0.0.1:$port/readyz"
+# A: forward-auth on a listener of its own, on the same threads as the rest
+# (--public-niceness 0); B: the same with --listen's threads at nice +10
+# (the default). Both share Redis and the key, so that one set of tokens
+# verifies on either; each is idle while the other is measured.
+start() { # NAME NICENESS: sets port_NAME, faport_NAME, pid_NAME
+  local p fp
+  p=$(free_port); fp=$(free_port)
+  RUST_LOG=warn "$bin" serve --policy examples/tokenpolicy.yaml --users "$work/users" --signing-key "$work/key.pem" \
+    --listen "127.0.0.1:$p" --forward-auth-listen "127.0.0.1:$fp" --public-niceness "$2" \
+    --redis "redis://127.0.0.1:$rport/" --max-logins-per-user 1000000000 \
+    >/dev/null 2>"$work/$1.log" &
+  pids+=($!)
+  eval "port_$1=$p faport_$1=$fp pid_$1=$!"
+  wait_http "127.0.0.1:$p/readyz"
+}
+start a 0
+start b 10
+port=$port_a
 python3 bench/tokens.py "$port" bench bench-password "$tokens" >"$work/tokens"
 
 # verify PORT [FLOOD_PID]: "rate p99_ms cpu-split" of wrk against PORT; the
@@ -52,7 +63,7 @@ verify() {
   TOKENS="$work/tokens" wrk -t1 -c64 -d"${secs}s" --latency -s bench/lua/verify-random.lua \
     "http://127.0.0.1:$1/v1/verify" >"$work/verify" &
   local vp=$! procs before after
-  procs=(service="$spid" redis="$rpid" verify-wrk="$vp")
+  procs=(service="$spid" redis="$rpid" verify-wrk="$vp")  # spid: set by the layout
   [ -n "${2:-}" ] && procs+=(flood-wrk="$2")
   sleep 0.3
   before=$(python3 bench/cpu_ticks.py "${procs[@]}")
@@ -65,12 +76,14 @@ verify() {
   echo "$rate $p99 $(python3 bench/cpu_ticks.py --diff "$before" "$after")"
 }
 
-secs_=$secs; secs=2; verify "$port" >/dev/null; verify "$faport" >/dev/null; secs=$secs_ # every token seen once first
+# Every token seen once first, on each server.
+secs_=$secs; secs=2; spid=$pid_a; verify "$faport_a" >/dev/null; spid=$pid_b; verify "$faport_b" >/dev/null; secs=$secs_
 for round in $(seq "$rounds"); do
-  for layout in shared own; do
+  for layout in shared own own+nice; do
     case $layout in
-      shared) vport=$port ;;
-      own) vport=$faport ;;
+      shared) vport=$port_a port=$port_a spid=$pid_a ;;    # verify on --listen, beside the flood
+      own) vport=$faport_a port=$port_a spid=$pid_a ;;     # its own listener, the same threads
+      own+nice) vport=$faport_b port=$port_b spid=$pid_b ;; # its own listener, --listen's threads at +10
     esac
     read -r alone alone_p99 alone_cpu <<<"$(verify "$vport")"
     echo "round $round, verify on the $layout listener: alone $alone/s, p99 ${alone_p99} ms; cpu: $alone_cpu"
@@ -87,7 +100,7 @@ for round in $(seq "$rounds"); do
         flood=$(awk '/Requests\/sec/ {print $2}' "$work/flood")
         python3 -c "
 v, a, vp, ap, f, c = $beside, $alone, $beside_p99, $alone_p99, $flood, $c
-print(f'  {\"$layout\":6s} {c:2d} x {\"$kind\":7s}: verify {v/a:.2f}x alone, p99 {vp/ap:.2f}x; '
+print(f'  {\"$layout\":8s} {c:2d} x {\"$kind\":7s}: verify {v/a:.2f}x alone, p99 {vp/ap:.2f}x; '
       f'flood {f:8.0f}/s; verify has {v/(v+f):.2f} of the answers; cpu: $cpu')"
       done
     done
