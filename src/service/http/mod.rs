@@ -102,6 +102,12 @@ pub fn public_router(app: Arc<App>) -> Router {
     layered(public_routes().merge(probe_routes()), app)
 }
 
+/// `/v1/verify` and `/v1/verify/{*rest}` only, for `--forward-auth-listen`:
+/// what an ingress controller calls, on connection slots of its own.
+pub fn forward_auth_router(app: Arc<App>) -> Router {
+    layered(forward_auth_routes(), app)
+}
+
 /// /healthz, /readyz and /metrics, for `--metrics-listen`.
 pub fn admin_router(app: Arc<App>) -> Router {
     layered(admin_routes(), app)
@@ -112,9 +118,14 @@ fn public_routes() -> Router<Arc<App>> {
         .route("/v1/login", post(login).get(signin_page))
         .route("/v1/refresh", post(refresh))
         .route("/v1/logout", post(logout))
+        .merge(forward_auth_routes())
+        .route("/.well-known/jwks.json", get(jwks))
+}
+
+fn forward_auth_routes() -> Router<Arc<App>> {
+    Router::new()
         .route("/v1/verify", any(verify))
         .route("/v1/verify/{*rest}", any(verify))
-        .route("/.well-known/jwks.json", get(jwks))
 }
 
 fn probe_routes() -> Router<Arc<App>> {
