@@ -104,7 +104,7 @@ if [ ! -f "$home/.installed" ]; then
 
   log "unpacking into $root"
   tmp="$root/.unpack.$$"
-  rm -rf "$tmp" "$home"
+  rm -rf "$root"/.unpack.* "$home"
   mkdir -p "$tmp"
   unzip -q "$zip" -d "$tmp"
   [ -x "$tmp/keycloak-$version/bin/kc.sh" ] || die "the zip has no keycloak-$version/bin/kc.sh"
