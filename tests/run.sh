@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs (Debian packages, Python test
 # tools, Rust components, playwright-core, a Traefik built from the Go module
-# proxy), then lints, unit-tests and runs the black-box integration tests
+# proxy, Keycloak from Maven Central), then lints, unit-tests and runs the black-box integration tests
 # against real redis-server processes, behind real nginx, Traefik and Caddy,
 # and with a real browser (chromium); last, each fuzz target runs for a
 # bounded time (tests/fuzz.sh).
@@ -44,6 +44,12 @@ start=$(date +%s)
 TRAEFIK=$(bash tests/proxies/build.sh traefik)
 export TRAEFIK
 echo "$TRAEFIK ($(( $(date +%s) - start )) s)"
+
+step "keycloak (Maven Central zip, checked against its .sha1; cached under /var/tmp)"
+start=$(date +%s)
+KEYCLOAK_HOME=$(bash tests/keycloak/install.sh)
+export KEYCLOAK_HOME
+echo "$KEYCLOAK_HOME ($(( $(date +%s) - start )) s)"
 
 step "helm chart, examples and Dockerfile (offline: Helm library, kubernetes-validate, hadolint)"
 python3 -m pytest -q -p no:cacheprovider tests/chart

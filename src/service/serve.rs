@@ -7,11 +7,14 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use axum::http::HeaderName;
+use tokio::sync::watch;
 
 use crate::duration::parse_seconds;
 use crate::policy::Policy;
 use crate::service::http::oidc::OidcLogin;
-use crate::service::http::{App, HttpConfig, TrustedProxies, admin_router, public_router, router};
+use crate::service::http::{
+    App, HttpConfig, TrustedProxies, admin_router, forward_auth_router, public_router, router,
+};
 use crate::service::listen::{self, Draining, Limits};
 use crate::service::oidc::Provider;
 use crate::service::oidc::flow::Sealer;
@@ -41,6 +44,26 @@ pub struct ServeArgs {
     /// only. Unset: all on --listen.
     #[arg(long, env = "TOKENPOLICY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// An address for /v1/verify (and /v1/verify/...) only, with connection
+    /// slots of their own and the same limits as --listen: point the
+    /// ingress controller's auth URL here, and a flood of the public routes
+    /// on --listen cannot take verify's slots. --listen keeps serving
+    /// verify too. The two listeners share the cap that the open-files and
+    /// memory limits set (half each).
+    #[arg(long, env = "TOKENPOLICY_FORWARD_AUTH_LISTEN")]
+    pub forward_auth_listen: Option<SocketAddr>,
+    /// With --forward-auth-listen: everything on --listen (verify there
+    /// included) runs on threads of its own this much nicer than the rest
+    /// (0-19; 0: on the same threads as forward-auth). Under a CPU-bound
+    /// flood of the public routes, forward-auth keeps the CPU it needs and
+    /// the public routes get what is left.
+    #[arg(
+        long,
+        env = "TOKENPOLICY_PUBLIC_NICENESS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u8).range(0..=19)
+    )]
+    pub public_niceness: u8,
     /// Redis URL shared by all replicas: `redis://[:password@]host:port[/db]`,
     /// `redis+sentinel://[:password@]host:port[,host:port...]/MASTER_NAME` or
     /// `redis+cluster://[:password@]host:port[,host:port...]` (`rediss` for TLS).
@@ -535,7 +558,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     let fd_limit = listen::raise_fd_limit();
     let memory_limit = listen::memory_limit();
-    let max_connections = listen::connection_cap(args.max_connections, fd_limit, memory_limit);
+    // A forward-auth listener takes its connections from the same
+    // descriptors and memory: each listener gets half of what they allow.
+    let (fd_share, memory_share) = match args.forward_auth_listen {
+        Some(_) => (
+            fd_limit.map(|n| listen::FD_RESERVE + n.saturating_sub(listen::FD_RESERVE) / 2),
+            memory_limit.map(|m| m / 2),
+        ),
+        None => (fd_limit, memory_limit),
+    };
+    let max_connections = listen::connection_cap(args.max_connections, fd_share, memory_share);
     let age = seconds(&args.max_connection_age, "--max-connection-age")?;
     let limits = Limits {
         header_timeout: timeout(&args.header_timeout, "--header-timeout")?,
@@ -552,6 +584,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_connections = limits.max_connections,
             open_files_limit = fd_limit,
             memory_limit_bytes = memory_limit,
+            forward_auth_listener = args.forward_auth_listen.is_some(),
             "--max-connections lowered to fit the open-files and memory limits"
         );
     }
@@ -559,43 +592,164 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(address = %args.listen, max_connections = limits.max_connections, "listening");
+    let forward_auth_listener = match args.forward_auth_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr} (--forward-auth-listen)"))?;
+            tracing::info!(address = %addr, max_connections = limits.max_connections, "forward-auth listening");
+            Some(l)
+        }
+        None => None,
+    };
+    let metrics_listener = match args.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr} (--metrics-listen)"))?;
+            tracing::info!(address = %addr, "probes and metrics listening");
+            Some(l)
+        }
+        None => None,
+    };
     let draining = Draining::default();
-    let Some(metrics_addr) = args.metrics_listen else {
-        let router = router(app).layer(axum::Extension(draining.clone()));
-        listen::serve(listener, router, limits, draining, shutdown()).await;
+    let with_draining = |r: axum::Router| r.layer(axum::Extension(draining.clone()));
+
+    // The shutdown signal reaches every client-facing listener at once:
+    // each keeps serving for the shutdown delay, then drains.
+    let (stopping, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown().await;
+        let _ = stopping.send(true);
+    });
+    let signal = move || {
+        let mut stop = stop.clone();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+    };
+    let mut fronts = tokio::task::JoinSet::new();
+    // With a forward-auth listener, --listen's routes yield the CPU to it.
+    let public_niceness = match forward_auth_listener {
+        Some(_) => i32::from(args.public_niceness),
+        None => 0,
+    };
+    if let Some(l) = forward_auth_listener {
+        fronts.spawn(listen::serve(
+            l,
+            with_draining(forward_auth_router(app.clone())),
+            limits.clone(),
+            draining.clone(),
+            signal(),
+        ));
+    }
+    let Some(metrics_listener) = metrics_listener else {
+        let (r, lim, d, sig) = (
+            with_draining(router(app)),
+            limits,
+            draining.clone(),
+            signal(),
+        );
+        fronts.spawn(on_threads_below(public_niceness, listener, move |l| {
+            listen::serve(l, r, lim, d, sig)
+        })?);
+        while fronts.join_next().await.is_some() {}
         tracing::info!("stopped");
         return Ok(());
     };
-    let metrics_listener = tokio::net::TcpListener::bind(metrics_addr)
-        .await
-        .with_context(|| format!("listening on {metrics_addr} (--metrics-listen)"))?;
-    tracing::info!(address = %metrics_addr, "probes and metrics listening");
-    let admin = admin_router(app.clone()).layer(axum::Extension(draining.clone()));
-    let public = public_router(app).layer(axum::Extension(draining.clone()));
-    // Probes and metrics answer until the public listener has drained.
-    let (done, public_done) = tokio::sync::oneshot::channel::<()>();
+    let (r, lim, d, sig) = (
+        with_draining(public_router(app.clone())),
+        limits.clone(),
+        draining.clone(),
+        signal(),
+    );
+    fronts.spawn(on_threads_below(public_niceness, listener, move |l| {
+        listen::serve(l, r, lim, d, sig)
+    })?);
+    // Probes and metrics answer until the client-facing listeners have
+    // drained.
     let admin_limits = Limits {
         max_connections: ADMIN_CONNECTIONS,
         max_connections_per_client: ADMIN_CONNECTIONS,
         max_connection_age: None,
         max_requests_per_connection: None,
         shutdown_delay: Duration::ZERO,
-        ..limits.clone()
+        ..limits
     };
+    let (done, fronts_done) = tokio::sync::oneshot::channel::<()>();
     let admin_task = tokio::spawn(listen::serve(
         metrics_listener,
-        admin,
+        with_draining(admin_router(app)),
         admin_limits,
         draining.clone(),
         async {
-            let _ = public_done.await;
+            let _ = fronts_done.await;
         },
     ));
-    listen::serve(listener, public, limits, draining, shutdown()).await;
+    while fronts.join_next().await.is_some() {}
     let _ = done.send(());
     let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `serve(listener)` as it is (niceness 0), or on a runtime of its own
+/// whose threads run `niceness` below the rest of the process, the listener
+/// and its connections on that runtime's reactor: the future returned ends
+/// when serving has.
+fn on_threads_below<F, S>(
+    niceness: i32,
+    listener: tokio::net::TcpListener,
+    serve: S,
+) -> anyhow::Result<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>
+where
+    S: FnOnce(tokio::net::TcpListener) -> F + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    if niceness == 0 {
+        return Ok(Box::pin(serve(listener)));
+    }
+    let listener = listener.into_std().context("--listen")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("public")
+        .on_thread_start(move || lower_this_thread(niceness))
+        .enable_all()
+        .build()
+        .context("starting the threads of --listen")?;
+    let (done, ended) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("public".into())
+        .spawn(move || {
+            // The accept loop runs on this thread: below the rest too.
+            lower_this_thread(niceness);
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => serve(l).await,
+                    Err(e) => tracing::error!(error = %e, "--listen: cannot serve"),
+                }
+            });
+            let _ = done.send(());
+        })
+        .context("starting the threads of --listen")?;
+    Ok(Box::pin(async move {
+        let _ = ended.await;
+    }))
+}
+
+/// Lowers the calling thread's CPU priority by `niceness` (capped at 19).
+/// On Linux a priority is per thread; lowering one's own needs no privilege.
+fn lower_this_thread(niceness: i32) {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{getpriority_process, setpriority_process};
+        let me = Some(rustix::thread::gettid());
+        let lower = (getpriority_process(me).unwrap_or(0) + niceness).min(19);
+        if let Err(e) = setpriority_process(me, lower) {
+            tracing::warn!(error = %e, "cannot lower the priority of a --listen thread");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = niceness;
 }
 
 /// Connection slots of the probes and metrics listener (kubelet probes and a

@@ -193,6 +193,157 @@ def test_probes_and_metrics_have_a_listener_of_their_own(env, servers):
         assert "tokenpolicy_" in requests.get(admin_url + "/metrics", timeout=HTTP_TIMEOUT).text
 
 
+def login_token(srv: Server) -> str:
+    r = requests.post(srv.url + "/v1/login", json={"username": "alice", "password": "alice-password"},
+                      timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200, r.text
+    return r.json()["access_token"]
+
+
+def test_forward_auth_has_a_listener_of_its_own(env, servers):
+    from conftest import free_port
+    fa = free_port()
+    srv = start(env, "fa-port", {"TOKENPOLICY_FORWARD_AUTH_LISTEN": f"127.0.0.1:{fa}",
+                                 "TOKENPOLICY_MAX_CONNECTIONS": "40",
+                                 "TOKENPOLICY_MAX_CONNECTIONS_PER_CLIENT": "5",
+                                 "TOKENPOLICY_HEADER_TIMEOUT": "30s"},
+                policy=dict(session=300, token=120, renew=60, grace=1))
+    servers.append(srv)
+    fa_url = f"http://127.0.0.1:{fa}"
+    token = login_token(srv)
+    bearer = {"Authorization": f"Bearer {token}"}
+    # Verify answers on the forward-auth port, with the identity headers...
+    for path in ("/v1/verify", "/v1/verify/app/page"):
+        r = requests.get(fa_url + path, headers=bearer, timeout=HTTP_TIMEOUT)
+        assert r.status_code == 200, (path, r.status_code, r.text)
+        assert r.headers.get("X-Auth-Request-User") == "alice"
+    r = requests.get(fa_url + "/v1/verify", timeout=HTTP_TIMEOUT)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "EMPTY_TOKEN"
+    # ...and nothing else: no login, refresh, logout, keys or probes there.
+    assert requests.post(fa_url + "/v1/login", json={"username": "alice", "password": "alice-password"},
+                         timeout=HTTP_TIMEOUT).status_code == 404
+    assert requests.get(fa_url + "/v1/login", timeout=HTTP_TIMEOUT).status_code == 404
+    for path in ("/v1/refresh", "/v1/logout"):
+        assert requests.post(fa_url + path, headers=bearer, timeout=HTTP_TIMEOUT).status_code == 404
+    for path in ("/.well-known/jwks.json", "/healthz", "/metrics"):
+        assert requests.get(fa_url + path, timeout=HTTP_TIMEOUT).status_code == 404, path
+    # The main listener keeps every route, verify included.
+    assert requests.get(srv.url + "/v1/verify", headers=bearer, timeout=HTTP_TIMEOUT).status_code == 200
+    assert requests.get(srv.url + "/.well-known/jwks.json", timeout=HTTP_TIMEOUT).status_code == 200
+    with ExitStack() as stack:
+        # This client holds its maximum of connections on the main port...
+        held = [stack.enter_context(connect(srv.port)) for _ in range(5)]
+        time.sleep(0.3)
+        extra = stack.enter_context(connect(srv.port))
+        assert closed_within(extra, 2.0), "a sixth connection of one client was kept on the main port"
+        # ...and is still served on the forward-auth port, on several
+        # connections at once (its slots are its own).
+        on_fa = [stack.enter_context(connect(fa)) for _ in range(3)]
+        for s in on_fa:
+            s.sendall(b"GET /v1/verify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                      + token.encode() + b"\r\n\r\n")
+        for s in on_fa:
+            answer = s.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        r = requests.get(fa_url + "/v1/verify", headers=bearer, timeout=HTTP_TIMEOUT)
+        assert r.status_code == 200
+        # The held connections on the main port are still served.
+        held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert held[0].recv(4096).startswith(b"HTTP/1.1 200")
+
+
+def test_forward_auth_listener_has_its_own_per_client_cap(env, servers):
+    from conftest import free_port
+    fa = free_port()
+    srv = start(env, "fa-cap", {"TOKENPOLICY_FORWARD_AUTH_LISTEN": f"127.0.0.1:{fa}",
+                                "TOKENPOLICY_MAX_CONNECTIONS": "40",
+                                "TOKENPOLICY_MAX_CONNECTIONS_PER_CLIENT": "3",
+                                "TOKENPOLICY_HEADER_TIMEOUT": "30s"})
+    servers.append(srv)
+    with ExitStack() as stack:
+        # A client holding every one of its slots on the forward-auth port
+        # gets no fourth there, and is still served on the main port.
+        held = [stack.enter_context(connect(fa)) for _ in range(3)]
+        time.sleep(0.3)
+        extra = stack.enter_context(connect(fa))
+        assert closed_within(extra, 2.0), "a fourth connection of one client was kept on the forward-auth port"
+        assert healthz(srv) == 200
+        for s in held:
+            s.sendall(b"GET /v1/verify HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 401"), "a held connection was dropped"
+
+
+def thread_niceness(pid: int) -> dict[str, set[int]]:
+    """The nice values of a process's threads, by thread name."""
+    out: dict[str, set[int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            stat = f.read()
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        # Field 19 of the line is the nice value; 17th after the comm.
+        nice = int(stat[stat.rindex(")") + 2:].split()[16])
+        out.setdefault(name, set()).add(nice)
+    return out
+
+
+def test_the_public_routes_run_below_forward_auth(env, servers):
+    from conftest import free_port
+    fa = free_port()
+    admin = free_port()
+    srv = start(env, "fa-nice", {"TOKENPOLICY_FORWARD_AUTH_LISTEN": f"127.0.0.1:{fa}",
+                                 "TOKENPOLICY_METRICS_LISTEN": f"127.0.0.1:{admin}"})
+    servers.append(srv)
+    # Both listeners answer (a request on each, so that both runtimes run).
+    assert requests.get(srv.url + "/healthz", timeout=HTTP_TIMEOUT).status_code == 200
+    assert requests.get(f"http://127.0.0.1:{fa}/v1/verify", timeout=HTTP_TIMEOUT).status_code == 401
+    assert requests.get(f"http://127.0.0.1:{admin}/readyz", timeout=HTTP_TIMEOUT).status_code == 200
+    nice = thread_niceness(srv.pid)
+    base = os.getpriority(os.PRIO_PROCESS, srv.pid)
+    # --listen's threads run 10 below (the default), forward-auth's at the
+    # process's own priority.
+    assert nice.get("public") == {min(base + 10, 19)}, nice
+    assert nice.get("tokio-rt-worker") == {base}, nice
+    # With --public-niceness 0 they are the same threads.
+    fa0 = free_port()
+    same = start(env, "fa-nice0", {"TOKENPOLICY_FORWARD_AUTH_LISTEN": f"127.0.0.1:{fa0}",
+                                   "TOKENPOLICY_PUBLIC_NICENESS": "0"})
+    servers.append(same)
+    assert "public" not in thread_niceness(same.pid)
+
+
+def test_sigterm_drains_the_forward_auth_listener(env, servers):
+    from conftest import free_port
+    fa = free_port()
+    srv = start(env, "fa-term", {"TOKENPOLICY_FORWARD_AUTH_LISTEN": f"127.0.0.1:{fa}",
+                                 "TOKENPOLICY_SHUTDOWN_DELAY": "2s", "TOKENPOLICY_SHUTDOWN_TIMEOUT": "3s",
+                                 "TOKENPOLICY_HEADER_TIMEOUT": "60s"},
+                policy=dict(session=300, token=120, renew=60, grace=1))
+    servers.append(srv)
+    token = login_token(srv)
+    request = b"GET /v1/verify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token.encode() + b"\r\n\r\n"
+    # A kept-alive connection of the forward-auth port, idle at the signal.
+    kept = connect(fa)
+    kept.sendall(request)
+    assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    # During the shutdown delay: unready, and verify still answered there.
+    r = requests.get(srv.url + "/readyz", timeout=HTTP_TIMEOUT)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "SHUTTING_DOWN"
+    r = requests.get(f"http://127.0.0.1:{fa}/v1/verify", headers={"Authorization": f"Bearer {token}"},
+                     timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200
+    # After it the listener stops accepting, its idle connection is closed,
+    # and the process exits in time.
+    assert closed_within(kept, 6.0), "an idle forward-auth connection outlived the drain"
+    assert exits_within(srv, 8.0)
+    assert srv.proc.returncode == 0
+    assert time.monotonic() - t0 < 2 + 3 + 2
+    with pytest.raises(OSError):
+        connect(fa).close()
+
+
 def test_half_sent_request_is_closed_after_the_header_timeout(env, servers):
     srv = start(env, "slowloris", {"TOKENPOLICY_HEADER_TIMEOUT": "2s"})
     servers.append(srv)

@@ -106,6 +106,12 @@ pub fn public_router(app: Arc<App>) -> Router {
     layered(public_routes().merge(probe_routes()), app)
 }
 
+/// `/v1/verify` and `/v1/verify/{*rest}` only, for `--forward-auth-listen`:
+/// what an ingress controller calls, on connection slots of its own.
+pub fn forward_auth_router(app: Arc<App>) -> Router {
+    layered(forward_auth_routes(), app)
+}
+
 /// /healthz, /readyz and /metrics, for `--metrics-listen`.
 pub fn admin_router(app: Arc<App>) -> Router {
     layered(admin_routes(), app)
@@ -118,9 +124,14 @@ fn public_routes() -> Router<Arc<App>> {
         .route("/v1/logout", post(logout))
         .route("/v1/oidc/login", get(oidc::oidc_login))
         .route("/v1/oidc/callback", get(oidc::oidc_callback))
+        .merge(forward_auth_routes())
+        .route("/.well-known/jwks.json", get(jwks))
+}
+
+fn forward_auth_routes() -> Router<Arc<App>> {
+    Router::new()
         .route("/v1/verify", any(verify))
         .route("/v1/verify/{*rest}", any(verify))
-        .route("/.well-known/jwks.json", get(jwks))
 }
 
 fn probe_routes() -> Router<Arc<App>> {
