@@ -49,14 +49,29 @@ async fn check_secret(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<Option<
 
 /// What stops the service from running, if anything: (reason, message).
 async fn blocker(tp: &TokenPolicy, secrets: &Api<Secret>) -> Result<Option<(R, String)>, Error> {
-    let Some(users) = &tp.spec.users else {
-        return Ok(Some((
-            R::USERS_SECRET_MISSING,
-            "spec.users is not set: nobody could log in".into(),
-        )));
-    };
-    if let Some(m) = check_secret(secrets, &users.secret_ref).await? {
-        return Ok(Some((R::USERS_SECRET_MISSING, m)));
+    let oidc = tp.spec.oidc.as_ref();
+    match &tp.spec.users {
+        // A provider signs users in; a users file is then optional.
+        None if oidc.is_some() => {}
+        None => {
+            return Ok(Some((
+                R::USERS_SECRET_MISSING,
+                "spec.users and spec.oidc are both unset: nobody could log in".into(),
+            )));
+        }
+        Some(users) => {
+            if let Some(m) = check_secret(secrets, &users.secret_ref).await? {
+                return Ok(Some((R::USERS_SECRET_MISSING, m)));
+            }
+        }
+    }
+    if let Some(oidc) = oidc {
+        let wanted = std::iter::once(&oidc.client_secret_ref).chain(oidc.ca_secret_ref.as_ref());
+        for r in wanted {
+            if let Some(m) = check_secret(secrets, r).await? {
+                return Ok(Some((R::OIDC_SECRET_MISSING, m)));
+            }
+        }
     }
     let Some(redis) = &tp.spec.redis else {
         return Ok(None);

@@ -36,6 +36,10 @@ const USERS_DIR: &str = "/etc/tokenpolicy/users";
 /// The users file's name in `USERS_DIR`, whatever the Secret's key.
 const USERS_FILE: &str = "users";
 const REDIS_CA_DIR: &str = "/etc/tokenpolicy/redis-ca";
+/// The OpenID Connect client secret (`client-secret`) and the provider's
+/// CA (`ca.crt`), each only the named key of its Secret.
+const OIDC_DIR: &str = "/etc/tokenpolicy/oidc";
+const OIDC_CA_DIR: &str = "/etc/tokenpolicy/oidc-ca";
 const REDIS_CLIENT_DIR: &str = "/etc/tokenpolicy/redis-client";
 
 /// The keys of a client-certificate Secret (`kubernetes.io/tls`).
@@ -301,6 +305,28 @@ pub fn deployment(
         ));
         mounts.push(read_only_mount("users", USERS_DIR));
         args.extend(["--users".into(), format!("{USERS_DIR}/{USERS_FILE}")]);
+    }
+    if let Some(oidc) = &spec.oidc {
+        let secret = &oidc.client_secret_ref;
+        volumes.push(secret_volume(
+            "oidc",
+            &secret.name,
+            Some(&[(&secret.key, "client-secret")]),
+        ));
+        mounts.push(read_only_mount("oidc", OIDC_DIR));
+        args.extend([
+            "--oidc-client-secret-file".into(),
+            format!("{OIDC_DIR}/client-secret"),
+        ]);
+        if let Some(ca) = &oidc.ca_secret_ref {
+            volumes.push(secret_volume(
+                "oidc-ca",
+                &ca.name,
+                Some(&[(&ca.key, "ca.crt")]),
+            ));
+            mounts.push(read_only_mount("oidc-ca", OIDC_CA_DIR));
+            args.extend(["--oidc-ca-file".into(), format!("{OIDC_CA_DIR}/ca.crt")]);
+        }
     }
     if let Some(redis) = &spec.redis {
         env.push(EnvVar {
@@ -669,6 +695,78 @@ pub(crate) mod tests {
             (owner.kind.as_str(), owner.name.as_str(), owner.controller),
             ("TokenPolicy", "demo", Some(true))
         );
+    }
+
+    #[test]
+    fn the_oidc_client_secret_and_ca_are_single_read_only_files_that_serve_is_told_of() {
+        let mut tp = policy(1);
+        tp.spec.oidc = Some(crate::crd::OidcSpec {
+            issuer_url: "https://idp.example.com".into(),
+            client_id: "tokenpolicy".into(),
+            client_secret_ref: SecretKeyRef {
+                name: "oidc-client".into(),
+                key: "secret".into(),
+            },
+            ca_secret_ref: Some(SecretKeyRef {
+                name: "idp-ca".into(),
+                key: "ca.pem".into(),
+            }),
+            ..Default::default()
+        });
+        let pod = deployment(&tp, "img:1", &[], "kid-a")
+            .spec
+            .template
+            .spec
+            .unwrap();
+        let args = pod.containers[0].args.clone().unwrap().join(" ");
+        assert!(
+            args.contains("--oidc-client-secret-file /etc/tokenpolicy/oidc/client-secret"),
+            "{args}"
+        );
+        assert!(
+            args.contains("--oidc-ca-file /etc/tokenpolicy/oidc-ca/ca.crt"),
+            "{args}"
+        );
+        let volumes = pod.volumes.unwrap();
+        let only = |name: &str| {
+            let s = volumes
+                .iter()
+                .find(|v| v.name == name)
+                .unwrap()
+                .secret
+                .clone()
+                .unwrap();
+            assert_eq!(s.default_mode, Some(0o440));
+            let items: Vec<_> = s
+                .items
+                .unwrap()
+                .into_iter()
+                .map(|i| (i.key, i.path))
+                .collect();
+            (s.secret_name.unwrap(), items)
+        };
+        assert_eq!(
+            only("oidc"),
+            (
+                "oidc-client".to_string(),
+                vec![("secret".to_string(), "client-secret".to_string())]
+            )
+        );
+        assert_eq!(
+            only("oidc-ca"),
+            (
+                "idp-ca".to_string(),
+                vec![("ca.pem".to_string(), "ca.crt".to_string())]
+            )
+        );
+        let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+        for (name, dir) in [
+            ("oidc", "/etc/tokenpolicy/oidc"),
+            ("oidc-ca", "/etc/tokenpolicy/oidc-ca"),
+        ] {
+            let m = mounts.iter().find(|m| m.name == name).unwrap();
+            assert_eq!((m.mount_path.as_str(), m.read_only), (dir, Some(true)));
+        }
     }
 
     #[test]

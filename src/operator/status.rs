@@ -45,6 +45,8 @@ impl ConditionReason {
     pub const INVALID_SPEC: Self = Self("InvalidSpec");
     pub const USERS_SECRET_MISSING: Self = Self("UsersSecretMissing");
     pub const REDIS_SECRET_MISSING: Self = Self("RedisSecretMissing");
+    /// The OpenID Connect client secret or the provider's CA is missing.
+    pub const OIDC_SECRET_MISSING: Self = Self("OidcSecretMissing");
     /// An object under one of the operator's names is someone else's.
     pub const OBJECT_NOT_OWNED: Self = Self("ObjectNotOwned");
     /// `spec.image` is not on the operator's allow-list.

@@ -889,3 +889,54 @@ async fn an_allowed_image_runs_behind_the_configured_network_policy() {
     });
     run(tp, Arc::new(ctx), scenario).await.unwrap();
 }
+
+/// A policy that signs users in through a provider, and no users file.
+fn oidc_policy() -> TokenPolicy {
+    let mut tp = policy(1);
+    tp.spec.users = None;
+    tp.spec.external_url = Some("https://auth.example.com".into());
+    tp.spec.oidc = Some(crate::crd::OidcSpec {
+        issuer_url: "https://idp.example.com/realms/team".into(),
+        client_id: "tokenpolicy".into(),
+        client_secret_ref: crate::crd::SecretKeyRef {
+            name: "oidc-client".into(),
+            key: "secret".into(),
+        },
+        ..Default::default()
+    });
+    tp
+}
+
+#[tokio::test]
+async fn a_missing_oidc_client_secret_is_degraded_and_a_provider_needs_no_users_file() {
+    let (ctx, mut api) = context();
+    let scenario = tokio::spawn(async move {
+        // No users Secret is asked for: the provider signs users in.
+        api.expect(
+            "GET",
+            "/api/v1/namespaces/team/secrets/oidc-client",
+            404,
+            not_found("secrets", "oidc-client"),
+        )
+        .await;
+        let event = api
+            .expect(
+                "POST",
+                "/apis/events.k8s.io/v1/namespaces/team/events?",
+                201,
+                json!({}),
+            )
+            .await;
+        assert_eq!(event["reason"], "OidcSecretMissing");
+        let st = status(&mut api).await;
+        let degraded = condition(&st, "Degraded");
+        assert_eq!(
+            (degraded["reason"].as_str(), degraded["message"].as_str()),
+            (
+                Some("OidcSecretMissing"),
+                Some("Secret oidc-client not found")
+            )
+        );
+    });
+    run(oidc_policy(), ctx, scenario).await.unwrap();
+}
