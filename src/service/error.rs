@@ -24,10 +24,14 @@ pub enum Code {
     UnsupportedMediaType,
     RequestTimeout,
     ShuttingDown,
+    /// The user has as many sessions as the policy allows (`RefuseNew`).
+    SessionLimit,
+    /// No session of the caller's with that id.
+    SessionNotFound,
 }
 
 impl Code {
-    pub const ALL: [Code; 17] = [
+    pub const ALL: [Code; 19] = [
         Code::EmptyToken,
         Code::InvalidToken,
         Code::ExpiredToken,
@@ -45,6 +49,8 @@ impl Code {
         Code::UnsupportedMediaType,
         Code::RequestTimeout,
         Code::ShuttingDown,
+        Code::SessionLimit,
+        Code::SessionNotFound,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +72,8 @@ impl Code {
             Code::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             Code::RequestTimeout => "REQUEST_TIMEOUT",
             Code::ShuttingDown => "SHUTTING_DOWN",
+            Code::SessionLimit => "SESSION_LIMIT",
+            Code::SessionNotFound => "SESSION_NOT_FOUND",
         }
     }
 
@@ -80,6 +88,8 @@ impl Code {
             Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Code::InvalidRequest | Code::InvalidRedirect => StatusCode::BAD_REQUEST,
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::SessionLimit => StatusCode::CONFLICT,
+            Code::SessionNotFound => StatusCode::NOT_FOUND,
             _ => StatusCode::UNAUTHORIZED,
         }
     }
@@ -177,12 +187,14 @@ mod contract {
                 | CrossSiteRequest
                 | UnsupportedMediaType
                 | RequestTimeout
-                | ShuttingDown => seen.insert(c),
+                | ShuttingDown
+                | SessionLimit
+                | SessionNotFound => seen.insert(c),
             };
         }
         assert_eq!(
             seen.len(),
-            17,
+            19,
             "a code is missing from Code::ALL or listed twice"
         );
     }
