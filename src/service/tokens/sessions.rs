@@ -227,7 +227,178 @@ impl TokenService {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::service::store::MemoryStore;
+    use crate::service::token::{Key, KeySet};
+    use crate::service::tokens::Throttle;
+    use crate::service::users::Users;
+
+    const T0: Millis = 1_800_000_000_000;
+
+    fn service(policy: Policy) -> TokenService {
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let users = Users::parse(&format!("alice:{hash}\nbob:{hash}\n"), "test").unwrap();
+        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
+        TokenService::new(
+            policy,
+            users,
+            keys,
+            Arc::new(MemoryStore::new()),
+            0,
+            Throttle::default(),
+        )
+    }
+
+    fn client(ua: &str) -> Client {
+        Client {
+            addr: "203.0.113.9".parse().ok(),
+            user_agent: Some(ua.into()),
+        }
+    }
+
+    fn sids(l: &SessionList) -> Vec<&str> {
+        l.sessions.iter().map(|e| e.sid.as_str()).collect()
+    }
+
+    fn code<T: std::fmt::Debug>(r: Result<T, ApiError>) -> &'static str {
+        r.unwrap_err().code.as_str()
+    }
+
+    #[tokio::test]
+    async fn a_user_lists_and_ends_their_own_sessions_only() {
+        let s = service(Policy::default());
+        let a1 = s
+            .login("alice", "pw", client("laptop"), || T0)
+            .await
+            .unwrap();
+        let a2 = s
+            .login("alice", "pw", client("phone"), || T0 + 1_000)
+            .await
+            .unwrap();
+        let b = s.login("bob", "pw", client("b"), || T0).await.unwrap();
+        let now = T0 + 2_000;
+        let l = s.sessions(&a2.token, now).await.unwrap();
+        assert_eq!(sids(&l), [a1.claims.sid.as_str(), a2.claims.sid.as_str()]);
+        assert_eq!(l.current, a2.claims.sid);
+        let e = &l.sessions[0];
+        assert_eq!(e.method, "password");
+        assert_eq!(e.idp, None);
+        assert_eq!(e.started, T0);
+        assert_eq!(e.ends, a1.session_end * 1_000);
+        assert_eq!(e.addr.as_deref(), Some("203.0.113.9"));
+        assert_eq!(e.user_agent.as_deref(), Some("laptop"));
+        // Bob's session is not Alice's to see or end: 404, as for none.
+        assert_eq!(
+            code(s.end_session(&a2.token, &b.claims.sid, now).await),
+            "SESSION_NOT_FOUND"
+        );
+        assert_eq!(
+            code(s.end_session(&a2.token, "no-such-sid", now).await),
+            "SESSION_NOT_FOUND"
+        );
+        assert!(s.verify(&b.token, true, now).await.is_ok());
+        // Alice ends her laptop's session from her phone.
+        s.end_session(&a2.token, &a1.claims.sid, now).await.unwrap();
+        assert_eq!(
+            code(s.verify(&a1.token, true, now).await),
+            "REVOKED_SESSION"
+        );
+        assert_eq!(
+            sids(&s.sessions(&a2.token, now).await.unwrap()),
+            [a2.claims.sid.as_str()]
+        );
+        // A revoked token lists nothing.
+        assert_eq!(code(s.sessions(&a1.token, now).await), "REVOKED_SESSION");
+        // A logout takes the session out of the registry.
+        s.logout(&a2.token, now).await.unwrap();
+        let a3 = s.login("alice", "pw", client("x"), || now).await.unwrap();
+        assert_eq!(
+            sids(&s.sessions(&a3.token, now).await.unwrap()),
+            [a3.claims.sid.as_str()]
+        );
+    }
+
+    #[tokio::test]
+    async fn logout_everywhere_ends_every_session_of_the_user() {
+        let s = service(Policy::default());
+        let a: Vec<_> = futures_util::future::join_all(
+            (0..3).map(|i| s.login("alice", "pw", client("a"), move || T0 + i)),
+        )
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+        let b = s.login("bob", "pw", client("b"), || T0).await.unwrap();
+        let now = T0 + 1_000;
+        s.logout_everywhere(&a[1].token, now).await.unwrap();
+        for t in &a {
+            assert_eq!(code(s.verify(&t.token, true, now).await), "REVOKED_SESSION");
+        }
+        assert!(s.verify(&b.token, true, now).await.is_ok());
+        // A revoked token cannot end anybody's sessions.
+        assert_eq!(
+            code(s.logout_everywhere(&a[0].token, now).await),
+            "REVOKED_SESSION"
+        );
+        let fresh = s.login("alice", "pw", client("a"), || now).await.unwrap();
+        assert_eq!(
+            s.sessions(&fresh.token, now).await.unwrap().sessions.len(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn the_limit_ends_the_oldest_session_or_refuses_the_login() {
+        let s = service(Policy {
+            max_sessions_per_user: 2,
+            ..Policy::default()
+        });
+        let t: Vec<_> = [0, 1_000, 2_000]
+            .into_iter()
+            .map(|at| (at, s.login("alice", "pw", client("a"), move || T0 + at)))
+            .collect::<Vec<_>>();
+        let mut issued = Vec::new();
+        for (_, f) in t {
+            issued.push(f.await.unwrap());
+        }
+        let now = T0 + 3_000;
+        assert_eq!(
+            code(s.verify(&issued[0].token, true, now).await),
+            "REVOKED_SESSION"
+        );
+        assert!(s.verify(&issued[1].token, true, now).await.is_ok());
+        assert!(s.verify(&issued[2].token, true, now).await.is_ok());
+        assert_eq!(
+            s.sessions(&issued[2].token, now)
+                .await
+                .unwrap()
+                .sessions
+                .len(),
+            2
+        );
+        // Bob has a limit of his own.
+        assert!(s.login("bob", "pw", client("b"), || now).await.is_ok());
+
+        s.set_policy(Policy {
+            max_sessions_per_user: 2,
+            session_limit_action: crate::policy::SessionLimitPolicy::RefuseNew,
+            ..Policy::default()
+        });
+        let e = s
+            .login("alice", "pw", client("a"), || now)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code.as_str(), e.code.status().as_u16()),
+            ("SESSION_LIMIT", 409)
+        );
+        assert!(s.verify(&issued[1].token, true, now).await.is_ok());
+        // Once one of them signs out, there is room again.
+        s.logout(&issued[1].token, now).await.unwrap();
+        assert!(s.login("alice", "pw", client("a"), || now).await.is_ok());
+    }
 
     #[test]
     fn registry_users_keep_providers_apart() {
