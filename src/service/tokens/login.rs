@@ -172,7 +172,8 @@ impl TokenService {
         }
         self.wait_past_user_end(&start.sub, clock()).await;
         let policy = self.policy.load();
-        let (auth_time, iat, exp) = rules::login_times(&policy, clock());
+        let now = clock();
+        let (auth_time, iat, exp) = rules::login_times(&policy, now);
         let claims = Claims {
             iss: self.keys.issuer().to_string(),
             aud: self.keys.audience().to_string(),
@@ -189,7 +190,7 @@ impl TokenService {
             groups: start.groups,
         };
         let session_end = auth_time + policy.session as i64;
-        self.register(&claims, session_end, client, &policy, clock())
+        self.register(&claims, session_end, client, &policy, now)
             .await?;
         tracing::info!(user = ?claims.sub, sid = %claims.sid, client = ?client.addr, "login");
         self.store.note_issued(&claims.sid);

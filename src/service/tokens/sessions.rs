@@ -74,7 +74,8 @@ impl TokenService {
             }
             .into(),
             idp: claims.idp.clone(),
-            started: claims.auth_time.saturating_mul(1_000),
+            // To the millisecond, so that "oldest" is the order of logins.
+            started: now,
             ends: session_end.saturating_mul(1_000),
             last_active: now,
             addr: client.addr.map(|a| a.to_string()),
