@@ -420,6 +420,32 @@ mod tests {
     }
 
     #[test]
+    fn the_session_limit_is_read_and_checked() {
+        let p = Policy::from_yaml(
+            "apiVersion: auth.tokenpolicy.io/v1alpha1\nkind: TokenPolicy\nspec:\n  \
+             maxSessionsPerUser: 3\n  sessionLimitAction: RefuseNew\n",
+        )
+        .unwrap();
+        assert_eq!(p.max_sessions_per_user, 3);
+        assert_eq!(p.session_limit_action, SessionLimitPolicy::RefuseNew);
+        let d = Policy::from_spec(&spec("8h", "30m", "10m")).unwrap();
+        assert_eq!(d.max_sessions_per_user, 0);
+        assert_eq!(d.session_limit_action, SessionLimitPolicy::RevokeOldest);
+        let mut s = spec("8h", "30m", "10m");
+        s.max_sessions_per_user = Some(1_001);
+        assert_eq!(
+            Policy::from_spec(&s).unwrap_err().to_string(),
+            "spec.maxSessionsPerUser: 1001 is out of range: must be between 0 and 1000"
+        );
+        let mut s = spec("8h", "30m", "10m");
+        s.session_limit_action = Some("Oldest".into());
+        assert_eq!(
+            Policy::from_spec(&s).unwrap_err().to_string(),
+            "spec.sessionLimitAction: \"Oldest\" is not RevokeOldest or RefuseNew"
+        );
+    }
+
+    #[test]
     fn bounds_name_field_and_value() {
         let err = Policy::from_spec(&spec("366d", "1h", "0s")).unwrap_err();
         assert_eq!(
