@@ -163,9 +163,15 @@ impl TokenService {
     ) -> Result<Vec<SessionEntry>, ApiError> {
         let listed = self.store.list_sessions(&claims_user(claims), now).await?;
         let ended = self.user_end(&claims.sub).await?;
+        // A policy shortened since login ends sessions sooner (rule 2).
+        let session = self.policy.load().session as i64;
         let mut live = Vec::with_capacity(listed.len());
         for e in listed {
-            if e.ends <= now || ended.is_some_and(|end| e.started.div_euclid(1_000) <= end) {
+            let auth_time = e.started.div_euclid(1_000);
+            if e.ends <= now
+                || auth_time.saturating_add(session).saturating_mul(1_000) <= now
+                || ended.is_some_and(|end| auth_time <= end)
+            {
                 continue;
             }
             if self.store.is_revoked(&e.sid).await? {
@@ -220,6 +226,16 @@ impl TokenService {
             self.end_entry(&claims.sub, e, now).await?;
         }
         self.revoke(&claims, now).await?;
+        // Sessions the registry does not hold (one that raced this call)
+        // end too: every password session of the user started until now.
+        if claims.idp.is_none() {
+            let key = super::user_key(&claims.sub);
+            let at = now.div_euclid(1_000);
+            self.store
+                .end_user_sessions(&key, at, rules::user_end_ttl())
+                .await?;
+            super::merge_end(&self.user_ends, &key, Some(at), std::time::Instant::now());
+        }
         self.metrics.revocations.inc();
         tracing::info!(user = ?claims.sub, sessions = entries.len(), "logout everywhere");
         Ok(())
@@ -343,10 +359,40 @@ mod tests {
             code(s.logout_everywhere(&a[0].token, now).await),
             "REVOKED_SESSION"
         );
-        let fresh = s.login("alice", "pw", client("a"), || now).await.unwrap();
+        // Every session started until then is over, listed or not; later
+        // ones are not.
+        let later = now + 1_000;
+        let fresh = s.login("alice", "pw", client("a"), || later).await.unwrap();
         assert_eq!(
-            s.sessions(&fresh.token, now).await.unwrap().sessions.len(),
+            s.sessions(&fresh.token, later)
+                .await
+                .unwrap()
+                .sessions
+                .len(),
             1
+        );
+        // A policy shortened since login ends sessions sooner, in the list too.
+        s.set_policy(Policy {
+            session: 1,
+            token: 1,
+            renew_limit: 0,
+            grace: 0,
+            ..Policy::default()
+        });
+        let g = s
+            .login("alice", "pw", client("a"), || later + 2_000)
+            .await
+            .unwrap();
+        let listed = s.sessions(&g.token, later + 2_500).await.unwrap().sessions;
+        assert_eq!(
+            listed.len(),
+            1,
+            "the earlier session is past the new session time"
+        );
+        assert_eq!(listed[0].sid, g.claims.sid);
+        assert_eq!(
+            code(s.sessions(&g.token, later + 3_000).await),
+            "EXPIRED_SESSION"
         );
     }
 
