@@ -151,6 +151,18 @@ pub struct TokenPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoke_session_on_reuse: Option<bool>,
 
+    /// Live sessions per user at most (0..1000); 0 or absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub max_sessions_per_user: Option<u32>,
+
+    /// What a login past `maxSessionsPerUser` does: `RevokeOldest`
+    /// (default: it succeeds and the user's oldest session ends) or
+    /// `RefuseNew` (it is refused with 409 SESSION_LIMIT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^(RevokeOldest|RefuseNew)$"))]
+    pub session_limit_action: Option<String>,
+
     /// `iss` of issued tokens. Default `tokenpolicy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
@@ -236,6 +248,8 @@ impl Default for TokenPolicySpec {
             expired_token_renew_limit: default_renew_limit(),
             refresh_grace_period: default_grace(),
             revoke_session_on_reuse: None,
+            max_sessions_per_user: None,
+            session_limit_action: None,
             issuer: None,
             audience: None,
             cookie: None,

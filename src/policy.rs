@@ -231,6 +231,19 @@ impl Default for Cookie {
     }
 }
 
+/// What a login past `maxSessionsPerUser` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SessionLimitPolicy {
+    /// The login succeeds; the user's oldest session ends, on every replica.
+    #[default]
+    RevokeOldest,
+    /// The login is refused (`409 SESSION_LIMIT`).
+    RefuseNew,
+}
+
+/// The most `maxSessionsPerUser` may be.
+pub const MAX_SESSIONS_PER_USER: u32 = 1_000;
+
 /// A checked policy; all durations in whole seconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -239,6 +252,9 @@ pub struct Policy {
     pub renew_limit: u64,
     pub grace: u64,
     pub revoke_session_on_reuse: bool,
+    /// Live sessions per user at most (0: no limit).
+    pub max_sessions_per_user: u32,
+    pub session_limit_action: SessionLimitPolicy,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub cookie: Cookie,
@@ -258,6 +274,8 @@ impl Default for Policy {
             renew_limit: secs(crate::default_renew_limit!()),
             grace: secs(crate::default_grace!()),
             revoke_session_on_reuse: true,
+            max_sessions_per_user: 0,
+            session_limit_action: SessionLimitPolicy::RevokeOldest,
             issuer: None,
             audience: None,
             cookie: Cookie::default(),
@@ -431,12 +449,33 @@ impl Policy {
                 "oidc needs externalURL: the provider sends the browser back to <externalURL>/v1/oidc/callback",
             ));
         }
+        let max_sessions_per_user = spec.max_sessions_per_user.unwrap_or(0);
+        if max_sessions_per_user > MAX_SESSIONS_PER_USER {
+            return Err(field(
+                "maxSessionsPerUser",
+                format!(
+                    "{max_sessions_per_user} is out of range: must be between 0 and {MAX_SESSIONS_PER_USER}"
+                ),
+            ));
+        }
+        let session_limit_action = match spec.session_limit_action.as_deref() {
+            None | Some("RevokeOldest") => SessionLimitPolicy::RevokeOldest,
+            Some("RefuseNew") => SessionLimitPolicy::RefuseNew,
+            Some(other) => {
+                return Err(field(
+                    "sessionLimitAction",
+                    format!("{other:?} is not RevokeOldest or RefuseNew"),
+                ));
+            }
+        };
         Ok(Policy {
             session,
             token,
             renew_limit,
             grace,
             revoke_session_on_reuse: spec.revoke_session_on_reuse.unwrap_or(true),
+            max_sessions_per_user,
+            session_limit_action,
             issuer: spec.issuer.clone(),
             audience: spec.audience.clone(),
             cookie,
@@ -531,6 +570,32 @@ mod tests {
         assert!(
             err.to_string()
                 .starts_with("spec.expiredTokenRenewLimit: must not be longer")
+        );
+    }
+
+    #[test]
+    fn the_session_limit_is_read_and_checked() {
+        let p = Policy::from_yaml(
+            "apiVersion: auth.tokenpolicy.io/v1alpha1\nkind: TokenPolicy\nspec:\n  \
+             maxSessionsPerUser: 3\n  sessionLimitAction: RefuseNew\n",
+        )
+        .unwrap();
+        assert_eq!(p.max_sessions_per_user, 3);
+        assert_eq!(p.session_limit_action, SessionLimitPolicy::RefuseNew);
+        let d = Policy::from_spec(&spec("8h", "30m", "10m")).unwrap();
+        assert_eq!(d.max_sessions_per_user, 0);
+        assert_eq!(d.session_limit_action, SessionLimitPolicy::RevokeOldest);
+        let mut s = spec("8h", "30m", "10m");
+        s.max_sessions_per_user = Some(1_001);
+        assert_eq!(
+            Policy::from_spec(&s).unwrap_err().to_string(),
+            "spec.maxSessionsPerUser: 1001 is out of range: must be between 0 and 1000"
+        );
+        let mut s = spec("8h", "30m", "10m");
+        s.session_limit_action = Some("Oldest".into());
+        assert_eq!(
+            Policy::from_spec(&s).unwrap_err().to_string(),
+            "spec.sessionLimitAction: \"Oldest\" is not RevokeOldest or RefuseNew"
         );
     }
 

@@ -97,6 +97,7 @@ cargo test --locked
 # The store contract against the real redis-server above (ignored by a
 # plain `cargo test`, which has none; it fails without one).
 cargo test --locked --lib -- --ignored --exact service::store::redis::tests::redis_store_keeps_the_contract
+cargo test --locked --lib -- --ignored --exact service::store::redis::tests::redis_registry_leaves_no_key_after_sessions_end
 
 kill $redis_pid 2>/dev/null || true
 

@@ -37,10 +37,14 @@ pub enum Code {
     ForbiddenUser,
     /// `/v1/verify?allowed_groups=`: the user is in none of them.
     ForbiddenGroup,
+    /// The user has as many sessions as the policy allows (`RefuseNew`).
+    SessionLimit,
+    /// No session of the caller's with that id.
+    SessionNotFound,
 }
 
 impl Code {
-    pub const ALL: [Code; 23] = [
+    pub const ALL: [Code; 25] = [
         Code::EmptyToken,
         Code::InvalidToken,
         Code::ExpiredToken,
@@ -64,6 +68,8 @@ impl Code {
         Code::InvalidIdToken,
         Code::ForbiddenUser,
         Code::ForbiddenGroup,
+        Code::SessionLimit,
+        Code::SessionNotFound,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -91,6 +97,8 @@ impl Code {
             Code::InvalidIdToken => "INVALID_ID_TOKEN",
             Code::ForbiddenUser => "FORBIDDEN_USER",
             Code::ForbiddenGroup => "FORBIDDEN_GROUP",
+            Code::SessionLimit => "SESSION_LIMIT",
+            Code::SessionNotFound => "SESSION_NOT_FOUND",
         }
     }
 
@@ -110,6 +118,8 @@ impl Code {
                 StatusCode::BAD_REQUEST
             }
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::SessionLimit => StatusCode::CONFLICT,
+            Code::SessionNotFound => StatusCode::NOT_FOUND,
             _ => StatusCode::UNAUTHORIZED,
         }
     }
@@ -213,12 +223,14 @@ mod contract {
                 | ProviderRefused
                 | InvalidIdToken
                 | ForbiddenUser
-                | ForbiddenGroup => seen.insert(c),
+                | ForbiddenGroup
+                | SessionLimit
+                | SessionNotFound => seen.insert(c),
             };
         }
         assert_eq!(
             seen.len(),
-            23,
+            25,
             "a code is missing from Code::ALL or listed twice"
         );
     }

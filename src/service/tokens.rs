@@ -19,6 +19,7 @@ use crate::service::token::{Claims, KeySet, TokenError};
 use crate::service::users::Users;
 
 mod login;
+pub mod sessions;
 use crate::service::verified::Verified;
 
 /// Login throttling: at most `max_per_user` failures per user name and
@@ -251,11 +252,17 @@ impl TokenService {
             return;
         };
         let store = self.store.clone();
+        let registered = sessions::registry_user(None, &name);
         runtime.spawn(async move {
             let mut wait = Duration::from_secs(1);
             for _ in 0..8 {
                 match store.end_user_sessions(&key, at, rules::user_end_ttl()).await {
                     Ok(()) => {
+                        // Never listed again either way (the end is
+                        // checked); this only frees the entries early.
+                        if let Err(e) = store.remove_user_sessions(&registered).await {
+                            tracing::warn!(user = ?name, error = %e, "ended sessions stay in the registry until they expire");
+                        }
                         tracing::info!(user = ?name, "user removed or password changed: sessions ended");
                         return;
                     }
@@ -599,8 +606,10 @@ impl TokenService {
     async fn revoke(&self, claims: &Claims, now: Millis) -> Result<(), ApiError> {
         let ttl = rules::revocation_ttl(claims, now);
         if self.store.revoke_session(&claims.sid, ttl).await? == Revoked::Session {
+            self.unregister(claims).await;
             return Ok(());
         }
+        self.unregister(claims).await;
         let key = user_key(&user_id(claims.idp.as_deref(), &claims.sub));
         let at = now.div_euclid(1_000).max(claims.auth_time);
         self.store

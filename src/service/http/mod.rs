@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use axum::Extension;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{any, delete, get, post};
 
 use crate::clock::{now_millis, rfc3339};
 use crate::policy::Cookie;
@@ -86,6 +86,7 @@ mod forward_auth;
 mod notice;
 pub mod oidc;
 mod origin;
+mod sessions;
 mod signin;
 #[cfg(test)]
 mod tests;
@@ -122,6 +123,8 @@ fn public_routes() -> Router<Arc<App>> {
         .route("/v1/login", post(login).get(signin_page))
         .route("/v1/refresh", post(refresh))
         .route("/v1/logout", post(logout))
+        .route("/v1/sessions", get(sessions::list))
+        .route("/v1/sessions/{sid}", delete(sessions::end_one))
         .route("/v1/oidc/login", get(oidc::oidc_login))
         .route("/v1/oidc/callback", get(oidc::oidc_callback))
         .merge(forward_auth_routes())
@@ -257,10 +260,19 @@ async fn refresh(State(app): Shared, headers: HeaderMap) -> Result<Response, Api
     Ok(issued_response(&app, &issued, now / 1_000))
 }
 
-async fn logout(State(app): Shared, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn logout(
+    State(app): Shared,
+    query: RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let policy = app.service.policy();
+    let everywhere = sessions::everywhere(&query)?;
     let token = state_change_token(&app, &headers, &policy.cookie.name).await?;
-    app.service.logout(token, now_millis()).await?;
+    if everywhere {
+        app.service.logout_everywhere(token, now_millis()).await?;
+    } else {
+        app.service.logout(token, now_millis()).await?;
+    }
     // A sign-out button (a form post) goes on to the sign-in page, which
     // says why; API clients get 204.
     let mut resp = if extract::is_form(&headers) {

@@ -498,3 +498,80 @@ async fn rd_keeps_scheme_and_port_and_goes_out_percent_encoded() {
         b"/caf%C3%A9?q=%C3%A9"
     );
 }
+
+#[tokio::test]
+async fn sessions_are_listed_ended_and_guarded_against_cross_site_requests() {
+    let app = app(HttpConfig::default());
+    let first = token(&app).await;
+    let second = token(&app).await;
+    let list = |t: String| {
+        Request::get("/v1/sessions")
+            .header("host", "auth.example.net")
+            .header(header::COOKIE, format!("__Host-tokenpolicy={t}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let resp = send(&app, list(second.clone())).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()[header::CACHE_CONTROL], "no-store");
+    let body = json(resp).await;
+    let sessions = body["sessions"].as_array().expect("a list");
+    assert_eq!(sessions.len(), 2);
+    assert_eq!(sessions[0]["current"], false);
+    assert_eq!(sessions[1]["current"], true);
+    assert_eq!(sessions[1]["method"], "password");
+    let old_sid = sessions[0]["sid"].as_str().expect("sid").to_string();
+    // Never a token in the listing.
+    assert!(!body.to_string().contains(&first));
+
+    // A cross-site DELETE carrying the cookie is refused and ends nothing.
+    let delete = |sid: &str, site: &str| {
+        Request::delete(format!("/v1/sessions/{sid}"))
+            .header("host", "auth.example.net")
+            .header(header::COOKIE, format!("__Host-tokenpolicy={second}"))
+            .header("sec-fetch-site", site)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let resp = send(&app, delete(&old_sid, "cross-site")).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(error_code(resp).await, "CSRF_REJECTED");
+    assert_eq!(
+        send(&app, list(first.clone())).await.status(),
+        StatusCode::OK
+    );
+
+    let resp = send(&app, delete("not-a-session", "same-origin")).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(resp).await, "SESSION_NOT_FOUND");
+    let long = "x".repeat(5_000);
+    let resp = send(&app, delete(&long, "same-origin")).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+
+    let resp = send(&app, delete(&old_sid, "same-origin")).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let resp = send(&app, list(first.clone())).await;
+    assert_eq!(error_code(resp).await, "REVOKED_SESSION");
+
+    // Log out everywhere: a bad value is refused, `true` ends every session.
+    let third = token(&app).await;
+    let everywhere = |q: &str| {
+        Request::post(format!("/v1/logout?{q}"))
+            .header(header::AUTHORIZATION, format!("Bearer {third}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let resp = send(&app, everywhere("everywhere=yes")).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(resp).await, "INVALID_REQUEST");
+    assert_eq!(
+        send(&app, list(second.clone())).await.status(),
+        StatusCode::OK
+    );
+    let resp = send(&app, everywhere("everywhere=true")).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    for t in [second, third] {
+        let resp = send(&app, list(t)).await;
+        assert_eq!(error_code(resp).await, "REVOKED_SESSION");
+    }
+}

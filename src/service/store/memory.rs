@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    Attempts, Claim, DEFAULT_MAX_REVOCATIONS, OneTimeStore, RefreshRecord, Revoked, StoreError,
-    Take,
+    Attempts, Claim, DEFAULT_MAX_REVOCATIONS, LimitAction, OneTimeStore, RefreshRecord, Registered,
+    Revoked, SessionEntry, SessionLimit, StoreError, Take,
 };
 use crate::clock::Millis;
 
@@ -29,9 +29,39 @@ struct Maps {
     writes: u64,
     /// When the revocations were last swept because they were at the bound.
     revoked_swept: Option<Instant>,
+    /// The session registry: user digest -> sessions, oldest first.
+    sessions: HashMap<String, Vec<SessionEntry>>,
+    /// When the registry was last swept of sessions past their end.
+    sessions_swept: Option<Instant>,
 }
 
 impl Maps {
+    /// `user`'s live sessions (those past their end at `now` dropped), and
+    /// at most once a second every user's.
+    fn live_sessions(&mut self, user: &str, now: Millis) -> &mut Vec<SessionEntry> {
+        let tick = Instant::now();
+        if self
+            .sessions_swept
+            .is_none_or(|t| tick.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.sessions.retain(|_, v| {
+                v.retain(|e| e.ends > now);
+                !v.is_empty()
+            });
+            self.sessions_swept = Some(tick);
+        }
+        let list = self.sessions.entry(user.to_string()).or_default();
+        list.retain(|e| e.ends > now);
+        list
+    }
+
+    /// Drops `user`'s entry when it holds no session.
+    fn forget_if_empty(&mut self, user: &str) {
+        if self.sessions.get(user).is_some_and(Vec::is_empty) {
+            self.sessions.remove(user);
+        }
+    }
+
     /// Drops expired entries now and then, so memory follows live state.
     fn sweep(&mut self, now: Instant) {
         self.writes += 1;
@@ -85,6 +115,12 @@ impl MemoryStore {
     pub fn with_revocation_limit(mut self, n: usize) -> Self {
         self.max_revoked = n.max(1);
         self
+    }
+
+    /// How many registry entries are held now (users and sessions).
+    pub fn registry_held(&self) -> usize {
+        let m = self.lock();
+        m.sessions.len() + m.sessions.values().map(Vec::len).sum::<usize>()
     }
 
     /// How many revocations are held now, expired ones included.
@@ -241,6 +277,65 @@ impl OneTimeStore for MemoryStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    async fn register_session(
+        &self,
+        user: &str,
+        entry: &SessionEntry,
+        limit: SessionLimit,
+        now: Millis,
+    ) -> Result<Registered, StoreError> {
+        let mut m = self.lock();
+        let list = m.live_sessions(user, now);
+        let mut evicted = Vec::new();
+        if limit.max > 0 && list.len() as u64 >= limit.max {
+            if limit.action == LimitAction::RefuseNew {
+                m.forget_if_empty(user);
+                return Ok(Registered::Refused);
+            }
+            list.sort_by_key(|e| e.started);
+            let excess = list.len() + 1 - limit.max as usize;
+            evicted = list.drain(..excess).collect();
+        }
+        if entry.ends > now {
+            let at = list.partition_point(|e| e.started <= entry.started);
+            list.insert(at, entry.clone());
+        }
+        m.forget_if_empty(user);
+        Ok(Registered::Added { evicted })
+    }
+
+    async fn list_sessions(
+        &self,
+        user: &str,
+        now: Millis,
+    ) -> Result<Vec<SessionEntry>, StoreError> {
+        let mut m = self.lock();
+        let list = m.live_sessions(user, now).clone();
+        m.forget_if_empty(user);
+        Ok(list)
+    }
+
+    async fn remove_session(
+        &self,
+        user: &str,
+        sid: &str,
+    ) -> Result<Option<SessionEntry>, StoreError> {
+        let mut m = self.lock();
+        let Some(list) = m.sessions.get_mut(user) else {
+            return Ok(None);
+        };
+        let found = list
+            .iter()
+            .position(|e| e.sid == sid)
+            .map(|i| list.remove(i));
+        m.forget_if_empty(user);
+        Ok(found)
+    }
+
+    async fn remove_user_sessions(&self, user: &str) -> Result<Vec<SessionEntry>, StoreError> {
+        Ok(self.lock().sessions.remove(user).unwrap_or_default())
+    }
 }
 
 #[cfg(test)]
@@ -258,6 +353,18 @@ mod tests {
         contract::entries_expire(&s).await;
         contract::take_window_expires(&s).await;
         contract::takes_are_atomic(std::sync::Arc::new(MemoryStore::new())).await;
+        crate::service::store::registry::contract::sessions_are_listed_and_removed(&s, "u-list")
+            .await;
+        crate::service::store::registry::contract::the_limit_evicts_the_oldest_or_refuses(
+            &s, "u-limit",
+        )
+        .await;
+        crate::service::store::registry::contract::ended_sessions_are_not_listed(&s, "u-end").await;
+        crate::service::store::registry::contract::the_limit_holds_under_a_race(
+            std::sync::Arc::new(MemoryStore::new()),
+            "u-race",
+        )
+        .await;
         let small = MemoryStore::new().with_revocation_limit(50);
         let refused = contract::revocations_past_the_memory_bound_stay_revoked(&small, 50).await;
         assert_eq!(refused, 50 * 3 + 7 - 50);
@@ -291,6 +398,20 @@ mod tests {
         );
         assert!(s.is_revoked("c").await.unwrap());
         assert_eq!(s.revocations_held(), 1);
+    }
+
+    /// 10,000 sessions that have ended leave nothing in the registry.
+    #[tokio::test]
+    async fn ended_sessions_leave_no_registry_entry() {
+        let s = MemoryStore::new();
+        crate::service::store::registry::contract::record_expiring_sessions(&s, "exp", 10_000)
+            .await;
+        assert!(s.registry_held() > 0, "the sessions were recorded");
+        // Any registry call sweeps, at most once a second.
+        s.list_sessions("someone-else", crate::clock::now_millis())
+            .await
+            .unwrap();
+        assert_eq!(s.registry_held(), 0);
     }
 
     #[tokio::test]

@@ -12,9 +12,11 @@ pub mod memory;
 pub mod redis;
 pub mod redis_conn;
 pub mod redis_url;
+pub mod registry;
 
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
+pub use registry::{LimitAction, Registered, SessionEntry, SessionLimit};
 
 /// What the winner of a refresh claim wrote: enough to re-sign the very same
 /// new token for requests that raced with it (rule 5 in docs/src/concepts.md), and nothing
@@ -146,6 +148,33 @@ pub trait OneTimeStore: Send + Sync + 'static {
 
     /// Readiness: the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Records a session of `user` (a digest the service derives) in the
+    /// registry until `entry.ends`, claiming `limit` in the same atomic
+    /// step: at the limit, the oldest entries are taken out (and answered,
+    /// for the caller to revoke) or nothing is recorded
+    /// ([`Registered::Refused`]). Entries past their end at `now` do not count.
+    async fn register_session(
+        &self,
+        user: &str,
+        entry: &SessionEntry,
+        limit: SessionLimit,
+        now: Millis,
+    ) -> Result<Registered, StoreError>;
+
+    /// `user`'s sessions recorded and not past their end at `now`, oldest first.
+    async fn list_sessions(&self, user: &str, now: Millis)
+    -> Result<Vec<SessionEntry>, StoreError>;
+
+    /// Takes one session of `user` out of the registry; answers it if it was there.
+    async fn remove_session(
+        &self,
+        user: &str,
+        sid: &str,
+    ) -> Result<Option<SessionEntry>, StoreError>;
+
+    /// Takes every session of `user` out of the registry; answers them.
+    async fn remove_user_sessions(&self, user: &str) -> Result<Vec<SessionEntry>, StoreError>;
 }
 
 #[cfg(test)]

@@ -30,9 +30,10 @@ use sha2::{Digest, Sha256};
 
 use super::redis_conn::{RedisConn, RedisTls};
 use super::redis_url::RedisTarget;
+use super::registry::{LIST_SCRIPT, REGISTER_SCRIPT, REMOVE_ALL_SCRIPT, REMOVE_SCRIPT};
 use super::{
-    Attempts, Claim, DEFAULT_MAX_REVOCATIONS, OneTimeStore, RefreshRecord, Revoked, StoreError,
-    Take,
+    Attempts, Claim, DEFAULT_MAX_REVOCATIONS, LimitAction, OneTimeStore, RefreshRecord, Registered,
+    Revoked, SessionEntry, SessionLimit, StoreError, Take,
 };
 use crate::clock::Millis;
 
@@ -97,6 +98,24 @@ return 0
 "#,
     )
 });
+
+static REGISTER: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(REGISTER_SCRIPT));
+static LIST: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(LIST_SCRIPT));
+static REMOVE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(REMOVE_SCRIPT));
+static REMOVE_ALL: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(REMOVE_ALL_SCRIPT));
+
+fn entries(raw: Vec<String>) -> Result<Vec<SessionEntry>, StoreError> {
+    raw.iter()
+        .map(|v| {
+            serde_json::from_str(v)
+                .map_err(|e| StoreError::Corrupt(format!("session registry entry: {e}")))
+        })
+        .collect()
+}
 
 #[derive(Clone, Copy)]
 struct Known {
@@ -317,6 +336,13 @@ impl RedisStore {
 
     fn session_key(&self, sid: &str, what: &str) -> String {
         format!("{}:{{{sid}}}:{what}", self.prefix)
+    }
+
+    /// A user's registry keys: the index and the prefix of its entries, all
+    /// under one hash tag (one Redis Cluster slot). `user` is a digest.
+    fn registry_keys(&self, user: &str) -> (String, String) {
+        let base = format!("{}:{{reg-{user}}}", self.prefix);
+        (format!("{base}:sessions"), format!("{base}:session:"))
     }
 
     /// Throttle keys hash what came from outside (user names, addresses).
@@ -598,6 +624,80 @@ impl OneTimeStore for RedisStore {
             .await
             .map(|_| ())
     }
+
+    async fn register_session(
+        &self,
+        user: &str,
+        entry: &SessionEntry,
+        limit: SessionLimit,
+        now: Millis,
+    ) -> Result<Registered, StoreError> {
+        let (index, prefix) = self.registry_keys(user);
+        let json = serde_json::to_string(entry)
+            .map_err(|e| StoreError::Corrupt(format!("session registry entry: {e}")))?;
+        let mut conn = self.conn.clone();
+        let mut inv = REGISTER.key(index);
+        inv.arg(&entry.sid)
+            .arg(json)
+            .arg(entry.started)
+            .arg((entry.ends - now).max(1))
+            .arg(limit.max)
+            .arg(u8::from(limit.action == LimitAction::RefuseNew))
+            .arg(prefix);
+        let answer: Vec<redis::Value> = self.run(inv.invoke_async(&mut conn)).await?;
+        let mut answer = answer.into_iter();
+        let accepted: i64 = match answer.next() {
+            Some(v) => redis::from_redis_value(v).map_err(unavailable)?,
+            None => return Err(StoreError::Corrupt("empty registry answer".into())),
+        };
+        if accepted == 0 {
+            return Ok(Registered::Refused);
+        }
+        let rest: Vec<String> = answer
+            .map(redis::from_redis_value)
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)?;
+        Ok(Registered::Added {
+            evicted: entries(rest)?,
+        })
+    }
+
+    async fn list_sessions(
+        &self,
+        user: &str,
+        now: Millis,
+    ) -> Result<Vec<SessionEntry>, StoreError> {
+        let (index, prefix) = self.registry_keys(user);
+        let mut conn = self.conn.clone();
+        let mut inv = LIST.key(index);
+        inv.arg(prefix);
+        let raw: Vec<String> = self.run(inv.invoke_async(&mut conn)).await?;
+        // An entry's key expires at its end; one in its last millisecond
+        // may still be read.
+        Ok(entries(raw)?.into_iter().filter(|e| e.ends > now).collect())
+    }
+
+    async fn remove_session(
+        &self,
+        user: &str,
+        sid: &str,
+    ) -> Result<Option<SessionEntry>, StoreError> {
+        let (index, prefix) = self.registry_keys(user);
+        let mut conn = self.conn.clone();
+        let mut inv = REMOVE.key(index);
+        inv.arg(prefix).arg(sid);
+        let raw: Vec<String> = self.run(inv.invoke_async(&mut conn)).await?;
+        Ok(entries(raw)?.into_iter().next())
+    }
+
+    async fn remove_user_sessions(&self, user: &str) -> Result<Vec<SessionEntry>, StoreError> {
+        let (index, prefix) = self.registry_keys(user);
+        let mut conn = self.conn.clone();
+        let mut inv = REMOVE_ALL.key(index);
+        inv.arg(prefix);
+        let raw: Vec<String> = self.run(inv.invoke_async(&mut conn)).await?;
+        entries(raw)
+    }
 }
 
 #[cfg(test)]
@@ -766,5 +866,72 @@ mod tests {
             .await;
         assert_eq!(refused, 0);
         assert!(small.cache.entries.len() <= 21);
+        use crate::service::store::registry::contract as registry;
+        registry::sessions_are_listed_and_removed(&s, "u-list").await;
+        registry::the_limit_evicts_the_oldest_or_refuses(&s, "u-limit").await;
+        registry::ended_sessions_are_not_listed(&s, "u-end").await;
+        let racing = std::sync::Arc::new(RedisStore::new(&url, &prefix).unwrap());
+        registry::the_limit_holds_under_a_race(racing, "u-race").await;
+    }
+
+    /// 10,000 sessions that have ended leave no key behind in Redis: every
+    /// entry expires at its session's end, and each user's index with the
+    /// last of them. Needs a redis-server, as above.
+    #[tokio::test]
+    #[ignore = "needs a redis-server in TOKENPOLICY_TEST_REDIS; tests/run.sh runs it"]
+    async fn redis_registry_leaves_no_key_after_sessions_end() {
+        let url = std::env::var("TOKENPOLICY_TEST_REDIS")
+            .expect("TOKENPOLICY_TEST_REDIS names the redis-server to test against");
+        let prefix = format!("registry-{}", uuid::Uuid::new_v4().simple());
+        let s = RedisStore::new(&url, &prefix).unwrap();
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let count = |conn: &mut redis::aio::MultiplexedConnection| {
+            let mut conn = conn.clone();
+            let pattern = format!("{prefix}:{{reg-*");
+            async move {
+                let mut n = 0usize;
+                let mut cursor = 0u64;
+                loop {
+                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1_000)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    n += keys.len();
+                    if next == 0 {
+                        return n;
+                    }
+                    cursor = next;
+                }
+            }
+        };
+        let t = crate::clock::now_millis();
+        s.register_session(
+            "probe",
+            &crate::service::store::registry::contract::entry("p", t, t + 60_000),
+            SessionLimit::default(),
+            t,
+        )
+        .await
+        .unwrap();
+        assert_eq!(count(&mut conn).await, 2, "an entry and its user's index");
+        s.remove_user_sessions("probe").await.unwrap();
+        crate::service::store::registry::contract::record_expiring_sessions(&s, "exp", 10_000)
+            .await;
+        // Redis reclaims expired keys by itself, a little at a time.
+        let mut left = count(&mut conn).await;
+        for _ in 0..50 {
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            left = count(&mut conn).await;
+        }
+        assert_eq!(left, 0, "keys left after every session ended");
     }
 }

@@ -173,7 +173,8 @@ impl TokenService {
         }
         self.wait_past_user_end(&user, clock()).await;
         let policy = self.policy.load();
-        let (auth_time, iat, exp) = rules::login_times(&policy, clock());
+        let now = clock();
+        let (auth_time, iat, exp) = rules::login_times(&policy, now);
         let claims = Claims {
             iss: self.keys.issuer().to_string(),
             aud: self.keys.audience().to_string(),
@@ -189,9 +190,12 @@ impl TokenService {
             email: start.email,
             groups: start.groups,
         };
+        let session_end = auth_time + policy.session as i64;
+        self.register(&claims, session_end, client, &policy, now)
+            .await?;
         tracing::info!(user = ?claims.sub, sid = %claims.sid, client = ?client.addr, "login");
         self.store.note_issued(&claims.sid);
-        let issued = self.sign(claims, auth_time + policy.session as i64);
+        let issued = self.sign(claims, session_end);
         self.remember(&issued, &policy, iat * 1_000);
         Ok(issued)
     }
@@ -605,6 +609,35 @@ mod tests {
         }
         async fn ping(&self) -> Result<(), StoreError> {
             Ok(())
+        }
+        async fn register_session(
+            &self,
+            user: &str,
+            entry: &crate::service::store::SessionEntry,
+            limit: crate::service::store::SessionLimit,
+            now: Millis,
+        ) -> Result<crate::service::store::Registered, StoreError> {
+            self.inner.register_session(user, entry, limit, now).await
+        }
+        async fn list_sessions(
+            &self,
+            user: &str,
+            now: Millis,
+        ) -> Result<Vec<crate::service::store::SessionEntry>, StoreError> {
+            self.inner.list_sessions(user, now).await
+        }
+        async fn remove_session(
+            &self,
+            user: &str,
+            sid: &str,
+        ) -> Result<Option<crate::service::store::SessionEntry>, StoreError> {
+            self.inner.remove_session(user, sid).await
+        }
+        async fn remove_user_sessions(
+            &self,
+            user: &str,
+        ) -> Result<Vec<crate::service::store::SessionEntry>, StoreError> {
+            self.inner.remove_user_sessions(user).await
         }
     }
 
