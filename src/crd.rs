@@ -333,11 +333,11 @@ pub struct UsersSpec {
     pub secret_ref: SecretKeyRef,
 }
 
+/// `spec.oidc.scopes` when the policy names none.
+pub const DEFAULT_OIDC_SCOPES: [&str; 3] = ["openid", "email", "profile"];
+
 fn default_scopes() -> Vec<String> {
-    crate::policy::DEFAULT_OIDC_SCOPES
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    DEFAULT_OIDC_SCOPES.iter().map(|s| s.to_string()).collect()
 }
 
 /// An OpenID Connect provider that users sign in through.

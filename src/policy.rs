@@ -15,8 +15,7 @@ pub const TOKEN_BOUNDS: (u64, u64) = (1, 7 * DAY);
 pub const RENEW_LIMIT_BOUNDS: (u64, u64) = (0, 7 * DAY);
 pub const GRACE_BOUNDS: (u64, u64) = (0, MINUTE);
 
-/// `spec.oidc.scopes` when the policy names none.
-pub const DEFAULT_OIDC_SCOPES: [&str; 3] = ["openid", "email", "profile"];
+pub use crate::crd::DEFAULT_OIDC_SCOPES;
 
 /// `spec.oidc`, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
