@@ -103,7 +103,8 @@ fn default_replicas() -> i32 {
 #[x_kube(
     validation = Rule::new(TOKEN_WITHIN_SESSION).message("tokenExpirationTime must not be longer than sessionExpirationTime"),
     validation = Rule::new(RENEW_WITHIN_SESSION).message("expiredTokenRenewLimit must not be longer than sessionExpirationTime"),
-    validation = Rule::new("self.replicas <= 1 || has(self.redis)").message("replicas above 1 need redis: the one-time refresh state must be shared")
+    validation = Rule::new("self.replicas <= 1 || has(self.redis)").message("replicas above 1 need redis: the one-time refresh state must be shared"),
+    validation = Rule::new("!has(self.oidc) || has(self.externalURL)").message("oidc needs externalURL: the provider sends the browser back to <externalURL>/v1/oidc/callback")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TokenPolicySpec {
@@ -209,6 +210,22 @@ pub struct TokenPolicySpec {
     /// Resources of each token service container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+
+    /// Sign-in through an OpenID Connect provider (Keycloak, Dex, Entra ID,
+    /// Okta, Google...). Needs `externalURL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc: Option<OidcSpec>,
+
+    /// The public https base URL the token service is reached under (the
+    /// OpenID Connect callback is `<externalURL>/v1/oidc/callback`).
+    #[serde(
+        default,
+        rename = "externalURL",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('https://')").message("externalURL must be an https URL"))]
+    pub external_url: Option<String>,
 }
 
 impl Default for TokenPolicySpec {
@@ -228,6 +245,8 @@ impl Default for TokenPolicySpec {
             redis: None,
             users: None,
             resources: None,
+            oidc: None,
+            external_url: None,
         }
     }
 }
@@ -298,6 +317,69 @@ pub struct RedisTlsSpec {
 pub struct UsersSpec {
     /// The Secret key holding the users file.
     pub secret_ref: SecretKeyRef,
+}
+
+fn default_scopes() -> Vec<String> {
+    crate::policy::DEFAULT_OIDC_SCOPES
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// An OpenID Connect provider that users sign in through.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OidcSpec {
+    /// The provider's issuer (https), exactly as its ID tokens' `iss`
+    /// says it; discovery reads `<issuerURL>/.well-known/openid-configuration`.
+    #[serde(rename = "issuerURL")]
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('https://')").message("oidc.issuerURL must be an https URL"))]
+    pub issuer_url: String,
+    /// The client id registered at the provider.
+    #[serde(rename = "clientID")]
+    #[schemars(length(min = 1, max = 253))]
+    pub client_id: String,
+    /// The Secret key holding the client secret.
+    pub client_secret_ref: SecretKeyRef,
+    /// The Secret key holding PEM certificate authorities to trust for the
+    /// provider instead of the system's (a private CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+    /// Scopes asked for (default `openid email profile`; `openid` is
+    /// always sent).
+    #[serde(default = "default_scopes")]
+    #[schemars(
+        length(max = 32),
+        inner(length(min = 1, max = 128), regex(pattern = "^[!#-\\[\\]-~]+$"))
+    )]
+    pub scopes: Vec<String>,
+    /// The ID token claim shown as the user's name (default
+    /// `preferred_username`; `sub` when the token has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub username_claim: Option<String>,
+    /// The ID token claim holding the user's groups (default `groups`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub groups_claim: Option<String>,
+    /// Only members of one of these groups may sign in (default: anyone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 256)))]
+    pub allowed_groups: Option<Vec<String>>,
+    /// Only users whose verified email is in one of these domains may sign
+    /// in (default: anyone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 253)))]
+    pub allowed_email_domains: Option<Vec<String>>,
+    /// Ask the provider again (refresh token grant) at each renewal of a
+    /// token. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recheck_on_renew: Option<bool>,
+    /// The provider's name on the sign-in button (default `OpenID Connect`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub provider_name: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
@@ -417,7 +499,8 @@ mod tests {
             [
                 "tokenExpirationTime must not be longer than sessionExpirationTime",
                 "expiredTokenRenewLimit must not be longer than sessionExpirationTime",
-                "replicas above 1 need redis: the one-time refresh state must be shared"
+                "replicas above 1 need redis: the one-time refresh state must be shared",
+                "oidc needs externalURL: the provider sends the browser back to <externalURL>/v1/oidc/callback"
             ]
         );
         let session = &spec["properties"]["sessionExpirationTime"];
@@ -480,6 +563,36 @@ mod tests {
             },
         ] {
             assert_eq!(with_tls(tls), "");
+        }
+    }
+
+    #[test]
+    fn oidc_urls_are_https_for_the_api_server() {
+        let with = |issuer: &str, external: &str| {
+            let mut tp = policy(durations("8h", "30m", "10m", "10s"));
+            tp.spec.external_url = Some(external.into());
+            tp.spec.oidc = Some(OidcSpec {
+                issuer_url: issuer.into(),
+                client_id: "tokenpolicy".into(),
+                client_secret_ref: SecretKeyRef {
+                    name: "oidc".into(),
+                    key: "secret".into(),
+                },
+                scopes: default_scopes(),
+                ..Default::default()
+            });
+            cel_errors(&tp)
+        };
+        assert_eq!(
+            with("https://idp.example.com", "https://auth.example.com"),
+            ""
+        );
+        // Loopback http is for local files only: the API server refuses it.
+        for http in ["http://idp.example.com", "http://127.0.0.1:5556"] {
+            let e = with(http, "https://auth.example.com");
+            assert!(e.contains("oidc.issuerURL must be an https URL"), "{e}");
+            let e = with("https://idp.example.com", http);
+            assert!(e.contains("externalURL must be an https URL"), "{e}");
         }
     }
 

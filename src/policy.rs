@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-pub use crate::crd::{CookieSpec, TokenPolicySpec};
+pub use crate::crd::{CookieSpec, OidcSpec, TokenPolicySpec};
 use crate::duration::{format_seconds, parse_seconds};
 
 const MINUTE: u64 = 60;
@@ -14,6 +14,139 @@ pub const SESSION_BOUNDS: (u64, u64) = (1, 365 * DAY);
 pub const TOKEN_BOUNDS: (u64, u64) = (1, 7 * DAY);
 pub const RENEW_LIMIT_BOUNDS: (u64, u64) = (0, 7 * DAY);
 pub const GRACE_BOUNDS: (u64, u64) = (0, MINUTE);
+
+/// `spec.oidc.scopes` when the policy names none.
+pub const DEFAULT_OIDC_SCOPES: [&str; 3] = ["openid", "email", "profile"];
+
+/// `spec.oidc`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Oidc {
+    /// The issuer, exactly as the policy spells it (ID tokens' `iss`).
+    pub issuer_url: String,
+    pub client_id: String,
+    /// Always holds `openid`.
+    pub scopes: Vec<String>,
+    pub username_claim: String,
+    pub groups_claim: String,
+    /// Empty: anyone.
+    pub allowed_groups: Vec<String>,
+    /// Lower case, without a leading `@`. Empty: anyone.
+    pub allowed_email_domains: Vec<String>,
+    pub recheck_on_renew: bool,
+    pub provider_name: String,
+}
+
+/// Whether `host` is a loopback name or address (`localhost`, 127.0.0.0/8,
+/// `[::1]`): the one place a policy file may name a plain-http URL, for a
+/// provider on the same machine.
+fn loopback_host(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        None => false,
+    }
+}
+
+/// An absolute https URL (http only for a loopback host), without
+/// credentials or fragment.
+fn base_url(name: &'static str, value: &str) -> Result<url::Url, PolicyError> {
+    let url = url::Url::parse(value).map_err(|e| field(name, format!("{value:?}: {e}")))?;
+    let ok_scheme = url.scheme() == "https" || (url.scheme() == "http" && loopback_host(&url));
+    if !ok_scheme {
+        return Err(field(
+            name,
+            format!("{value:?} must be an https URL (http only for localhost and 127.0.0.1)"),
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() || url.fragment().is_some() {
+        return Err(field(
+            name,
+            format!("{value:?}: no user, password or #fragment"),
+        ));
+    }
+    if url.query().is_some() {
+        return Err(field(name, format!("{value:?}: no ?query")));
+    }
+    Ok(url)
+}
+
+fn claim_name(
+    name: &'static str,
+    value: Option<&String>,
+    default: &str,
+) -> Result<String, PolicyError> {
+    match value {
+        None => Ok(default.into()),
+        Some(v) if !v.is_empty() && v.len() <= 128 && !v.chars().any(char::is_control) => {
+            Ok(v.clone())
+        }
+        Some(v) => Err(field(name, format!("{v:?} is not a claim name"))),
+    }
+}
+
+impl Oidc {
+    fn from_spec(spec: &OidcSpec) -> Result<Oidc, PolicyError> {
+        base_url("oidc.issuerURL", &spec.issuer_url)?;
+        if spec.client_id.is_empty() {
+            return Err(field("oidc.clientID", "must not be empty"));
+        }
+        let mut scopes = Vec::new();
+        for s in &spec.scopes {
+            let ok = !s.is_empty()
+                && s.bytes()
+                    .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b));
+            if !ok {
+                return Err(field("oidc.scopes", format!("{s:?} is not a scope")));
+            }
+            if !scopes.contains(s) {
+                scopes.push(s.clone());
+            }
+        }
+        if !scopes.iter().any(|s| s == "openid") {
+            scopes.insert(0, "openid".into());
+        }
+        let username_claim = claim_name(
+            "oidc.usernameClaim",
+            spec.username_claim.as_ref(),
+            "preferred_username",
+        )?;
+        let groups_claim = claim_name("oidc.groupsClaim", spec.groups_claim.as_ref(), "groups")?;
+        let allowed_groups = spec.allowed_groups.clone().unwrap_or_default();
+        if let Some(g) = allowed_groups.iter().find(|g| g.is_empty()) {
+            return Err(field("oidc.allowedGroups", format!("{g:?} is not a group")));
+        }
+        let mut allowed_email_domains = Vec::new();
+        for d in spec.allowed_email_domains.iter().flatten() {
+            let d = d.strip_prefix('@').unwrap_or(d).to_ascii_lowercase();
+            if d.is_empty() || d.contains(['@', ' ', ',']) || d.chars().any(char::is_control) {
+                return Err(field(
+                    "oidc.allowedEmailDomains",
+                    format!("{d:?} is not a domain"),
+                ));
+            }
+            allowed_email_domains.push(d);
+        }
+        let provider_name = spec
+            .provider_name
+            .clone()
+            .unwrap_or_else(|| "OpenID Connect".into());
+        if provider_name.is_empty() || provider_name.chars().any(char::is_control) {
+            return Err(field("oidc.providerName", "must be a line of text"));
+        }
+        Ok(Oidc {
+            issuer_url: spec.issuer_url.clone(),
+            client_id: spec.client_id.clone(),
+            scopes,
+            username_claim,
+            groups_claim,
+            allowed_groups,
+            allowed_email_domains,
+            recheck_on_renew: spec.recheck_on_renew.unwrap_or(true),
+            provider_name,
+        })
+    }
+}
 
 /// A whole TokenPolicy document as `kubectl get tp -o yaml` shows it.
 #[derive(Debug, Clone, Deserialize)]
@@ -109,6 +242,9 @@ pub struct Policy {
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub cookie: Cookie,
+    pub oidc: Option<Oidc>,
+    /// `spec.externalURL`, without a trailing `/`.
+    pub external_url: Option<String>,
 }
 
 impl Default for Policy {
@@ -125,6 +261,8 @@ impl Default for Policy {
             issuer: None,
             audience: None,
             cookie: Cookie::default(),
+            oidc: None,
+            external_url: None,
         }
     }
 }
@@ -279,6 +417,20 @@ impl Policy {
                 "a __Secure- cookie needs secure: true",
             ));
         }
+        let external_url = match &spec.external_url {
+            Some(u) => {
+                base_url("externalURL", u)?;
+                Some(u.trim_end_matches('/').to_string())
+            }
+            None => None,
+        };
+        let oidc = spec.oidc.as_ref().map(Oidc::from_spec).transpose()?;
+        if oidc.is_some() && external_url.is_none() {
+            return Err(field(
+                "externalURL",
+                "oidc needs externalURL: the provider sends the browser back to <externalURL>/v1/oidc/callback",
+            ));
+        }
         Ok(Policy {
             session,
             token,
@@ -288,6 +440,8 @@ impl Policy {
             issuer: spec.issuer.clone(),
             audience: spec.audience.clone(),
             cookie,
+            oidc,
+            external_url,
         })
     }
 
@@ -550,6 +704,100 @@ mod tests {
                 }
             )
             .is_ok()
+        );
+    }
+
+    const OIDC: &str = "apiVersion: auth.tokenpolicy.io/v1alpha1\nkind: TokenPolicy\nmetadata: {name: a}\nspec:\n  externalURL: https://auth.example.com/\n  oidc:\n    issuerURL: https://idp.example.com/realms/r\n    clientID: tokenpolicy\n    clientSecretRef: {name: oidc, key: secret}\n";
+
+    #[test]
+    fn oidc_defaults() {
+        let p = Policy::from_yaml(OIDC).unwrap();
+        assert_eq!(p.external_url.as_deref(), Some("https://auth.example.com"));
+        let o = p.oidc.unwrap();
+        assert_eq!(o.issuer_url, "https://idp.example.com/realms/r");
+        assert_eq!(o.client_id, "tokenpolicy");
+        assert_eq!(o.scopes, ["openid", "email", "profile"]);
+        assert_eq!(o.username_claim, "preferred_username");
+        assert_eq!(o.groups_claim, "groups");
+        assert!(o.allowed_groups.is_empty() && o.allowed_email_domains.is_empty());
+        assert!(o.recheck_on_renew);
+        assert_eq!(o.provider_name, "OpenID Connect");
+        assert_eq!(Policy::default().oidc, None);
+    }
+
+    #[test]
+    fn oidc_fields() {
+        let doc = format!(
+            "{OIDC}    scopes: [email, groups, email]\n    usernameClaim: email\n    groupsClaim: roles\n    allowedGroups: [admins]\n    allowedEmailDomains: ['@Example.COM']\n    recheckOnRenew: false\n    providerName: Keycloak\n    caSecretRef: {{name: ca, key: ca.crt}}\n"
+        );
+        let o = Policy::from_yaml(&doc).unwrap().oidc.unwrap();
+        assert_eq!(o.scopes, ["openid", "email", "groups"]);
+        assert_eq!(o.username_claim, "email");
+        assert_eq!(o.groups_claim, "roles");
+        assert_eq!(o.allowed_groups, ["admins"]);
+        assert_eq!(o.allowed_email_domains, ["example.com"]);
+        assert!(!o.recheck_on_renew);
+        assert_eq!(o.provider_name, "Keycloak");
+    }
+
+    #[test]
+    fn oidc_urls_are_https_except_on_loopback() {
+        let with = |from: &str, to: &str| Policy::from_yaml(&OIDC.replace(from, to));
+        for bad in [
+            "http://idp.example.com",
+            "ftp://idp.example.com",
+            "idp.example.com",
+            "https://u:p@idp.example.com",
+            "https://idp.example.com/#x",
+            "https://idp.example.com/?a=b",
+        ] {
+            let err = with("https://idp.example.com/realms/r", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("spec.oidc.issuerURL"), "{bad}: {err}");
+            let err = with("https://auth.example.com/", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("spec.externalURL"), "{bad}: {err}");
+        }
+        for loopback in [
+            "http://127.0.0.1:5556",
+            "http://localhost:5556/x",
+            "http://[::1]:5556",
+        ] {
+            assert!(
+                with("https://idp.example.com/realms/r", loopback).is_ok(),
+                "{loopback}"
+            );
+            assert!(
+                with("https://auth.example.com/", loopback).is_ok(),
+                "{loopback}"
+            );
+        }
+        let err = with("  externalURL: https://auth.example.com/\n", "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("spec.externalURL: oidc needs externalURL"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn oidc_client_secret_is_not_a_policy_field() {
+        let doc = format!("{OIDC}    clientSecret: hunter2\n");
+        let err = Policy::from_yaml(&doc).unwrap_err().to_string();
+        assert!(
+            err.starts_with("unknown field spec.oidc.clientSecret"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        let scope = format!("{OIDC}    scopes: ['a b']\n");
+        assert!(
+            Policy::from_yaml(&scope)
+                .unwrap_err()
+                .to_string()
+                .starts_with("spec.oidc.scopes")
         );
     }
 }

@@ -24,10 +24,23 @@ pub enum Code {
     UnsupportedMediaType,
     RequestTimeout,
     ShuttingDown,
+    /// An OpenID Connect callback whose `state` is missing, unknown,
+    /// expired, replayed or from another browser.
+    InvalidState,
+    /// The OpenID Connect provider is not discovered or cannot be reached.
+    ProviderUnavailable,
+    /// The provider refused the sign-in (an error answer, a code used twice).
+    ProviderRefused,
+    /// The provider's ID token failed a check.
+    InvalidIdToken,
+    /// `allowedGroups` / `allowedEmailDomains` refuse this user.
+    ForbiddenUser,
+    /// `/v1/verify?allowed_groups=`: the user is in none of them.
+    ForbiddenGroup,
 }
 
 impl Code {
-    pub const ALL: [Code; 17] = [
+    pub const ALL: [Code; 23] = [
         Code::EmptyToken,
         Code::InvalidToken,
         Code::ExpiredToken,
@@ -45,6 +58,12 @@ impl Code {
         Code::UnsupportedMediaType,
         Code::RequestTimeout,
         Code::ShuttingDown,
+        Code::InvalidState,
+        Code::ProviderUnavailable,
+        Code::ProviderRefused,
+        Code::InvalidIdToken,
+        Code::ForbiddenUser,
+        Code::ForbiddenGroup,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,19 +85,30 @@ impl Code {
             Code::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             Code::RequestTimeout => "REQUEST_TIMEOUT",
             Code::ShuttingDown => "SHUTTING_DOWN",
+            Code::InvalidState => "INVALID_STATE",
+            Code::ProviderUnavailable => "PROVIDER_UNAVAILABLE",
+            Code::ProviderRefused => "PROVIDER_REFUSED",
+            Code::InvalidIdToken => "INVALID_ID_TOKEN",
+            Code::ForbiddenUser => "FORBIDDEN_USER",
+            Code::ForbiddenGroup => "FORBIDDEN_GROUP",
         }
     }
 
     pub fn status(self) -> StatusCode {
         match self {
             Code::TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
-            Code::StoreUnavailable | Code::ServiceBusy | Code::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
+            Code::StoreUnavailable
+            | Code::ServiceBusy
+            | Code::ShuttingDown
+            | Code::ProviderUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::CrossSiteRequest | Code::ForbiddenUser | Code::ForbiddenGroup => {
+                StatusCode::FORBIDDEN
             }
-            Code::CrossSiteRequest => StatusCode::FORBIDDEN,
             Code::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Code::InvalidRequest | Code::InvalidRedirect => StatusCode::BAD_REQUEST,
+            Code::InvalidRequest | Code::InvalidRedirect | Code::InvalidState => {
+                StatusCode::BAD_REQUEST
+            }
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::UNAUTHORIZED,
         }
@@ -177,12 +207,18 @@ mod contract {
                 | CrossSiteRequest
                 | UnsupportedMediaType
                 | RequestTimeout
-                | ShuttingDown => seen.insert(c),
+                | ShuttingDown
+                | InvalidState
+                | ProviderUnavailable
+                | ProviderRefused
+                | InvalidIdToken
+                | ForbiddenUser
+                | ForbiddenGroup => seen.insert(c),
             };
         }
         assert_eq!(
             seen.len(),
-            17,
+            23,
             "a code is missing from Code::ALL or listed twice"
         );
     }

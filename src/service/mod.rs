@@ -18,6 +18,7 @@ pub mod hashing;
 pub mod http;
 pub mod listen;
 pub mod metrics;
+pub mod oidc;
 pub mod policy_watch;
 pub mod rules;
 pub mod serve;

@@ -11,10 +11,13 @@ use tokio::sync::watch;
 
 use crate::duration::parse_seconds;
 use crate::policy::Policy;
+use crate::service::http::oidc::OidcLogin;
 use crate::service::http::{
     App, HttpConfig, TrustedProxies, admin_router, forward_auth_router, public_router, router,
 };
 use crate::service::listen::{self, Draining, Limits};
+use crate::service::oidc::Provider;
+use crate::service::oidc::flow::Sealer;
 use crate::service::store::redis_conn::RedisTls;
 use crate::service::store::{MemoryStore, OneTimeStore, RedisStore};
 use crate::service::token::{Key, KeySet};
@@ -82,6 +85,14 @@ pub struct ServeArgs {
         requires = "redis_client_cert"
     )]
     pub redis_client_key: Option<PathBuf>,
+    /// With `spec.oidc`: a file holding the OpenID Connect client secret
+    /// (trailing newline ignored). Never in the policy or on the command line.
+    #[arg(long, env = "TOKENPOLICY_OIDC_CLIENT_SECRET_FILE")]
+    pub oidc_client_secret_file: Option<PathBuf>,
+    /// With `spec.oidc`: PEM certificate authorities to trust for the
+    /// provider instead of the system's bundle (a private CA).
+    #[arg(long, env = "TOKENPOLICY_OIDC_CA_FILE")]
+    pub oidc_ca_file: Option<PathBuf>,
     /// Key prefix in Redis, so that several policies can share one Redis.
     #[arg(long, env = "TOKENPOLICY_REDIS_PREFIX", default_value = "tokenpolicy")]
     pub redis_prefix: String,
@@ -313,6 +324,56 @@ fn redis_tls(args: &ServeArgs) -> anyhow::Result<RedisTls> {
     Ok(tls)
 }
 
+/// The OpenID Connect sign-in of `policy`, if it has `spec.oidc`: the
+/// provider (discovered in the background) and the flow cookies' key.
+fn oidc_login(
+    args: &ServeArgs,
+    policy: &Policy,
+    keys: &KeySet,
+) -> anyhow::Result<Option<Arc<OidcLogin>>> {
+    let Some(config) = policy.oidc.clone() else {
+        anyhow::ensure!(
+            args.oidc_client_secret_file.is_none() && args.oidc_ca_file.is_none(),
+            "--oidc-client-secret-file and --oidc-ca-file need spec.oidc in the policy"
+        );
+        return Ok(None);
+    };
+    let external_url = policy
+        .external_url
+        .as_deref()
+        .context("spec.oidc needs spec.externalURL")?;
+    let path = args
+        .oidc_client_secret_file
+        .as_deref()
+        .context("spec.oidc needs --oidc-client-secret-file")?;
+    let secret = std::fs::read_to_string(path)
+        .with_context(|| format!("--oidc-client-secret-file: reading {}", path.display()))?;
+    let secret = secret.trim_end_matches(['\r', '\n']).to_string();
+    anyhow::ensure!(
+        !secret.is_empty(),
+        "--oidc-client-secret-file {}: empty",
+        path.display()
+    );
+    let ca = match &args.oidc_ca_file {
+        Some(p) => Some(
+            std::fs::read(p).with_context(|| format!("--oidc-ca-file: reading {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let provider =
+        Provider::new(config, secret, external_url, ca.as_deref()).with_context(|| match &args
+            .oidc_ca_file
+        {
+            Some(p) => format!("--oidc-ca-file {}", p.display()),
+            None => "the system's certificate authorities".into(),
+        })?;
+    let sealer = Sealer::new(keys.signing_key().to_pem().as_bytes());
+    Ok(Some(Arc::new(OidcLogin {
+        provider: Arc::new(provider),
+        sealer,
+    })))
+}
+
 fn load_policy(path: &Path) -> anyhow::Result<Policy> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -389,7 +450,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(p) => Users::load(p)?,
         None => Users::default(),
     };
-    if users.is_empty() {
+    if users.is_empty() && policy.oidc.is_none() {
         tracing::warn!("no users: nobody can log in (see --users and `tokenpolicy hash-password`)");
     }
     let key_files: Vec<PathBuf> = match &args.signing_keys_dir {
@@ -415,6 +476,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .or_else(|| policy.audience.clone())
         .unwrap_or_else(|| "tokenpolicy".into());
     let keys = KeySet::new(keys, &issuer, &audience)?;
+    let oidc = oidc_login(&args, &policy, &keys)?;
     let store: Arc<dyn OneTimeStore> = match &args.redis {
         Some(url) => Arc::new(
             RedisStore::with_tls(url, &args.redis_prefix, &redis_tls(&args)?)?
@@ -467,6 +529,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .with_verified_cache(args.verified_cache_size),
     );
     watch_files(service.clone(), args.policy.clone(), args.users.clone());
+    if let Some(o) = &oidc {
+        o.provider.start();
+    }
     if let Some((client, ns, name)) = cluster {
         tokio::spawn(crate::service::policy_watch::follow(
             client,
@@ -487,6 +552,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             signin_url: args.signin_url.clone(),
             redirect_domains: args.redirect_domains.clone(),
             redirect_any_port: args.redirect_any_port,
+            oidc,
         },
     });
     let fd_limit = listen::raise_fd_limit();

@@ -111,6 +111,17 @@ struct UserEnd {
 /// that other replicas recorded and this one never saw happen.
 const USER_END_RECHECK: Duration = Duration::from_secs(30);
 
+/// The user of a session, for per-user keys (sessions' end, logins
+/// throttle): a password user's name; for a provider's user, the pair of
+/// issuer and subject, joined by a line break that no user name holds, so
+/// that no password user and no other provider's user shares its keys.
+pub(crate) fn user_id(idp: Option<&str>, sub: &str) -> String {
+    match idp {
+        None => sub.to_string(),
+        Some(idp) => format!("{idp}\n{sub}"),
+    }
+}
+
 /// The store key of a user's sessions' end: a digest, so that any name fits.
 fn user_key(name: &str) -> String {
     let digest = Sha256::digest(format!("tokenpolicy user\n{name}").as_bytes());
@@ -182,6 +193,11 @@ impl TokenService {
     pub fn with_verified_cache(mut self, entries: usize) -> Self {
         self.verified = Verified::new(entries);
         self
+    }
+
+    /// Whether the users file names anyone.
+    pub fn has_users(&self) -> bool {
+        !self.users.load().is_empty()
     }
 
     pub fn policy(&self) -> Arc<Policy> {
@@ -363,21 +379,35 @@ impl TokenService {
         if !cached {
             self.verified.insert(token, claims.clone(), policy, now);
         }
-        let users = self.users.load();
-        match users.get(&claims.sub) {
+        match &claims.idp {
+            // A provider's user is not in the users file; their session
+            // lasts while the policy still names that provider.
+            Some(idp) => {
+                if policy.oidc.as_ref().is_none_or(|o| &o.issuer_url != idp) {
+                    return Err(ApiError::new(
+                        Code::RevokedSession,
+                        "the session's identity provider is no longer configured",
+                    ));
+                }
+            }
             None => {
-                return Err(ApiError::new(Code::RevokedSession, "user no longer exists"));
+                let users = self.users.load();
+                match users.get(&claims.sub) {
+                    None => {
+                        return Err(ApiError::new(Code::RevokedSession, "user no longer exists"));
+                    }
+                    Some(u) if claims.pwv.as_deref() != Some(u.password_version.as_str()) => {
+                        return Err(ApiError::new(
+                            Code::RevokedSession,
+                            "password changed since login",
+                        ));
+                    }
+                    Some(_) => {}
+                }
             }
-            Some(u) if claims.pwv.as_deref() != Some(u.password_version.as_str()) => {
-                return Err(ApiError::new(
-                    Code::RevokedSession,
-                    "password changed since login",
-                ));
-            }
-            Some(_) => {}
         }
         if self
-            .user_end(&claims.sub)
+            .user_end(&user_id(claims.idp.as_deref(), &claims.sub))
             .await?
             .is_some_and(|end| claims.auth_time <= end)
         {
@@ -571,7 +601,7 @@ impl TokenService {
         if self.store.revoke_session(&claims.sid, ttl).await? == Revoked::Session {
             return Ok(());
         }
-        let key = user_key(&claims.sub);
+        let key = user_key(&user_id(claims.idp.as_deref(), &claims.sub));
         let at = now.div_euclid(1_000).max(claims.auth_time);
         self.store
             .end_user_sessions(&key, at, rules::user_end_ttl())

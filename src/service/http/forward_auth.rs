@@ -17,6 +17,7 @@ const USER: HeaderName = HeaderName::from_static("x-auth-request-user");
 const REMOTE_USER: HeaderName = HeaderName::from_static("remote-user");
 const SESSION: HeaderName = HeaderName::from_static("x-auth-request-session");
 const EMAIL: HeaderName = HeaderName::from_static("x-auth-request-email");
+const GROUPS: HeaderName = HeaderName::from_static("x-auth-request-groups");
 const NEW_TOKEN: HeaderName = HeaderName::from_static("x-new-token");
 
 /// Streams (SSE, WebSocket) are never renewed on the fly: a long-lived
@@ -70,8 +71,28 @@ fn original_url(trust_forwarded: bool, headers: &HeaderMap, path: &str) -> Optio
     Some(format!("{proto}://{host}{uri}"))
 }
 
+/// `allowed_groups=a,b` of the query, if given: the groups of which the
+/// user must be in one.
+fn allowed_groups(query: &str) -> Option<Vec<String>> {
+    let mut out: Option<Vec<String>> = None;
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        if k == "allowed_groups" {
+            out.get_or_insert_with(Vec::new).extend(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|g| !g.is_empty())
+                    .map(str::to_string),
+            );
+        }
+    }
+    out
+}
+
 /// `/v1/verify` (any method, any sub-path): forward-auth.
 pub(super) async fn verify(State(app): Shared, req: Request) -> Response {
+    // Parsed only when the request has a query at all: a plain verify
+    // costs nothing more.
+    let required = req.uri().query().and_then(allowed_groups);
     let headers = req.headers();
     let policy = app.service.policy();
     let now = now_millis();
@@ -85,20 +106,40 @@ pub(super) async fn verify(State(app): Shared, req: Request) -> Response {
     // Never a 200 without the identity headers: behind a proxy that keeps
     // the client's own `X-Auth-Request-User` when the answer lacks one, that
     // would let the client name itself.
-    let decision = decision.and_then(|id| match HeaderValue::from_str(&id.claims.sub) {
+    let decision = decision.and_then(|id| match HeaderValue::from_str(id.claims.user_name()) {
         Ok(user) => Ok((id, user)),
         Err(_) => Err(ApiError::new(
             Code::InvalidToken,
             "the token's user name cannot be sent in a header",
         )),
     });
+    let decision = decision.and_then(|(id, user)| match &required {
+        Some(groups) if !id.claims.groups.iter().any(|g| groups.contains(g)) => Err(ApiError::new(
+            Code::ForbiddenGroup,
+            "you are not in a group allowed here",
+        )),
+        _ => Ok((id, user)),
+    });
     match decision {
         Ok((id, user)) => {
             let mut resp = StatusCode::OK.into_response();
             let h = resp.headers_mut();
             let c = &id.claims;
-            if c.sub.contains('@') {
-                h.insert(EMAIL, user.clone());
+            match &c.email {
+                Some(email) => {
+                    if let Ok(v) = HeaderValue::from_str(email) {
+                        h.insert(EMAIL, v);
+                    }
+                }
+                None if c.idp.is_none() && c.sub.contains('@') => {
+                    h.insert(EMAIL, user.clone());
+                }
+                None => {}
+            }
+            if !c.groups.is_empty()
+                && let Ok(v) = HeaderValue::from_str(&c.groups.join(","))
+            {
+                h.insert(GROUPS, v);
             }
             h.insert(REMOTE_USER, user.clone());
             h.insert(USER, user);

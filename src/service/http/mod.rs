@@ -54,6 +54,8 @@ pub struct HttpConfig {
     /// `rd` and `Origin` may name any port of an allowed host (the scheme
     /// must still be the request's). Off: the port must be the request's.
     pub redirect_any_port: bool,
+    /// Sign-in through an OpenID Connect provider (`spec.oidc`).
+    pub oidc: Option<Arc<oidc::OidcLogin>>,
 }
 
 impl Default for HttpConfig {
@@ -67,6 +69,7 @@ impl Default for HttpConfig {
             signin_url: None,
             redirect_domains: Vec::new(),
             redirect_any_port: false,
+            oidc: None,
         }
     }
 }
@@ -81,6 +84,7 @@ type Shared = State<Arc<App>>;
 mod extract;
 mod forward_auth;
 mod notice;
+pub mod oidc;
 mod origin;
 mod signin;
 #[cfg(test)]
@@ -118,6 +122,8 @@ fn public_routes() -> Router<Arc<App>> {
         .route("/v1/login", post(login).get(signin_page))
         .route("/v1/refresh", post(refresh))
         .route("/v1/logout", post(logout))
+        .route("/v1/oidc/login", get(oidc::oidc_login))
+        .route("/v1/oidc/callback", get(oidc::oidc_callback))
         .merge(forward_auth_routes())
         .route("/.well-known/jwks.json", get(jwks))
 }
@@ -278,7 +284,8 @@ async fn jwks(State(app): Shared) -> Response {
 }
 
 /// Unready once shutdown began (load balancers stop sending new requests
-/// while in-flight ones finish), or while the store is unreachable.
+/// while in-flight ones finish), while the store is unreachable, or while
+/// the OpenID Connect provider is not discovered.
 async fn readyz(
     State(app): Shared,
     draining: Option<Extension<Draining>>,
@@ -287,6 +294,9 @@ async fn readyz(
         return Err(ApiError::new(Code::ShuttingDown, "shutting down"));
     }
     app.service.store().ping().await?;
+    if let Some(why) = app.config.oidc.as_ref().and_then(|o| o.provider.unready()) {
+        return Err(ApiError::new(Code::ProviderUnavailable, why.as_str()));
+    }
     Ok("ready")
 }
 

@@ -91,7 +91,9 @@ pub(super) async fn login(
             Ok(resp)
         }
         Err(e) if form => {
-            let page = signin_html(creds.rd.as_deref(), Some(&e.message), None);
+            let policy = app.service.policy();
+            let methods = Methods::of(&app, &policy);
+            let page = signin_html(creds.rd.as_deref(), Some(&e.message), None, methods);
             Ok((e.code.status(), Html(page)).into_response())
         }
         Err(e) => Err(e),
@@ -125,7 +127,9 @@ pub(super) async fn signin_page(
         Some(n) => Some(n),
         None => cookie_notice(&app, &headers).await,
     };
-    let mut resp = Html(signin_html(q.rd.as_deref(), None, notice)).into_response();
+    let policy = app.service.policy();
+    let methods = Methods::of(&app, &policy);
+    let mut resp = Html(signin_html(q.rd.as_deref(), None, notice, methods)).into_response();
     let h = resp.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
@@ -153,7 +157,7 @@ async fn cookie_notice(app: &super::App, headers: &HeaderMap) -> Option<Notice> 
     }
 }
 
-fn escape(s: &str) -> String {
+pub(super) fn escape(s: &str) -> String {
     s.chars()
         .map(|c| match c {
             '&' => "&amp;".into(),
@@ -166,7 +170,59 @@ fn escape(s: &str) -> String {
         .collect()
 }
 
-fn signin_html(rd: Option<&str>, error: Option<&str>, notice: Option<Notice>) -> String {
+/// The ways in that the sign-in page offers.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Methods<'a> {
+    /// The OpenID Connect provider's name, when one is configured.
+    pub provider: Option<&'a str>,
+    /// The password form (always without a provider; with one, only when
+    /// there are users).
+    pub password: bool,
+}
+
+impl<'a> Methods<'a> {
+    pub(super) fn of(app: &'a super::App, policy: &'a crate::policy::Policy) -> Methods<'a> {
+        let provider = app
+            .config
+            .oidc
+            .as_ref()
+            .and(policy.oidc.as_ref())
+            .map(|o| o.provider_name.as_str());
+        Methods {
+            provider,
+            password: provider.is_none() || app.service.has_users(),
+        }
+    }
+}
+
+fn signin_html(
+    rd: Option<&str>,
+    error: Option<&str>,
+    notice: Option<Notice>,
+    methods: Methods<'_>,
+) -> String {
+    let button = methods
+        .provider
+        .map(|name| {
+            let href = match rd {
+                Some(r) => format!(
+                    "oidc/login?rd={}",
+                    url::form_urlencoded::byte_serialize(r.as_bytes()).collect::<String>()
+                ),
+                None => "oidc/login".into(),
+            };
+            format!(
+                r#"<p><a class="btn" href="{}">Sign in with {}</a></p>"#,
+                escape(&href),
+                escape(name)
+            )
+        })
+        .unwrap_or_default();
+    let or = if methods.provider.is_some() && methods.password {
+        "<p class=\"or\">or</p>"
+    } else {
+        ""
+    };
     let rd_field = rd
         .map(|r| format!(r#"<input type="hidden" name="rd" value="{}">"#, escape(r)))
         .unwrap_or_default();
@@ -176,17 +232,24 @@ fn signin_html(rd: Option<&str>, error: Option<&str>, notice: Option<Notice>) ->
     let note = notice
         .map(|n| format!(r#"<p class="note" role="status">{}</p>"#, n.text()))
         .unwrap_or_default();
+    let form = format!(
+        r#"<form method="post" action="login">{rd_field}
+<label>User name <input name="username" autocomplete="username" required autofocus></label>
+<label>Password <input name="password" type="password" autocomplete="current-password" required></label>
+<button type="submit">Sign in</button></form>"#
+    );
     format!(
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>Sign in</title>
-<style>*{{box-sizing:border-box}}body{{font-family:sans-serif;max-width:22rem;margin:4rem auto;padding:0 1rem}}label,input,button{{display:block;width:100%;margin:.4rem 0}}input,button{{font-size:1rem;padding:.5rem}}.err{{color:#b00}}.note{{color:#333;background:#eef;padding:.5rem}}</style>
-</head><body><h1>Sign in</h1>{note}{err}
-<form method="post" action="login">{rd_field}
-<label>User name <input name="username" autocomplete="username" required autofocus></label>
-<label>Password <input name="password" type="password" autocomplete="current-password" required></label>
-<button type="submit">Sign in</button></form></body></html>
-"#
+<style>*{{box-sizing:border-box}}body{{font-family:sans-serif;max-width:22rem;margin:4rem auto;padding:0 1rem}}label,input,button,.btn{{display:block;width:100%;margin:.4rem 0}}input,button,.btn{{font-size:1rem;padding:.5rem}}.btn{{text-align:center;border:1px solid #555;border-radius:3px;color:#000;background:#eee;text-decoration:none}}.or{{text-align:center;color:#555}}.err{{color:#b00}}.note{{color:#333;background:#eef;padding:.5rem}}</style>
+</head><body><h1>Sign in</h1>{note}{err}{button}{or}{form}</body></html>
+"#,
+        form = if methods.password {
+            form
+        } else {
+            String::new()
+        }
     )
 }
 
@@ -233,6 +296,27 @@ pub fn safe_redirect(
 mod tests {
     use super::*;
     use crate::fixtures::headers;
+
+    #[test]
+    fn signin_page_offers_the_configured_ways_in() {
+        let page = |provider, password| {
+            signin_html(Some("/app"), None, None, Methods { provider, password })
+        };
+        let both = page(Some("Keycloak"), true);
+        assert!(
+            both.contains(
+                r#"<a class="btn" href="oidc/login?rd=%2Fapp">Sign in with Keycloak</a>"#
+            )
+        );
+        assert!(both.contains(r#"<form method="post" action="login">"#));
+        let oidc_only = page(Some("Keycloak"), false);
+        assert!(oidc_only.contains("Sign in with Keycloak"));
+        assert!(!oidc_only.contains("<form"));
+        assert!(!oidc_only.contains("<script"));
+        let password_only = page(None, true);
+        assert!(!password_only.contains("oidc/login"));
+        assert!(password_only.contains("<form"));
+    }
 
     #[test]
     fn redirects_stay_on_site_or_allowed_domains() {
@@ -328,7 +412,18 @@ mod tests {
 
     #[test]
     fn signin_page_escapes_rd() {
-        let page = signin_html(Some("/\"><script>"), Some("<b>"), None);
+        let page = signin_html(
+            Some("/\"><script>"),
+            Some("<b>"),
+            None,
+            Methods {
+                provider: Some("<i>Corp</i>"),
+                password: true,
+            },
+        );
+        assert!(!page.contains("<i>"));
+        assert!(page.contains("Sign in with &lt;i&gt;Corp&lt;/i&gt;"));
+        assert!(page.contains(r#"href="oidc/login?rd=%2F%22%3E%3Cscript%3E""#));
         assert!(!page.contains("<script>"));
         assert!(page.contains("&quot;&gt;&lt;script&gt;"));
         assert!(page.contains("&lt;b&gt;"));

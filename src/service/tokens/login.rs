@@ -158,10 +158,11 @@ impl TokenService {
         // Successful logins are counted too, per user: each is a session
         // the store may have to revoke later.
         let t = self.throttle;
+        let user = super::user_id(start.idp.as_deref(), &start.sub);
         if let Take::Refused { retry_in } = self
             .store
             .take_attempt(
-                &format!("logins:{}", start.sub),
+                &format!("logins:{user}"),
                 t.max_logins_per_user,
                 t.login_window,
             )
@@ -170,7 +171,7 @@ impl TokenService {
             tracing::info!(user = ?start.sub, "login refused: too many logins for this user");
             return Err(too_many_logins(retry_in));
         }
-        self.wait_past_user_end(&start.sub, clock()).await;
+        self.wait_past_user_end(&user, clock()).await;
         let policy = self.policy.load();
         let (auth_time, iat, exp) = rules::login_times(&policy, clock());
         let claims = Claims {

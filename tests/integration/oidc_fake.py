@@ -1,0 +1,183 @@
+"""A small OpenID Connect provider for the negative cases and start-up.
+
+It serves discovery, a JWKS (one RSA key), an authorization endpoint that
+redirects straight back with a code, and a token endpoint that checks the
+client secret, the PKCE verifier and that each code is used once. It can be
+told to mint a bad ID token one way at a time (``Fake.mode``): a real
+provider never signs those.
+
+Runs in the test process, on 127.0.0.1, plain http (the policy file allows
+http for a loopback issuer).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+CLIENT_ID = "tokenpolicy-test"
+CLIENT_SECRET = "s3cret-for-tests-only"
+
+#: Each way to mint a bad ID token; "good" mints a good one.
+MODES = ("good", "wrong_iss", "wrong_aud", "wrong_nonce", "expired", "alg_none",
+         "hs256_pubkey", "unknown_kid")
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class Fake:
+    def __init__(self, port: int):
+        self.port = port
+        self.issuer = f"http://127.0.0.1:{port}"
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.kid = "test-key-1"
+        self.mode = "good"
+        self.claims: dict = {}  # extra claims for the next ID tokens
+        self.codes: dict = {}  # code -> (nonce, challenge, redirect_uri)
+        self.used: set = set()
+        self.jwks_fetches = 0
+        self.token_requests = 0
+        self.server = None
+        self.thread = None
+
+    # -- control ----------------------------------------------------------
+    def start(self) -> "Fake":
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                fake.handle_get(self)
+
+            def do_POST(self):
+                fake.handle_post(self)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    # -- keys and tokens --------------------------------------------------
+    def jwk(self) -> dict:
+        n = self.key.public_key().public_numbers()
+        to_b = lambda i: i.to_bytes((i.bit_length() + 7) // 8, "big")
+        return {"kty": "RSA", "use": "sig", "alg": "RS256", "kid": self.kid,
+                "n": b64(to_b(n.n)), "e": b64(to_b(n.e))}
+
+    def id_token(self, nonce: str) -> str:
+        now = int(time.time())
+        claims = {"iss": self.issuer, "aud": CLIENT_ID, "sub": "fake-sub-1",
+                  "preferred_username": "fakeuser", "email": "fake@example.com",
+                  "email_verified": True, "groups": ["staff", "dev"],
+                  "iat": now, "exp": now + 300, "nonce": nonce}
+        claims.update(self.claims)
+        header = {"alg": "RS256", "typ": "JWT", "kid": self.kid}
+        mode = self.mode
+        if mode == "wrong_iss":
+            claims["iss"] = "http://127.0.0.1:1/other"
+        elif mode == "wrong_aud":
+            claims["aud"] = "another-client"
+        elif mode == "wrong_nonce":
+            claims["nonce"] = "not-the-flows-nonce"
+        elif mode == "expired":
+            claims["iat"], claims["exp"] = now - 400, now - 200
+        elif mode == "unknown_kid":
+            header["kid"] = "forged-" + secrets.token_hex(4)
+        if mode == "alg_none":
+            header = {"alg": "none", "typ": "JWT"}
+        elif mode == "hs256_pubkey":
+            header = {"alg": "HS256", "typ": "JWT", "kid": self.kid}
+        signed = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+        if mode == "alg_none":
+            return signed + "."
+        if mode == "hs256_pubkey":
+            pem = self.key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            return signed + "." + b64(hmac.new(pem, signed.encode(), hashlib.sha256).digest())
+        sig = self.key.sign(signed.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return signed + "." + b64(sig)
+
+    # -- HTTP -------------------------------------------------------------
+    @staticmethod
+    def send(h, status: int, body=None, headers=()):
+        data = b"" if body is None else json.dumps(body).encode()
+        h.send_response(status)
+        if body is not None:
+            h.send_header("Content-Type", "application/json")
+        for k, v in headers:
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def handle_get(self, h):
+        url = urllib.parse.urlsplit(h.path)
+        q = dict(urllib.parse.parse_qsl(url.query))
+        if url.path == "/.well-known/openid-configuration":
+            return self.send(h, 200, {
+                "issuer": self.issuer,
+                "authorization_endpoint": self.issuer + "/authorize",
+                "token_endpoint": self.issuer + "/token",
+                "jwks_uri": self.issuer + "/jwks",
+                "response_types_supported": ["code"],
+                "id_token_signing_alg_values_supported": ["RS256"],
+                "token_endpoint_auth_methods_supported": ["client_secret_basic"],
+                "code_challenge_methods_supported": ["S256"],
+            })
+        if url.path == "/jwks":
+            self.jwks_fetches += 1
+            return self.send(h, 200, {"keys": [self.jwk()]})
+        if url.path == "/authorize":
+            ok = (q.get("response_type") == "code" and q.get("client_id") == CLIENT_ID
+                  and q.get("code_challenge_method") == "S256" and q.get("code_challenge")
+                  and q.get("state") and q.get("nonce") and "openid" in q.get("scope", "").split())
+            if not ok:
+                return self.send(h, 400, {"error": "invalid_request"})
+            code = secrets.token_urlsafe(16)
+            self.codes[code] = (q["nonce"], q["code_challenge"], q["redirect_uri"])
+            back = q["redirect_uri"] + "?" + urllib.parse.urlencode({"code": code, "state": q["state"]})
+            return self.send(h, 302, None, [("Location", back)])
+        self.send(h, 404, {"error": "not_found"})
+
+    def handle_post(self, h):
+        if urllib.parse.urlsplit(h.path).path != "/token":
+            return self.send(h, 404, {"error": "not_found"})
+        self.token_requests += 1
+        length = int(h.headers.get("Content-Length") or 0)
+        form = dict(urllib.parse.parse_qsl(h.rfile.read(length).decode()))
+        auth = h.headers.get("Authorization", "")
+        expected = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+        if auth != expected:
+            return self.send(h, 401, {"error": "invalid_client"})
+        code = form.get("code", "")
+        if form.get("grant_type") != "authorization_code" or code not in self.codes or code in self.used:
+            return self.send(h, 400, {"error": "invalid_grant"})
+        nonce, challenge, redirect_uri = self.codes[code]
+        verifier = form.get("code_verifier", "")
+        if b64(hashlib.sha256(verifier.encode()).digest()) != challenge:
+            return self.send(h, 400, {"error": "invalid_grant"})
+        if form.get("redirect_uri") != redirect_uri:
+            return self.send(h, 400, {"error": "invalid_grant"})
+        self.used.add(code)
+        self.send(h, 200, {"access_token": secrets.token_urlsafe(16), "token_type": "Bearer",
+                           "expires_in": 300, "id_token": self.id_token(nonce)})
