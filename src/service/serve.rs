@@ -514,6 +514,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         signing_key = %keys.signing_key().kid(),
         verify_keys = key_files.len().max(1),
         users = users.len(),
+        oidc = policy.oidc.as_ref().map_or("", |o| o.issuer_url.as_str()),
         "starting token service"
     );
     let login_threads = args

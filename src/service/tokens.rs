@@ -807,6 +807,62 @@ mod tests {
         assert!(s.verify(&again.token, false, T0 + 40_100).await.is_ok());
     }
 
+    fn with_oidc(mut p: Policy) -> Policy {
+        let doc = "apiVersion: auth.tokenpolicy.io/v1alpha1\nkind: TokenPolicy\nspec:\n  externalURL: https://auth.example.com\n  oidc:\n    issuerURL: https://idp.example.com\n    clientID: c\n    clientSecretRef: {name: s, key: k}\n";
+        let o = Policy::from_yaml(doc).unwrap();
+        p.oidc = o.oidc;
+        p.external_url = o.external_url;
+        p
+    }
+
+    fn provider_user(sub: &str) -> SessionStart {
+        SessionStart {
+            sub: sub.into(),
+            idp: Some("https://idp.example.com".into()),
+            name: Some("Alice A.".into()),
+            email: Some("alice@example.com".into()),
+            groups: vec!["staff".into()],
+            ..SessionStart::default()
+        }
+    }
+
+    /// A provider's user is not in the users file, and the end of a
+    /// password user's sessions of the same name is not theirs.
+    #[tokio::test]
+    async fn provider_users_are_keyed_by_issuer_and_subject() {
+        let users = |text: String| Users::parse(&text, "t").unwrap();
+        let (s, hash) = service(with_oidc(short()));
+        let client = Client::from(None);
+        let oidc = s
+            .start_session(provider_user("alice"), &client, || T0)
+            .await
+            .unwrap();
+        let pw = s.login("alice", "pw", None, || T0).await.unwrap();
+        let id = s.verify(&oidc.token, false, T0 + 100).await.unwrap();
+        assert_eq!(id.claims.user_name(), "Alice A.");
+        assert_eq!(id.claims.groups, ["staff"]);
+        // alice's password changes: her password session ends, the
+        // provider's "alice" keeps hers.
+        let other = bcrypt::hash("new", 4).unwrap();
+        s.set_users_at(users(format!("alice:{other}\n")), T0 + 50);
+        assert_eq!(
+            code(s.verify(&pw.token, false, T0 + 100).await),
+            "REVOKED_SESSION"
+        );
+        assert!(s.verify(&oidc.token, false, T0 + 100).await.is_ok());
+        // No users at all: provider sessions go on.
+        s.set_users_at(users(format!("bob:{hash}\n")), T0 + 60);
+        assert!(s.verify(&oidc.token, false, T0 + 100).await.is_ok());
+        // The policy no longer names the provider: its sessions end.
+        s.set_policy(short());
+        assert_eq!(
+            code(s.verify(&oidc.token, false, T0 + 100).await),
+            "REVOKED_SESSION"
+        );
+        assert_eq!(user_id(None, "alice"), "alice");
+        assert_ne!(user_id(Some("https://idp.example.com"), "alice"), "alice");
+    }
+
     #[tokio::test]
     async fn removed_user_or_changed_password_ends_sessions_for_good() {
         let users = |text: String| Users::parse(&text, "t").unwrap();

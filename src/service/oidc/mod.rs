@@ -578,6 +578,16 @@ mod tests {
     }
 
     #[test]
+    fn a_ca_file_must_hold_certificates() {
+        let e = Provider::new(config(), "x".into(), "https://a.example.com", Some(b"junk"))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("no PEM certificate"), "{e:#}");
+        let p = Provider::new(config(), "x".into(), "https://a.example.com/", None).unwrap();
+        assert_eq!(p.redirect_uri, "https://a.example.com/v1/oidc/callback");
+        assert!(p.unready().is_some());
+    }
+
+    #[test]
     fn unknown_kid_refetches_are_rate_limited() {
         let p = Provider::new(config(), "secret".into(), "https://auth.example.com", None).unwrap();
         assert!(p.may_refetch());
