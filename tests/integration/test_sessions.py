@@ -161,4 +161,6 @@ def test_logout_everywhere_reaches_the_other_replica_within_one_second(replicas)
     for t in tokens:
         assert verify(b, t).json()["error"]["code"] == "REVOKED_SESSION"
     fresh = login(b).json()["access_token"]
-    assert len(sessions(a, fresh).json()["sessions"]) == 1
+    listed = sessions(a, fresh)
+    assert listed.status_code == 200, listed.text
+    assert len(listed.json()["sessions"]) == 1

@@ -96,7 +96,7 @@ impl TokenService {
             }
             Registered::Added { evicted } => {
                 for old in evicted {
-                    if let Err(e) = self.end_entry(&claims.sub, &old, now).await {
+                    if let Err(e) = self.end_entry(&claims, &old, now).await {
                         // The new session must not outlive the limit it
                         // broke: it is taken out again and refused.
                         let _ = self.store.remove_session(&user, &claims.sid).await;
@@ -112,13 +112,13 @@ impl TokenService {
     /// Revokes a session known from the registry, on every replica. With
     /// no room for a revocation, the user's sessions up to that one's start
     /// end instead: more than was asked, never less.
-    async fn end_entry(&self, sub: &str, e: &SessionEntry, now: Millis) -> Result<(), ApiError> {
+    async fn end_entry(&self, of: &Claims, e: &SessionEntry, now: Millis) -> Result<(), ApiError> {
         let ttl = (e.ends - now).max(1_000);
         if self.store.revoke_session(&e.sid, ttl).await? == Revoked::Session {
             self.metrics.revocations.inc();
             return Ok(());
         }
-        let key = super::user_key(sub);
+        let key = super::user_key(&super::user_id(of.idp.as_deref(), &of.sub));
         let at = e.started.div_euclid(1_000);
         self.store
             .end_user_sessions(&key, at, rules::user_end_ttl())
@@ -204,7 +204,7 @@ impl TokenService {
         else {
             return Err(not_found());
         };
-        self.end_entry(&claims.sub, &entry, now).await?;
+        self.end_entry(&claims, &entry, now).await?;
         self.store
             .remove_session(&claims_user(&claims), sid)
             .await?;
@@ -223,19 +223,21 @@ impl TokenService {
             .remove_user_sessions(&claims_user(&claims))
             .await?;
         for e in entries.iter().filter(|e| e.sid != claims.sid) {
-            self.end_entry(&claims.sub, e, now).await?;
+            self.end_entry(&claims, e, now).await?;
         }
         self.revoke(&claims, now).await?;
-        // Sessions the registry does not hold (one that raced this call)
-        // end too: every password session of the user started until now.
-        if claims.idp.is_none() {
-            let key = super::user_key(&claims.sub);
-            let at = now.div_euclid(1_000);
-            self.store
-                .end_user_sessions(&key, at, rules::user_end_ttl())
-                .await?;
-            super::merge_end(&self.user_ends, &key, Some(at), std::time::Instant::now());
-        }
+        // Sessions the registry does not hold (its entry lost, or made
+        // before it existed) end too: every session of the user started
+        // before this second. Not this second's: the registry's removal
+        // above is atomic, so a session of this second that it missed
+        // started after it, and a replica that has not read this end yet
+        // may be issuing it right now.
+        let key = super::user_key(&super::user_id(claims.idp.as_deref(), &claims.sub));
+        let at = now.div_euclid(1_000) - 1;
+        self.store
+            .end_user_sessions(&key, at, rules::user_end_ttl())
+            .await?;
+        super::merge_end(&self.user_ends, &key, Some(at), std::time::Instant::now());
         self.metrics.revocations.inc();
         tracing::info!(user = ?claims.sub, sessions = entries.len(), "logout everywhere");
         Ok(())
@@ -335,6 +337,35 @@ mod tests {
             sids(&s.sessions(&a3.token, now).await.unwrap()),
             [a3.claims.sid.as_str()]
         );
+    }
+
+    #[tokio::test]
+    async fn logout_everywhere_ends_a_session_the_registry_lost_but_not_one_of_the_same_second() {
+        let s = service(Policy::default());
+        let lost = s.login("alice", "pw", client("a"), || T0).await.unwrap();
+        // Its entry is gone (Redis lost it, say): only the user's end can reach it.
+        s.store()
+            .remove_user_sessions(&claims_user(&lost.claims))
+            .await
+            .unwrap();
+        let now = T0 + 5_000;
+        let me = s.login("alice", "pw", client("b"), || now).await.unwrap();
+        s.logout_everywhere(&me.token, now).await.unwrap();
+        assert_eq!(
+            code(s.verify(&lost.token, true, now).await),
+            "REVOKED_SESSION"
+        );
+        assert_eq!(
+            code(s.verify(&me.token, true, now).await),
+            "REVOKED_SESSION"
+        );
+        // A login in that same second, on a replica that has not read the
+        // end yet, is a new session and stays.
+        let same_second = s
+            .login("alice", "pw", client("c"), || now + 1)
+            .await
+            .unwrap();
+        assert!(s.verify(&same_second.token, true, now + 1).await.is_ok());
     }
 
     #[tokio::test]
