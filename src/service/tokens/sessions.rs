@@ -96,7 +96,7 @@ impl TokenService {
             }
             Registered::Added { evicted } => {
                 for old in evicted {
-                    if let Err(e) = self.end_entry(&claims, &old, now).await {
+                    if let Err(e) = self.end_entry(claims, &old, now).await {
                         // The new session must not outlive the limit it
                         // broke: it is taken out again and refused.
                         let _ = self.store.remove_session(&user, &claims.sid).await;
