@@ -497,6 +497,26 @@ pub(crate) mod tests {
         tp
     }
 
+    /// The Secret of volume `name` and its (key, file) items; every Secret
+    /// volume is mode 0440.
+    fn secret_files(volumes: &[Volume], name: &str) -> (String, Vec<(String, String)>) {
+        let s = volumes
+            .iter()
+            .find(|v| v.name == name)
+            .unwrap()
+            .secret
+            .clone()
+            .unwrap();
+        assert_eq!(s.default_mode, Some(0o440));
+        let items = s
+            .items
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.key, i.path))
+            .collect();
+        (s.secret_name.unwrap(), items)
+    }
+
     #[test]
     fn redis_tls_secrets_become_read_only_files_that_serve_is_told_of() {
         let pod_of = |tp: &TokenPolicy| {
@@ -545,23 +565,7 @@ pub(crate) mod tests {
             "{joined}"
         );
         let volumes = pod.volumes.unwrap();
-        let files = |name: &str| {
-            let s = volumes
-                .iter()
-                .find(|v| v.name == name)
-                .unwrap()
-                .secret
-                .clone()
-                .unwrap();
-            assert_eq!(s.default_mode, Some(0o440));
-            let items = s
-                .items
-                .unwrap()
-                .into_iter()
-                .map(|i| (i.key, i.path))
-                .collect::<Vec<_>>();
-            (s.secret_name.unwrap(), items)
-        };
+        let files = |name: &str| secret_files(&volumes, name);
         let pair = |k: &str, p: &str| (k.to_string(), p.to_string());
         assert_eq!(
             files("redis-ca"),
@@ -728,23 +732,7 @@ pub(crate) mod tests {
             "{args}"
         );
         let volumes = pod.volumes.unwrap();
-        let only = |name: &str| {
-            let s = volumes
-                .iter()
-                .find(|v| v.name == name)
-                .unwrap()
-                .secret
-                .clone()
-                .unwrap();
-            assert_eq!(s.default_mode, Some(0o440));
-            let items: Vec<_> = s
-                .items
-                .unwrap()
-                .into_iter()
-                .map(|i| (i.key, i.path))
-                .collect();
-            (s.secret_name.unwrap(), items)
-        };
+        let only = |name: &str| secret_files(&volumes, name);
         assert_eq!(
             only("oidc"),
             (
