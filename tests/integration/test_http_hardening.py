@@ -233,9 +233,13 @@ def test_forward_auth_has_a_listener_of_its_own(env, servers):
     with ExitStack() as stack:
         # This client holds its maximum of connections on the main port...
         held = [stack.enter_context(connect(srv.port)) for _ in range(5)]
-        time.sleep(0.3)
+        # Each is answered once, so each is surely accepted and counted (the
+        # main port's threads run below forward-auth's, slower under load).
+        for s in held:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
         extra = stack.enter_context(connect(srv.port))
-        assert closed_within(extra, 2.0), "a sixth connection of one client was kept on the main port"
+        assert closed_within(extra, 5.0), "a sixth connection of one client was kept on the main port"
         # ...and is still served on the forward-auth port, on several
         # connections at once (its slots are its own).
         on_fa = [stack.enter_context(connect(fa)) for _ in range(3)]
