@@ -18,7 +18,7 @@ use crate::service::http::{
 use crate::service::listen::{self, Draining, Limits};
 use crate::service::oidc::Provider;
 use crate::service::oidc::flow::Sealer;
-use crate::service::store::redis_conn::RedisTls;
+use crate::service::store::redis::RedisTls;
 use crate::service::store::{MemoryStore, OneTimeStore, RedisStore};
 use crate::service::token::{Key, KeySet};
 use crate::service::tokens::{Throttle, TokenService};

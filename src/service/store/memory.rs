@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    Attempts, Claim, DEFAULT_MAX_REVOCATIONS, LimitAction, OneTimeStore, RefreshRecord, Registered,
-    Revoked, SessionEntry, SessionLimit, StoreError, Take,
+    Claim, DEFAULT_MAX_REVOCATIONS, LimitAction, OneTimeStore, RefreshRecord, Registered, Revoked,
+    SessionEntry, SessionLimit, StoreError, Take,
 };
 use crate::clock::Millis;
 
@@ -219,33 +219,6 @@ impl OneTimeStore for MemoryStore {
             .map(|(at, _)| *at))
     }
 
-    async fn failures(&self, key: &str) -> Result<Attempts, StoreError> {
-        let now = Instant::now();
-        Ok(match self.lock().failures.get(key) {
-            Some((count, until)) if *until > now => Attempts {
-                count: *count,
-                resets_in: until.duration_since(now).as_millis() as Millis,
-            },
-            _ => Attempts::default(),
-        })
-    }
-
-    async fn add_failure(&self, key: &str, window: Millis) -> Result<Attempts, StoreError> {
-        let now = Instant::now();
-        let mut m = self.lock();
-        let entry = m.failure_window(key, now, window);
-        entry.0 += 1;
-        Ok(Attempts {
-            count: entry.0,
-            resets_in: entry.1.duration_since(now).as_millis() as Millis,
-        })
-    }
-
-    async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
-        self.lock().failures.remove(key);
-        Ok(())
-    }
-
     async fn take_attempt(
         &self,
         key: &str,
@@ -349,7 +322,6 @@ mod tests {
         contract::claim_is_once(&s).await;
         contract::revocation_sticks(&s).await;
         contract::user_sessions_end_for_good(&s).await;
-        contract::failures_count_and_clear(&s).await;
         contract::entries_expire(&s).await;
         contract::take_window_expires(&s).await;
         contract::takes_are_atomic(std::sync::Arc::new(MemoryStore::new())).await;

@@ -265,8 +265,9 @@ mod tests {
 
     use super::*;
     use crate::policy::Policy;
+    use crate::service::store::contract::attempts_counted;
     use crate::service::store::{
-        Attempts, Claim, MemoryStore, OneTimeStore, RefreshRecord, Revoked, StoreError, Take,
+        Claim, MemoryStore, OneTimeStore, RefreshRecord, Revoked, StoreError, Take,
     };
     use crate::service::token::{Key, KeySet};
     use crate::service::tokens::Throttle;
@@ -349,7 +350,7 @@ mod tests {
         for _ in 0..10 {
             s.login("alice", "pw", None, || T0).await.unwrap();
         }
-        assert_eq!(s.store.failures("user:alice").await.unwrap().count, 0);
+        assert_eq!(attempts_counted(&*s.store, "user:alice").await, 0);
         for _ in 0..4 {
             assert_eq!(
                 code(s.login("alice", "bad", None, || T0).await),
@@ -357,7 +358,7 @@ mod tests {
             );
         }
         s.login("alice", "pw", None, || T0).await.unwrap();
-        assert_eq!(s.store.failures("user:alice").await.unwrap().count, 4);
+        assert_eq!(attempts_counted(&*s.store, "user:alice").await, 4);
         assert_eq!(
             code(s.login("alice", "bad", None, || T0).await),
             "INVALID_CREDENTIALS"
@@ -444,7 +445,7 @@ mod tests {
             "TOO_MANY_ATTEMPTS"
         );
         // The user's counter was not charged for the refused attempt.
-        assert_eq!(s.store.failures("user:alice").await.unwrap().count, 0);
+        assert_eq!(attempts_counted(&*s.store, "user:alice").await, 0);
         // Another address is not affected.
         s.login("alice", "pw", Some("192.0.2.4".parse().unwrap()), || T0)
             .await
@@ -507,7 +508,7 @@ mod tests {
         assert_eq!(known.code, Code::InvalidRequest);
         assert_eq!(known, unknown);
         // Not counted as an attempt either.
-        assert_eq!(s.store.failures("user:blank").await.unwrap().count, 0);
+        assert_eq!(attempts_counted(&*s.store, "user:blank").await, 0);
     }
 
     #[tokio::test]
@@ -538,7 +539,7 @@ mod tests {
         }
         assert!(busy >= 1 && checked >= 1, "busy {busy}, checked {checked}");
         assert_eq!(
-            s.store.failures("user:slow").await.unwrap().count,
+            attempts_counted(&*s.store, "user:slow").await,
             checked as u64
         );
     }
@@ -584,15 +585,6 @@ mod tests {
         }
         async fn user_sessions_ended(&self, user: &str) -> Result<Option<i64>, StoreError> {
             self.inner.user_sessions_ended(user).await
-        }
-        async fn failures(&self, key: &str) -> Result<Attempts, StoreError> {
-            self.inner.failures(key).await
-        }
-        async fn add_failure(&self, key: &str, window: Millis) -> Result<Attempts, StoreError> {
-            self.inner.add_failure(key, window).await
-        }
-        async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
-            self.inner.clear_failures(key).await
         }
         async fn take_attempt(
             &self,

@@ -36,7 +36,7 @@ use redis::{
 };
 use tokio::sync::Mutex;
 
-use super::redis_url::{Auth, Node, RedisTarget};
+use super::url::{Auth, Node, RedisTarget};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Below the store's own 2 s bound, so that a master that stopped
