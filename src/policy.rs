@@ -490,7 +490,7 @@ impl Policy {
         // schema is the authority there, and it may be newer than we are.)
         let mut unknown = Vec::new();
         let doc: TokenPolicyDocument =
-            serde_ignored::deserialize(serde_yaml::Deserializer::from_str(text), |path| {
+            serde_ignored::deserialize(serde_yaml_ng::Deserializer::from_str(text), |path| {
                 // `?` marks an Option layer in serde_ignored's paths.
                 let path = path.to_string().replace(".?", "");
                 if path.starts_with("spec") {
