@@ -6,6 +6,7 @@
 //!   the one-time store, users and the HTTP API.
 //! - [`operator`]: the operator (`tokenpolicy operator`): TokenPolicy to
 //!   Deployment, signing keys and their rotation, leader election.
+//! - [`sessions_cli`]: `tokenpolicy sessions`, a client of the admin API.
 //! - Shared by both: the [`crd`], the [`policy`] it describes, [`duration`]s,
 //!   the [`clock`], the [`signing_key`]s, the [`keyring`]'s files and the
 //!   [`trusted_proxies`].
@@ -20,5 +21,6 @@ pub mod logging;
 pub mod operator;
 pub mod policy;
 pub mod service;
+pub mod sessions_cli;
 pub mod signing_key;
 pub mod trusted_proxies;

@@ -30,6 +30,8 @@ enum Command {
     Crd,
     /// Run the Kubernetes operator.
     Operator(tokenpolicy::operator::OperatorArgs),
+    /// List or end anyone's sessions through the admin API.
+    Sessions(tokenpolicy::sessions_cli::SessionsArgs),
 }
 
 fn init_logging(format: &str) {
@@ -76,6 +78,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     let result = match cli.command {
+        Command::Sessions(args) => {
+            return match runtime() {
+                Ok(rt) => rt.block_on(tokenpolicy::sessions_cli::run(args)),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Serve(args) => runtime().and_then(|rt| rt.block_on(run(*args))),
         Command::Operator(args) => {
             runtime().and_then(|rt| rt.block_on(tokenpolicy::operator::run(args)))

@@ -41,10 +41,16 @@ pub enum Code {
     SessionLimit,
     /// No session of the caller's with that id.
     SessionNotFound,
+    /// The admin API: a bearer token nobody (the cluster, the admin token) knows.
+    AdminUnauthenticated,
+    /// The admin API: the cluster's RBAC does not allow the caller this.
+    AdminForbidden,
+    /// The admin API: the Kubernetes API server cannot review the token now.
+    ReviewUnavailable,
 }
 
 impl Code {
-    pub const ALL: [Code; 25] = [
+    pub const ALL: [Code; 28] = [
         Code::EmptyToken,
         Code::InvalidToken,
         Code::ExpiredToken,
@@ -70,6 +76,9 @@ impl Code {
         Code::ForbiddenGroup,
         Code::SessionLimit,
         Code::SessionNotFound,
+        Code::AdminUnauthenticated,
+        Code::AdminForbidden,
+        Code::ReviewUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -99,6 +108,9 @@ impl Code {
             Code::ForbiddenGroup => "FORBIDDEN_GROUP",
             Code::SessionLimit => "SESSION_LIMIT",
             Code::SessionNotFound => "SESSION_NOT_FOUND",
+            Code::AdminUnauthenticated => "ADMIN_UNAUTHENTICATED",
+            Code::AdminForbidden => "ADMIN_FORBIDDEN",
+            Code::ReviewUnavailable => "REVIEW_UNAVAILABLE",
         }
     }
 
@@ -108,10 +120,12 @@ impl Code {
             Code::StoreUnavailable
             | Code::ServiceBusy
             | Code::ShuttingDown
-            | Code::ProviderUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Code::CrossSiteRequest | Code::ForbiddenUser | Code::ForbiddenGroup => {
-                StatusCode::FORBIDDEN
-            }
+            | Code::ProviderUnavailable
+            | Code::ReviewUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::CrossSiteRequest
+            | Code::ForbiddenUser
+            | Code::ForbiddenGroup
+            | Code::AdminForbidden => StatusCode::FORBIDDEN,
             Code::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Code::InvalidRequest | Code::InvalidRedirect | Code::InvalidState => {
@@ -225,12 +239,15 @@ mod contract {
                 | ForbiddenUser
                 | ForbiddenGroup
                 | SessionLimit
-                | SessionNotFound => seen.insert(c),
+                | SessionNotFound
+                | AdminUnauthenticated
+                | AdminForbidden
+                | ReviewUnavailable => seen.insert(c),
             };
         }
         assert_eq!(
             seen.len(),
-            25,
+            28,
             "a code is missing from Code::ALL or listed twice"
         );
     }

@@ -10,9 +10,12 @@
 //! - [`tokens`]: login, refresh, logout and verify, tying the above together;
 //! - [`http`]: the HTTP API and forward-auth;
 //! - [`listen`]: connections: timeouts, the connection cap, graceful shutdown;
+//! - [`admin`]: who may call the admin API (an admin token, or the
+//!   cluster's TokenReview and SubjectAccessReview);
 //! - [`serve`]: the command that wires it up; [`policy_watch`] follows a
 //!   TokenPolicy in the cluster.
 
+pub mod admin;
 pub mod error;
 pub mod hashing;
 pub mod http;

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::duration::parse_seconds;
 use crate::policy::Policy;
+use crate::service::admin::{AdminAuth, KubeReviewer};
 use crate::service::http::oidc::OidcLogin;
 use crate::service::http::{
     App, HttpConfig, TrustedProxies, admin_router, forward_auth_router, public_router, router,
@@ -33,6 +34,16 @@ pub struct ServeArgs {
     /// change applies to the next request, without a restart.
     #[arg(long, env = "TOKENPOLICY_POLICY_REF", conflicts_with = "policy")]
     pub policy_ref: Option<String>,
+    /// Without a cluster: a file holding the one bearer token that may call
+    /// the admin API (`/v1/admin/sessions`; trailing newline ignored). With
+    /// --policy-ref the cluster decides instead (TokenReview and
+    /// SubjectAccessReview); with neither, the admin API answers 404.
+    #[arg(
+        long,
+        env = "TOKENPOLICY_ADMIN_TOKEN_FILE",
+        conflicts_with = "policy_ref"
+    )]
+    pub admin_token_file: Option<PathBuf>,
     /// Users file: `name:hash` lines (bcrypt `$2y$` or argon2id).
     #[arg(long, env = "TOKENPOLICY_USERS")]
     pub users: Option<PathBuf>,
@@ -374,6 +385,26 @@ fn oidc_login(
     })))
 }
 
+/// Who may call the admin API: the cluster (with --policy-ref), the one
+/// token of --admin-token-file, or nobody.
+fn admin_auth(
+    args: &ServeArgs,
+    cluster: Option<&(kube::Client, String, String)>,
+) -> anyhow::Result<Option<Arc<AdminAuth>>> {
+    if let Some((client, ns, name)) = cluster {
+        let reviewer = KubeReviewer::new(client.clone(), ns, name);
+        return Ok(Some(Arc::new(AdminAuth::reviewed(Arc::new(reviewer)))));
+    }
+    let Some(path) = &args.admin_token_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--admin-token-file: reading {}", path.display()))?;
+    let auth = AdminAuth::token(&text)
+        .map_err(|why| anyhow::anyhow!("--admin-token-file {}: {why}", path.display()))?;
+    Ok(Some(Arc::new(auth)))
+}
+
 fn load_policy(path: &Path) -> anyhow::Result<Policy> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -436,6 +467,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let admin = admin_auth(&args, cluster.as_ref())?;
     let policy = match (&args.policy, &cluster) {
         (_, Some((client, ns, name))) => {
             crate::service::policy_watch::initial(client.clone(), ns, name).await?
@@ -554,6 +586,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             redirect_domains: args.redirect_domains.clone(),
             redirect_any_port: args.redirect_any_port,
             oidc,
+            admin,
         },
     });
     let fd_limit = listen::raise_fd_limit();

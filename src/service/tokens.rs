@@ -18,6 +18,7 @@ use crate::service::store::{Claim, OneTimeStore, RefreshRecord, Revoked};
 use crate::service::token::{Claims, KeySet, TokenError};
 use crate::service::users::Users;
 
+pub mod admin;
 mod login;
 pub mod sessions;
 use crate::service::verified::Verified;

@@ -56,6 +56,8 @@ pub struct HttpConfig {
     pub redirect_any_port: bool,
     /// Sign-in through an OpenID Connect provider (`spec.oidc`).
     pub oidc: Option<Arc<oidc::OidcLogin>>,
+    /// Who may call the admin API; none: it answers 404.
+    pub admin: Option<Arc<crate::service::admin::AdminAuth>>,
 }
 
 impl Default for HttpConfig {
@@ -70,6 +72,7 @@ impl Default for HttpConfig {
             redirect_domains: Vec::new(),
             redirect_any_port: false,
             oidc: None,
+            admin: None,
         }
     }
 }
@@ -81,6 +84,7 @@ pub struct App {
 
 type Shared = State<Arc<App>>;
 
+mod admin;
 mod extract;
 mod forward_auth;
 mod notice;
@@ -125,6 +129,11 @@ fn public_routes() -> Router<Arc<App>> {
         .route("/v1/logout", post(logout))
         .route("/v1/sessions", get(sessions::list))
         .route("/v1/sessions/{sid}", delete(sessions::end_one))
+        .route(
+            "/v1/admin/sessions",
+            get(admin::list).delete(admin::end_user),
+        )
+        .route("/v1/admin/sessions/{sid}", delete(admin::end_one))
         .route("/v1/oidc/login", get(oidc::oidc_login))
         .route("/v1/oidc/callback", get(oidc::oidc_callback))
         .merge(forward_auth_routes())

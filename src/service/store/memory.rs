@@ -33,6 +33,8 @@ struct Maps {
     sessions: HashMap<String, Vec<SessionEntry>>,
     /// When the registry was last swept of sessions past their end.
     sessions_swept: Option<Instant>,
+    /// Session id -> (its owner, until): see `set_session_owner`.
+    owners: HashMap<String, (String, Instant)>,
 }
 
 impl Maps {
@@ -70,6 +72,7 @@ impl Maps {
             self.revoked.retain(|_, until| *until > now);
             self.user_ends.retain(|_, (_, until)| *until > now);
             self.failures.retain(|_, (_, until)| *until > now);
+            self.owners.retain(|_, (_, until)| *until > now);
         }
     }
 
@@ -308,6 +311,30 @@ impl OneTimeStore for MemoryStore {
 
     async fn remove_user_sessions(&self, user: &str) -> Result<Vec<SessionEntry>, StoreError> {
         Ok(self.lock().sessions.remove(user).unwrap_or_default())
+    }
+
+    async fn set_session_owner(
+        &self,
+        sid: &str,
+        owner: &str,
+        ttl: Millis,
+    ) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut m = self.lock();
+        m.sweep(now);
+        m.owners
+            .insert(sid.to_string(), (owner.to_string(), after(now, ttl)));
+        Ok(())
+    }
+
+    async fn session_owner(&self, sid: &str) -> Result<Option<String>, StoreError> {
+        let now = Instant::now();
+        Ok(self
+            .lock()
+            .owners
+            .get(sid)
+            .filter(|(_, until)| *until > now)
+            .map(|(owner, _)| owner.clone()))
     }
 }
 

@@ -161,6 +161,19 @@ pub trait OneTimeStore: Send + Sync + 'static {
 
     /// Takes every session of `user` out of the registry; answers them.
     async fn remove_user_sessions(&self, user: &str) -> Result<Vec<SessionEntry>, StoreError>;
+
+    /// Remembers whose session `sid` is for `ttl` ms (its life): `owner` is
+    /// what the service derives from the user, digests only, never a name.
+    /// For ending a session known by its id alone (the admin API).
+    async fn set_session_owner(
+        &self,
+        sid: &str,
+        owner: &str,
+        ttl: Millis,
+    ) -> Result<(), StoreError>;
+
+    /// What [`OneTimeStore::set_session_owner`] recorded for `sid`, while kept.
+    async fn session_owner(&self, sid: &str) -> Result<Option<String>, StoreError>;
 }
 
 #[cfg(test)]

@@ -631,6 +631,17 @@ mod tests {
         ) -> Result<Vec<crate::service::store::SessionEntry>, StoreError> {
             self.inner.remove_user_sessions(user).await
         }
+        async fn set_session_owner(
+            &self,
+            sid: &str,
+            owner: &str,
+            ttl: Millis,
+        ) -> Result<(), StoreError> {
+            self.inner.set_session_owner(sid, owner, ttl).await
+        }
+        async fn session_owner(&self, sid: &str) -> Result<Option<String>, StoreError> {
+            self.inner.session_owner(sid).await
+        }
     }
 
     #[tokio::test]

@@ -29,7 +29,7 @@ pub fn registry_user(idp: Option<&str>, sub: &str) -> String {
     digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn claims_user(c: &Claims) -> String {
+pub(super) fn claims_user(c: &Claims) -> String {
     registry_user(c.idp.as_deref(), &c.sub)
 }
 
@@ -95,6 +95,7 @@ impl TokenService {
                 ))
             }
             Registered::Added { evicted } => {
+                self.record_owner(claims, &user, &entry, now).await;
                 for old in evicted {
                     if let Err(e) = self.end_entry(claims, &old, now).await {
                         // The new session must not outlive the limit it
@@ -112,18 +113,33 @@ impl TokenService {
     /// Revokes a session known from the registry, on every replica. With
     /// no room for a revocation, the user's sessions up to that one's start
     /// end instead: more than was asked, never less.
-    async fn end_entry(&self, of: &Claims, e: &SessionEntry, now: Millis) -> Result<(), ApiError> {
+    pub(super) async fn end_entry(
+        &self,
+        of: &Claims,
+        e: &SessionEntry,
+        now: Millis,
+    ) -> Result<(), ApiError> {
+        let key = super::user_key(&super::user_id(of.idp.as_deref(), &of.sub));
+        self.end_entry_of(&key, e, now).await
+    }
+
+    /// [`Self::end_entry`], the user known by the key of their sessions' end.
+    pub(super) async fn end_entry_of(
+        &self,
+        key: &str,
+        e: &SessionEntry,
+        now: Millis,
+    ) -> Result<(), ApiError> {
         let ttl = (e.ends - now).max(1_000);
         if self.store.revoke_session(&e.sid, ttl).await? == Revoked::Session {
             self.metrics.revocations.inc();
             return Ok(());
         }
-        let key = super::user_key(&super::user_id(of.idp.as_deref(), &of.sub));
         let at = e.started.div_euclid(1_000);
         self.store
-            .end_user_sessions(&key, at, rules::user_end_ttl())
+            .end_user_sessions(key, at, rules::user_end_ttl())
             .await?;
-        super::merge_end(&self.user_ends, &key, Some(at), std::time::Instant::now());
+        super::merge_end(&self.user_ends, key, Some(at), std::time::Instant::now());
         self.metrics.revocations.inc();
         Ok(())
     }
@@ -156,13 +172,15 @@ impl TokenService {
 
     /// The registry's entries for `claims`'s user that are live: not past
     /// their end, not revoked, not ended with their user.
-    async fn live_entries(
+    pub(super) async fn live_entries(
         &self,
         claims: &Claims,
         now: Millis,
     ) -> Result<Vec<SessionEntry>, ApiError> {
         let listed = self.store.list_sessions(&claims_user(claims), now).await?;
-        let ended = self.user_end(&claims.sub).await?;
+        let ended = self
+            .user_end(&super::user_id(claims.idp.as_deref(), &claims.sub))
+            .await?;
         // A policy shortened since login ends sessions sooner (rule 2).
         let session = self.policy.load().session as i64;
         let mut live = Vec::with_capacity(listed.len());

@@ -41,6 +41,7 @@ mod cache;
 mod claim;
 pub mod conn;
 mod epoch;
+mod owner;
 mod scripts;
 pub mod url;
 
@@ -80,6 +81,11 @@ impl Keys {
     /// Where the end of a user's sessions is kept (`user` is a digest).
     fn user_end(&self, user: &str) -> String {
         self.session(user, "sessions-ended")
+    }
+
+    /// Whose session `sid` is (see `owner.rs`).
+    fn owner(&self, sid: &str) -> String {
+        self.session(sid, "owner")
     }
 
     fn epoch(&self) -> String {
@@ -428,6 +434,19 @@ impl OneTimeStore for RedisStore {
         inv.arg(prefix);
         let raw: Vec<String> = timed(inv.invoke_async(&mut conn)).await?;
         entries(raw)
+    }
+
+    async fn set_session_owner(
+        &self,
+        sid: &str,
+        owner: &str,
+        ttl: Millis,
+    ) -> Result<(), StoreError> {
+        owner::set(&self.conn, &self.keys.owner(sid), owner, ttl).await
+    }
+
+    async fn session_owner(&self, sid: &str) -> Result<Option<String>, StoreError> {
+        owner::get(&self.conn, &self.keys.owner(sid)).await
     }
 }
 
