@@ -76,7 +76,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    // A command-line client: it says what went wrong itself, without the
+    // HTTP client's log lines.
+    if !matches!(cli.command, Command::Sessions(_)) {
+        init_logging(&cli.log_format);
+    }
     let result = match cli.command {
         Command::Sessions(args) => {
             return match runtime() {

@@ -203,7 +203,7 @@ async fn call(
     let resp = client
         .send(req)
         .await
-        .map_err(|e| fail(1, format!("{server}: {e}")))?;
+        .map_err(|e| fail(1, format!("cannot reach {server}: {e}")))?;
     let status = resp.status();
     let body = resp
         .into_body()
