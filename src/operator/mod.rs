@@ -16,6 +16,7 @@ pub mod names;
 pub mod ownership;
 pub mod reconcile;
 pub mod resources;
+pub mod review;
 pub mod rollout;
 pub mod rotation;
 pub mod status;
@@ -67,6 +68,13 @@ pub struct OperatorArgs {
     /// Namespace of the `tokenpolicy-operator` Lease (the operator's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
+    /// A ClusterRole granting `create` on `tokenreviews` and
+    /// `subjectaccessreviews` (the chart's): the operator binds it, by a
+    /// ClusterRoleBinding of the same name, to every token service's
+    /// ServiceAccount, for the admin API. Unset: no token service may
+    /// review tokens, and their admin API answers 503.
+    #[arg(long, env = "TOKENPOLICY_TOKEN_REVIEW_CLUSTER_ROLE")]
+    pub token_review_cluster_role: Option<String>,
 }
 
 pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
@@ -104,9 +112,26 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         }
     });
     tracing::info!(image = %args.image, metrics = %args.metrics_listen, "starting operator");
+    let client = ctx.client.clone();
+    let review_role = args.token_review_cluster_role.clone();
+    let work = async move {
+        let Some(role) = review_role else {
+            tracing::info!(
+                "no --token-review-cluster-role: token services cannot review tokens (admin API)"
+            );
+            return reconcile::run(ctx).await;
+        };
+        tokio::select! {
+            done = reconcile::run(ctx) => done,
+            () = review::run(client, role) => Ok(()),
+        }
+    };
     if args.no_leader_election {
-        return reconcile::run(ctx).await;
+        return work.await;
     }
     let lease = LeaseConfig::new(args.lease_namespace.clone(), leader::identity());
-    leader::run_as_leader(ctx.client.clone(), lease, reconcile::run(ctx)).await
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
+    leader::run_as_leader(client, lease, work).await
 }

@@ -43,6 +43,7 @@ VALUES_FILES = sorted(p.name for p in VALUES_DIR.glob("*.yaml"))
 
 OPERATOR = "tokenpolicy-operator"
 REDIS = "tokenpolicy-redis"
+REVIEW_ROLE = f"{OPERATOR}-token-review"
 CRD_NAME = "tokenpolicies.auth.tokenpolicy.io"
 KEEP = "helm.sh/resource-policy"
 
@@ -51,6 +52,7 @@ BASE = {
     ("ServiceAccount", OPERATOR),
     ("ClusterRole", OPERATOR),
     ("ClusterRoleBinding", OPERATOR),
+    ("ClusterRole", REVIEW_ROLE),
     ("Role", f"{OPERATOR}-leader-election"),
     ("RoleBinding", f"{OPERATOR}-leader-election"),
     ("Deployment", OPERATOR),
@@ -85,6 +87,13 @@ CLUSTER_RULES = {
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "list", "watch", "create", "patch"},
     ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create", "patch", "delete"},
     ("events.k8s.io", "events"): {"create", "patch"},
+    ("rbac.authorization.k8s.io", "clusterroles"): {"get", "bind"},
+    ("rbac.authorization.k8s.io", "clusterrolebindings"): {"get", "create", "patch"},
+}
+# What the operator binds to every token service (its admin API).
+REVIEW_RULES = {
+    ("authentication.k8s.io", "tokenreviews"): {"create"},
+    ("authorization.k8s.io", "subjectaccessreviews"): {"create"},
 }
 LEASE_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
 LEASE_NAME = "tokenpolicy-operator"
@@ -345,8 +354,18 @@ def test_rbac_is_exactly_the_operators_verbs(values_name):
 
     role = find(objects, "ClusterRole", OPERATOR)
     for rule in role["rules"]:
-        assert "resourceNames" not in rule and "*" not in rule["verbs"], rule
+        assert "*" not in rule["verbs"], rule
+        if rule["resources"] == ["clusterroles"]:
+            # bind and get: the token review ClusterRole only.
+            assert rule["resourceNames"] == [REVIEW_ROLE], rule
+        else:
+            assert "resourceNames" not in rule, rule
     assert rules_by_resource(role["rules"]) == CLUSTER_RULES
+    review = find(objects, "ClusterRole", REVIEW_ROLE)
+    assert rules_by_resource(review["rules"]) == REVIEW_RULES
+    env = {e["name"]: e.get("value") for e in
+           find(objects, "Deployment", OPERATOR)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TOKENPOLICY_TOKEN_REVIEW_CLUSTER_ROLE"] == REVIEW_ROLE
     binding = find(objects, "ClusterRoleBinding", OPERATOR)
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
