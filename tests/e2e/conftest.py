@@ -35,6 +35,8 @@ CHART = ROOT / "charts" / "tokenpolicy"
 RELEASE = "tokenpolicy"
 SYSTEM_NS = "tokenpolicy-system"
 OPERATOR_SA = "tokenpolicy-operator"
+#: The chart's ClusterRole that the operator binds to every token service.
+REVIEW_ROLE = "tokenpolicy-operator-token-review"
 CLUSTER_ROLE = "tokenpolicy-operator"
 CRD = "tokenpolicies.auth.tokenpolicy.io"
 # examples/users.htpasswd: demo / demo-password (bcrypt).
@@ -239,7 +241,8 @@ class Operator(Proc):
         self.metrics_port = free_port()
         argv = [str(binary_path()), "operator", "--lease-namespace", SYSTEM_NS,
                 "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--image", "tokenpolicy:e2e",
-                "--token-service-network-policy", chart_network_policy(), *extra]
+                "--token-service-network-policy", chart_network_policy(),
+                "--token-review-cluster-role", REVIEW_ROLE, *extra]
         super().__init__(name, argv, log, child_env(KUBECONFIG=str(kubeconfig), POD_NAME=name))
 
     def start(self) -> "Operator":
