@@ -359,6 +359,8 @@ mod tests {
         )
         .await;
         crate::service::store::registry::contract::ended_sessions_are_not_listed(&s, "u-end").await;
+        crate::service::store::registry::contract::owners_expire_with_their_session(&s, "owner")
+            .await;
         crate::service::store::registry::contract::the_limit_holds_under_a_race(
             std::sync::Arc::new(MemoryStore::new()),
             "u-race",

@@ -317,6 +317,34 @@ pub(crate) mod contract {
         ));
     }
 
+    /// A session's owner is kept for its life, then gone; each sid its own.
+    pub async fn owners_expire_with_their_session(store: &dyn OneTimeStore, tag: &str) {
+        let (a, b) = (format!("{tag}-a"), format!("{tag}-b"));
+        assert_eq!(store.session_owner(&a).await.unwrap(), None);
+        store
+            .set_session_owner(&a, "user-a key-a", 300)
+            .await
+            .unwrap();
+        store
+            .set_session_owner(&b, "user-b key-b", 60_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.session_owner(&a).await.unwrap().as_deref(),
+            Some("user-a key-a")
+        );
+        assert_eq!(
+            store.session_owner(&b).await.unwrap().as_deref(),
+            Some("user-b key-b")
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(450)).await;
+        assert_eq!(store.session_owner(&a).await.unwrap(), None);
+        assert_eq!(
+            store.session_owner(&b).await.unwrap().as_deref(),
+            Some("user-b key-b")
+        );
+    }
+
     /// Records `n` sessions of many users that end within a second, and
     /// waits until they have: the caller then counts what the store holds.
     pub async fn record_expiring_sessions(store: &dyn OneTimeStore, tag: &str, n: usize) {

@@ -542,6 +542,7 @@ mod tests {
         assert!(small.cache.entries.len() <= 21);
         use crate::service::store::registry::contract as registry;
         registry::sessions_are_listed_and_removed(&s, "u-list").await;
+        registry::owners_expire_with_their_session(&s, "owner").await;
         registry::the_limit_evicts_the_oldest_or_refuses(&s, "u-limit").await;
         registry::ended_sessions_are_not_listed(&s, "u-end").await;
         let racing = std::sync::Arc::new(RedisStore::new(&url, &prefix).unwrap());
