@@ -285,3 +285,148 @@ fn unavailable(why: &str) -> ApiError {
     )
     .retry_after(1)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The reviews as the API server sees them (a mock API server: each
+    //! request checked, answered as Kubernetes would).
+    use super::*;
+    use crate::fixtures::{api_status, mock_client};
+    use serde_json::{Value, json};
+
+    const TR: &str = "/apis/authentication.k8s.io/v1/tokenreviews?";
+    const SAR: &str = "/apis/authorization.k8s.io/v1/subjectaccessreviews?";
+
+    fn reviewed(user: Value) -> Value {
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {},
+               "spec": {"token": "t"}, "status": user})
+    }
+
+    fn access(allowed: bool) -> Value {
+        json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+               "metadata": {}, "spec": {}, "status": {"allowed": allowed}})
+    }
+
+    #[tokio::test]
+    async fn the_token_is_reviewed_then_its_holder_authorised_on_sessions_of_this_policy() {
+        let (client, mut api) = mock_client();
+        let scenario = tokio::spawn(async move {
+            let sent = api
+                .expect(
+                    "POST",
+                    TR,
+                    201,
+                    reviewed(json!({"authenticated": true, "user": {
+                        "username": "system:serviceaccount:ops:oncall", "uid": "u-1",
+                        "groups": ["system:serviceaccounts", "oncall"],
+                        "extra": {"authentication.kubernetes.io/pod-name": ["p"]}}})),
+                )
+                .await;
+            assert_eq!(sent["spec"]["token"], "the-token");
+            let sent = api.expect("POST", SAR, 201, access(true)).await;
+            assert_eq!(sent["spec"]["user"], "system:serviceaccount:ops:oncall");
+            assert_eq!(sent["spec"]["uid"], "u-1");
+            assert_eq!(
+                sent["spec"]["groups"],
+                json!(["system:serviceaccounts", "oncall"])
+            );
+            assert_eq!(
+                sent["spec"]["extra"],
+                json!({"authentication.kubernetes.io/pod-name": ["p"]})
+            );
+            assert_eq!(
+                sent["spec"]["resourceAttributes"],
+                json!({"group": "auth.tokenpolicy.io", "resource": "tokenpolicies",
+                       "subresource": "sessions", "name": "short-term", "namespace": "auth",
+                       "verb": "delete"})
+            );
+            // Denied by RBAC.
+            api.expect(
+                "POST",
+                TR,
+                201,
+                reviewed(json!({"authenticated": true, "user": {"username": "bob"}})),
+            )
+            .await;
+            let sent = api.expect("POST", SAR, 201, access(false)).await;
+            assert_eq!(sent["spec"]["resourceAttributes"]["verb"], "list");
+            // Not authenticated: no access review at all.
+            api.expect(
+                "POST",
+                TR,
+                201,
+                reviewed(json!({"authenticated": false, "error": "invalid bearer token"})),
+            )
+            .await;
+            // The API server failing is no decision.
+            api.expect(
+                "POST",
+                TR,
+                500,
+                api_status(500, "InternalError", "etcd away"),
+            )
+            .await;
+            api.expect(
+                "POST",
+                TR,
+                201,
+                reviewed(json!({"authenticated": true, "user": {"username": "carol"}})),
+            )
+            .await;
+            api.expect(
+                "POST",
+                SAR,
+                403,
+                api_status(403, "Forbidden", "cannot create subjectaccessreviews"),
+            )
+            .await;
+            api.no_more_calls(100).await;
+        });
+        let r = KubeReviewer::new(client, "auth", "short-term");
+        assert_eq!(
+            r.review("the-token", Verb::Delete).await.unwrap(),
+            Decision::Allowed {
+                username: "system:serviceaccount:ops:oncall".into()
+            }
+        );
+        assert_eq!(
+            r.review("t2", Verb::List).await.unwrap(),
+            Decision::Denied {
+                username: "bob".into()
+            }
+        );
+        assert_eq!(
+            r.review("t3", Verb::List).await.unwrap(),
+            Decision::Unauthenticated
+        );
+        assert!(r.review("t4", Verb::List).await.is_err());
+        // Our own ServiceAccount lacking the grant: unavailable, not a 403 of the caller's.
+        assert!(r.review("t5", Verb::List).await.is_err());
+        scenario.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_api_server_that_fails_is_503_and_not_remembered() {
+        let (client, mut api) = mock_client();
+        let scenario = tokio::spawn(async move {
+            for _ in 0..2 {
+                api.expect(
+                    "POST",
+                    TR,
+                    503,
+                    api_status(503, "ServiceUnavailable", "away"),
+                )
+                .await;
+            }
+        });
+        let auth = AdminAuth::reviewed(Arc::new(KubeReviewer::new(client, "auth", "p")));
+        for _ in 0..2 {
+            let e = auth.authorize("tok", Verb::List).await.unwrap_err();
+            assert_eq!(
+                (e.code.as_str(), e.retry_after),
+                ("REVIEW_UNAVAILABLE", Some(1))
+            );
+        }
+        scenario.await.unwrap();
+    }
+}

@@ -121,5 +121,6 @@ def test_the_cluster_decides_who_may_end_sessions(kube, operator, workdir: Path)
             "list", "--user", "demo", *server, "--token-file", str(admin_file)).returncode == 3, 15, 0.5)
         print(f"\n[e2e] RoleBinding removal took effect after {time.monotonic() - removed:.1f}s")
         assert admin_token not in svc.text() and nobody_token not in svc.text(), "no token in the log"
+        assert "cannot write the token review binding" not in operator.text()
     finally:
         svc.stop()
