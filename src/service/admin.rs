@@ -124,7 +124,7 @@ impl Reviewer for KubeReviewer {
                 user
             }
             _ => {
-                tracing::info!(
+                tracing::debug!(
                     reason = status.error.as_deref().unwrap_or(""),
                     "admin API: token not authenticated"
                 );
