@@ -95,11 +95,13 @@ pub async fn sync(client: &Client, role: &str) -> Result<(), kube::Error> {
     Ok(())
 }
 
-/// Keeps the binding current: on every change to the set of TokenPolicies
-/// (bursts taken together), and again every few minutes. Never returns.
+/// Keeps the binding current: whenever a TokenPolicy comes or goes (bursts
+/// taken together; status writes are not a change), and again every few
+/// minutes. Never returns.
 pub async fn run(client: Client, role: String) {
     let policies: Api<TokenPolicy> = Api::all(client.clone());
     let mut changes = watcher(policies, watcher::Config::default().any_semantic()).boxed();
+    let mut known = Known::default();
     let mut failing = false;
     loop {
         // Settle a burst of changes, then write once.
@@ -115,22 +117,54 @@ pub async fn run(client: Client, role: String) {
                 continue;
             }
         }
-        // Wait for a TokenPolicy to come or go (not a status write).
         let wait = async {
             while let Some(event) = changes.next().await {
                 match event {
-                    Ok(watcher::Event::Apply(tp)) if tp.metadata.generation == Some(1) => return,
-                    Ok(watcher::Event::Delete(_) | watcher::Event::InitDone) => return,
-                    Ok(
-                        watcher::Event::Apply(_)
-                        | watcher::Event::Init
-                        | watcher::Event::InitApply(_),
-                    ) => {}
+                    Ok(e) => {
+                        if known.changed_by(e) {
+                            return;
+                        }
+                    }
                     Err(e) => tracing::debug!(error = %e, "TokenPolicy watch"),
                 }
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(300), wait).await;
+    }
+}
+
+/// The TokenPolicies the watch has shown, to tell a TokenPolicy coming or
+/// going from a write to one that exists.
+#[derive(Default)]
+struct Known {
+    now: BTreeSet<(String, String)>,
+    listing: BTreeSet<(String, String)>,
+}
+
+fn key(tp: &TokenPolicy) -> (String, String) {
+    (tp.namespace().unwrap_or_default(), tp.name_any())
+}
+
+impl Known {
+    fn changed_by(&mut self, event: watcher::Event<TokenPolicy>) -> bool {
+        match event {
+            watcher::Event::Apply(tp) => self.now.insert(key(&tp)),
+            watcher::Event::Delete(tp) => self.now.remove(&key(&tp)),
+            watcher::Event::Init => {
+                self.listing.clear();
+                false
+            }
+            watcher::Event::InitApply(tp) => {
+                self.listing.insert(key(&tp));
+                false
+            }
+            watcher::Event::InitDone => {
+                let listed = std::mem::take(&mut self.listing);
+                let changed = listed != self.now;
+                self.now = listed;
+                changed
+            }
+        }
     }
 }
 
@@ -217,6 +251,26 @@ mod tests {
         });
         sync(&client, "tp-review").await.unwrap();
         scenario.await.unwrap();
+    }
+
+    #[test]
+    fn only_a_token_policy_coming_or_going_is_a_change() {
+        use watcher::Event;
+        let mut k = Known::default();
+        assert!(!k.changed_by(Event::Init));
+        assert!(!k.changed_by(Event::InitApply(tp("a", "x"))));
+        assert!(k.changed_by(Event::InitDone));
+        // A status write to a known one is none.
+        assert!(!k.changed_by(Event::Apply(tp("a", "x"))));
+        assert!(k.changed_by(Event::Apply(tp("b", "y"))));
+        assert!(k.changed_by(Event::Delete(tp("a", "x"))));
+        assert!(!k.changed_by(Event::Delete(tp("a", "x"))));
+        // A relist that finds the same set is none; one that misses a deletion is one.
+        assert!(!k.changed_by(Event::Init));
+        assert!(!k.changed_by(Event::InitApply(tp("b", "y"))));
+        assert!(!k.changed_by(Event::InitDone));
+        k.changed_by(Event::Init);
+        assert!(k.changed_by(Event::InitDone));
     }
 
     #[tokio::test]

@@ -6,7 +6,8 @@ holding an ordinary Role on `tokenpolicies/sessions` lists and revokes
 (with `tokenpolicy sessions`, by token file and by kubeconfig); one without
 it gets 403, decided by the real RBAC; a garbage token or one whose
 signature is not the cluster's gets 401. A removed RoleBinding stops
-counting within the 10 s the decisions are cached."""
+counting within the 10 s the decisions are cached; a deleted TokenPolicy's
+ServiceAccount is bound no more."""
 
 from __future__ import annotations
 
@@ -124,3 +125,7 @@ def test_the_cluster_decides_who_may_end_sessions(kube, operator, workdir: Path)
         assert "cannot write the token review binding" not in operator.text()
     finally:
         svc.stop()
+
+    # The TokenPolicy gone, its ServiceAccount is bound no more.
+    kube("delete", "tp", "adm", "-n", ns)
+    wait_until("the binding without the deleted TokenPolicy's ServiceAccount", lambda: not bound(), 30)
