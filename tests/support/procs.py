@@ -125,7 +125,7 @@ class Process:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 5.0, sig: int = signal.SIGTERM) -> None:
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
         """``sig`` (SIGTERM), then SIGKILL after ``timeout`` seconds."""
         p = self.proc
         if p is None or p.poll() is not None:
