@@ -8,6 +8,7 @@ run at a time; 1 for timings that no other login disturbs.
     KEYCLOAK_CA=ca.pem python3 bench/peers_login.py ours BASE_URL N COOKIES TIMES  # tokenpolicy
     KEYCLOAK_CA=ca.pem python3 bench/peers_login.py peer BASE_URL N COOKIES TIMES  # oauth2-proxy
     python3 bench/peers_login.py provider INFO_JSON N TIMES      # Keycloak alone
+    python3 bench/peers_login.py timing INFO_JSON OURS_URL PEER_URL N TIMES
 
 `ours` writes the session cookies' values (one a line) to COOKIES, and to
 TIMES the seconds that each callback took: our code exchange at the token
@@ -17,7 +18,9 @@ endpoint, the ID token's checks, the session in Redis and our first token.
 keeps its connection to the token endpoint open (as ours does), and writes
 per line the seconds of the token endpoint's answer and of a JWKS fetch:
 the provider's part of a callback (ours caches the JWKS, so a callback
-fetches it only on an unknown key).
+fetches it only on an unknown key). `timing` does the three in turn, one
+login at a time, N times, so that each line (our callback, oauth2-proxy's
+callback, the token endpoint, the JWKS, in seconds) saw the same machine.
 """
 
 from __future__ import annotations
@@ -135,7 +138,8 @@ def run(n: int, one) -> list:
 
 
 def main() -> None:
-    mode, target, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    mode, target = sys.argv[1], sys.argv[2]
+    n = int(sys.argv[3]) if mode != "timing" else 0
     if mode in ("ours", "peer"):
         fn = login_ours if mode == "ours" else login_peer
         # The test CA that Keycloak's certificate is signed by.
@@ -157,6 +161,19 @@ def main() -> None:
 
         got = run(n, one)
         Path(sys.argv[4]).write_text("".join(f"{a:.6f} {b:.6f}\n" for a, b in got))
+    elif mode == "timing":
+        info = json.loads(Path(target).read_text())
+        ca = info["ca_file"]
+        ours, peer, n, out = sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6]
+        disc = jar(ca).get(info["issuer"] + "/.well-known/openid-configuration", timeout=30).json()
+        keep = jar(ca)
+        lines = []
+        for _ in range(n):
+            _, o = login_ours(ours, ca)
+            _, p = login_peer(peer, ca)
+            t, j = provider_flow(info, disc, keep)
+            lines.append(f"{o:.6f} {p:.6f} {t:.6f} {j:.6f}\n")
+        Path(out).write_text("".join(lines))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 
