@@ -28,7 +28,7 @@
 # provider's part of our callback; our JWKS is cached, so a callback does
 # not fetch it).
 #
-#   bash bench/peers.sh         # about 9 minutes; DURATION=6s, ROUNDS=2
+#   bash bench/peers.sh         # about 15 minutes; DURATION=6s, ROUNDS=3
 #   BIN=/path/tokenpolicy bash bench/peers.sh   # bench that binary, no build
 #   OAUTH2_PROXY_VERSION=v7.15.6 PEERS_CACHE=/var/tmp/tokenpolicy-peers
 #   KEYCLOAK_INFO=kc.json bash bench/peers.sh   # a Keycloak already started
@@ -41,7 +41,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dur="${DURATION:-6s}"
-rounds="${ROUNDS:-2}"
+rounds="${ROUNDS:-3}"
 conns="${CONNECTIONS:-64}"
 distinct="${DISTINCT:-10000}"
 peer_sessions="${PEER_SESSIONS:-500}"
