@@ -4,6 +4,7 @@
 //!
 //! `extract` reads the token, the client address and login credentials;
 //! `signin` holds login, the sign-in page and safe redirects;
+//! `page` the pages' templates;
 //! `forward_auth` is `/v1/verify`.
 
 use std::sync::Arc;
@@ -86,6 +87,7 @@ mod forward_auth;
 mod notice;
 pub mod oidc;
 mod origin;
+mod page;
 mod sessions;
 mod signin;
 #[cfg(test)]

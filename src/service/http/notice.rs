@@ -138,7 +138,9 @@ mod http_tests {
         let (status, body) = page(test_app(), "/v1/login?reason=%3Cb%3Ehi", None).await;
         assert_eq!(status, StatusCode::OK);
         assert!(
-            !body.contains("<b>hi") && !body.contains("&lt;b&gt;hi"),
+            !body.contains("<b>hi")
+                && !body.contains("&lt;b&gt;hi")
+                && !body.contains("&#60;b&#62;hi"),
             "{body}"
         );
         assert!(!body.contains(expired) && !body.contains(out), "{body}");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::Extension;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::extract::{client_ip, cookies, user_agent};
@@ -241,31 +241,23 @@ fn wants_html(headers: &HeaderMap) -> bool {
         .is_some_and(|a| a.contains("text/html"))
 }
 
+/// A refused callback's page (`templates/refused.html`).
+#[derive(askama::Template)]
+#[template(path = "refused.html")]
+struct RefusedPage<'a> {
+    message: &'a str,
+    code: &'a str,
+}
+
 /// The refusal: a page for a browser, the JSON error otherwise; both carry
 /// the code.
 fn refusal(headers: &HeaderMap, e: ApiError) -> Response {
     if !wants_html(headers) {
         return e.into_response();
     }
-    let page = format!(
-        r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>Sign-in refused</title>
-<style>body{{font-family:sans-serif;max-width:22rem;margin:4rem auto;padding:0 1rem}}.err{{color:#b00}}</style>
-</head><body><h1>Sign-in refused</h1><p class="err" role="alert">{}</p><p><code>{}</code></p>
-<p><a href="../login">Back to the sign-in page</a></p></body></html>
-"#,
-        super::signin::escape(&e.message),
-        e.code.as_str()
-    );
-    let mut resp = (e.code.status(), Html(page)).into_response();
-    let h = resp.headers_mut();
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
-        ),
-    );
-    resp
+    let page = RefusedPage {
+        message: &e.message,
+        code: e.code.as_str(),
+    };
+    super::page::respond(e.code.status(), &page)
 }
