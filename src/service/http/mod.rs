@@ -4,7 +4,8 @@
 //!
 //! `extract` reads the token, the client address and login credentials;
 //! `signin` holds login, the sign-in page and safe redirects;
-//! `page` the pages' templates;
+//! `account` the account page (the caller's sessions); `page` the pages'
+//! templates;
 //! `forward_auth` is `/v1/verify`.
 
 use std::sync::Arc;
@@ -82,6 +83,7 @@ pub struct App {
 
 type Shared = State<Arc<App>>;
 
+mod account;
 mod extract;
 mod forward_auth;
 mod notice;
@@ -127,6 +129,12 @@ fn public_routes() -> Router<Arc<App>> {
         .route("/v1/logout", post(logout))
         .route("/v1/sessions", get(sessions::list))
         .route("/v1/sessions/{sid}", delete(sessions::end_one))
+        .route("/v1/account", get(account::page))
+        .route("/v1/account/sessions/{sid}/end", post(account::end))
+        .route(
+            "/v1/account/logout-everywhere",
+            post(account::logout_everywhere),
+        )
         .route("/v1/oidc/login", get(oidc::oidc_login))
         .route("/v1/oidc/callback", get(oidc::oidc_callback))
         .merge(forward_auth_routes())
