@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 
 from conftest import binary_path, child_env, free_port
@@ -39,7 +40,7 @@ HOST = "127.0.0.1"
 COOKIE = "tokenpolicy"
 #: The annotation values of the Ingresses the template models.
 AUTH_RESPONSE_HEADERS = ["X-Auth-Request-User", "X-Auth-Request-Session", "Remote-User",
-                         "X-Auth-Request-Email"]
+                         "X-Auth-Request-Email", "X-Auth-Request-Groups"]
 #: Paths of the Ingresses (after ingress-nginx's Prefix normalisation).
 APP_PATH = "/app/"   # auth-url + auth-response-headers + auth-signin
 API_PATH = "/api/"   # auth-url + auth-response-headers
@@ -105,7 +106,7 @@ def size_of(path: Path) -> int:
 class _EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     ECHOED = ["X-Auth-Request-User", "X-Auth-Request-Session", "Remote-User", "X-Auth-Request-Email",
-              "Authorization", "Cookie", "Host", "X-Forwarded-Host", "X-Forwarded-For"]
+              "X-Auth-Request-Groups", "Authorization", "Cookie", "Host", "X-Forwarded-Host", "X-Forwarded-For"]
 
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -272,9 +273,14 @@ class Stack:
         return "\n".join(parts)
 
 
-def start_stack(workdir: Path, username: str = "carol", password: str = "carol-password") -> Stack:
+def start_stack(workdir: Path, username: str = "carol", password: str = "carol-password",
+                policy_yaml: Optional[Callable[[str], str]] = None,
+                extra_args: Sequence[str] = ()) -> Stack:
     """tokenpolicy serve (in-process store), the echo upstream and nginx;
-    each waited for. The caller stops it with stop_stack()."""
+    each waited for. The caller stops it with stop_stack().
+
+    ``policy_yaml``: given the ingress URL, the policy file's text (default:
+    POLICY's times); ``extra_args``: more ``tokenpolicy serve`` flags."""
     binary = binary_path()
     if not os.access(binary, os.X_OK):
         raise RuntimeError(f"tokenpolicy binary not found at {binary} (set TOKENPOLICY_BIN)")
@@ -300,6 +306,8 @@ def start_stack(workdir: Path, username: str = "carol", password: str = "carol-p
         "cookie: {secure: false}}\n")
 
     service_port, nginx_port = free_port(), free_port()
+    if policy_yaml is not None:
+        policy.write_text(policy_yaml(f"http://{HOST}:{nginx_port}"))
     service_log = workdir / "tokenpolicy.log"
     service = Proc("tokenpolicy", [
         str(binary), "serve",
@@ -312,6 +320,7 @@ def start_stack(workdir: Path, username: str = "carol", password: str = "carol-p
         # No --signin-url: with ingress-nginx, `auth-signin` does the
         # redirect; the auth answer must stay 200/401 (auth_request turns
         # anything else into a 500).
+        *extra_args,
     ], service_log)
     echo = EchoUpstream().start()
     prefix = workdir / "nginx"

@@ -111,7 +111,7 @@ fn when(millis: i64) -> (String, String) {
 /// (by its configured name when it is the one configured now).
 fn how(app: &App, e: &SessionEntry) -> String {
     match e.idp.as_deref() {
-        None => "Password".into(),
+        None => "Signed in with a password".into(),
         Some(idp) => {
             let policy = app.service.policy();
             let name = app

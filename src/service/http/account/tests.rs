@@ -161,7 +161,7 @@ async fn the_page_lists_the_callers_sessions_escaped_and_marks_this_one() {
     assert!(!page.contains(&b), "another user's session is listed");
     assert_eq!(page.matches("this browser").count(), 1);
     assert_eq!(page.matches(r#"<li class="session"#).count(), 2);
-    assert!(page.contains("Password"));
+    assert!(page.contains("Signed in with a password"));
     // The current session comes first.
     assert!(page.find(&p) < page.find(&l));
     // Every form posts here with this session's form token.
