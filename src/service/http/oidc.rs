@@ -261,3 +261,30 @@ fn refusal(headers: &HeaderMap, e: ApiError) -> Response {
     };
     super::page::respond(e.code.status(), &page)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+
+    #[tokio::test]
+    async fn a_refusal_page_escapes_the_message_and_keeps_the_code() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("text/html"));
+        let e = ApiError::new(Code::ForbiddenUser, "<script>alert(1)</script> not allowed");
+        let resp = refusal(&headers, e);
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert!(
+            resp.headers()[header::CONTENT_SECURITY_POLICY]
+                .to_str()
+                .unwrap()
+                .starts_with("default-src 'none'")
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let page = String::from_utf8_lossy(&body);
+        assert!(page.contains("Sign-in refused"), "{page}");
+        assert!(page.contains("<code>FORBIDDEN_USER</code>"), "{page}");
+        assert!(!page.contains("<script"), "{page}");
+        assert!(page.contains("&#60;script&#62;alert(1)&#60;/script&#62; not allowed"));
+    }
+}
