@@ -81,6 +81,7 @@ pub struct App {
 
 type Shared = State<Arc<App>>;
 
+mod backchannel;
 mod extract;
 mod forward_auth;
 mod notice;
@@ -127,6 +128,10 @@ fn public_routes() -> Router<Arc<App>> {
         .route("/v1/sessions/{sid}", delete(sessions::end_one))
         .route("/v1/oidc/login", get(oidc::oidc_login))
         .route("/v1/oidc/callback", get(oidc::oidc_callback))
+        .route(
+            "/v1/oidc/backchannel-logout",
+            post(backchannel::backchannel_logout),
+        )
         .merge(forward_auth_routes())
         .route("/.well-known/jwks.json", get(jwks))
 }
