@@ -6,9 +6,11 @@
   and `tokenpolicy_oidc_recheck_total{result="unavailable"}` counts them;
 * back-channel logout: Keycloak's admin "sign out" of a user posts a
   logout token to replica a (the client's `backchannel.logout.url`, set at
-  start to a's free port); the user's sessions are refused on both
-  replicas within 1 s, and Keycloak's own logout token, replayed, is
-  refused on both.
+  start to a relay in front of a's free port); the user's sessions are
+  refused on both replicas within 1 s, and Keycloak's own logout token,
+  replayed, is refused on both;
+* `allowed_groups` through nginx configured as ingress-nginx: 200 for a
+  member, 403 for a non-member.
 
 Two replicas share one redis-server, as in test_oidc_keycloak.py; tokens
 last 2 s so that renewals come quickly. Each test signs in users of its
@@ -30,7 +32,7 @@ import requests
 
 from conftest import free_port
 from keycloak_support import keycloak, login_through_keycloak  # noqa: F401
-from test_oidc_keycloak import CALLBACK, Pair, browser, code_of, get, kc, start_replica  # noqa: F401
+from test_oidc_keycloak import Pair, browser, code_of, get, kc, start_replica  # noqa: F401
 
 TOKEN_SECONDS = 2
 
@@ -243,3 +245,51 @@ def test_keycloaks_sign_out_ends_the_sessions_on_both_replicas_within_a_second(k
             assert r.headers["Cache-Control"] == "no-store"
     finally:
         relay.stop()
+
+
+# --------------------------------------------------------------------------
+# 8. allowed_groups through nginx (ingress-nginx's configuration)
+# --------------------------------------------------------------------------
+
+
+def test_allowed_groups_through_nginx(kc, short, tmp_path):
+    """`/api/` is protected with `auth-url: …/v1/verify?allowed_groups=admins`,
+    `/app/` with the plain verify: alice (admins) passes both, bob (staff)
+    only `/app/`; nginx hands our 403 to the client and the app never
+    sees bob's request."""
+    from nginx_support import EchoUpstream, Proc, nginx_path, render_nginx_conf, wait_http
+
+    echo = EchoUpstream().start()
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    port = free_port()
+    text, _ = render_nginx_conf(prefix, port, short.a.port, echo.addr)
+    plain = f'set $target "http://127.0.0.1:{short.a.port}/v1/verify";'
+    assert text.count(plain) == 2
+    first = text.index(plain) + len(plain)
+    text = text[:first] + text[first:].replace(
+        plain, plain.replace('/v1/verify"', '/v1/verify?allowed_groups=admins"'), 1)
+    conf = prefix / "nginx.conf"
+    conf.write_text(text)
+    ngx = Proc("nginx", [nginx_path(), "-p", str(prefix), "-c", str(conf),
+                         "-e", str(prefix / "error.log")], prefix / "nginx.out")
+    ngx.start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", ngx, prefix / "error.log")
+        alice, bob = sign_in(kc, short.a, "alice"), sign_in(kc, short.a, "bob")
+        for path in ("/app/x", "/api/x"):
+            r = get(alice, f"http://127.0.0.1:{port}{path}")
+            assert r.status_code == 200, (path, r.status_code, r.text[:300])
+            assert r.json()["headers"]["X-Auth-Request-User"] == "alice"
+        r = get(bob, f"http://127.0.0.1:{port}/app/x")
+        assert r.status_code == 200 and r.json()["headers"]["X-Auth-Request-User"] == "bob"
+        seen = len(echo.requests_seen)
+        r = get(bob, f"http://127.0.0.1:{port}/api/x")
+        assert r.status_code == 403, (r.status_code, r.text[:300])
+        assert len(echo.requests_seen) == seen, "the app saw a request the group rule refused"
+        # The code nginx turned into its own 403 page, asked directly.
+        r = get(bob, short.a.url + "/v1/verify", params={"allowed_groups": "admins"})
+        assert r.status_code == 403 and code_of(r) == "FORBIDDEN_GROUP", r.text
+    finally:
+        ngx.stop()
+        echo.stop()
