@@ -170,16 +170,10 @@ mod tests {
 
     fn claims(auth_time: i64, iat: i64, exp: i64) -> Claims {
         Claims {
-            iss: "i".into(),
-            aud: "a".into(),
-            sub: "alice".into(),
-            sid: "s".into(),
-            jti: "j".into(),
             iat,
             exp,
             auth_time,
-            pwv: None,
-            ..Default::default()
+            ..crate::testing::claims()
         }
     }
 

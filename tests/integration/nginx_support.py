@@ -19,18 +19,18 @@ import html
 import json
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Optional
 
-import requests
 
-from conftest import binary_path, free_port
+from conftest import binary_path, child_env, free_port
+from support.procs import Process as Proc
+from support.procs import log_tail as read_tail
+from support.procs import wait_http
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE.parent / "nginx" / "ingress-nginx.conf.template"
@@ -54,13 +54,6 @@ def nginx_path() -> str:
     return os.environ.get("NGINX") or shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-
-
-def child_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENPOLICY_")}
-    env.setdefault("RUST_LOG", "info,tokenpolicy=debug")
-    env.setdefault("NO_COLOR", "1")
-    return env
 
 
 def jwt_claims(token: str) -> dict:
@@ -97,73 +90,11 @@ def signin_location(path: str, signin_url: str) -> str:
 # --------------------------------------------------------------------------
 
 
-class Proc:
-    """A child process with stdout+stderr in a log file."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: Optional[dict] = None):
-        self.name, self.argv, self.log_path = name, argv, log_path
-        self.env = env if env is not None else child_env()
-        self.proc: Optional[subprocess.Popen] = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            log.write(f"===== {' '.join(self.argv)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=self.env,
-                                         start_new_session=True)
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 5.0) -> None:
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        try:
-            p.send_signal(signal.SIGTERM)
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=timeout)
-        except ProcessLookupError:
-            pass
-
-
-def read_tail(path: Path, offset: int = 0, limit: int = 8000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode("utf-8", "replace")
-    except OSError as e:
-        return f"<cannot read {path}: {e}>"
-    if len(text) > limit:
-        text = f"... [{len(text) - limit} chars cut] ...\n" + text[-limit:]
-    return text or "<empty>"
-
-
 def size_of(path: Path) -> int:
     try:
         return path.stat().st_size
     except OSError:
         return 0
-
-
-def wait_http(url: str, proc: Proc, log: Path, timeout: float = READY_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if not proc.running():
-            raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}:\n{read_tail(log)}")
-        try:
-            r = requests.get(url, timeout=1.0)
-            if r.status_code == 200:
-                return
-            last = f"{r.status_code} {r.text[:200]!r}"
-        except requests.RequestException as e:
-            last = repr(e)
-        time.sleep(0.05)
-    raise RuntimeError(f"{proc.name} not ready at {url} after {timeout}s (last: {last}):\n{read_tail(log)}")
 
 
 # --------------------------------------------------------------------------
@@ -402,8 +333,8 @@ def start_stack(workdir: Path, username: str = "carol", password: str = "carol-p
         if check.returncode != 0:
             raise RuntimeError(f"nginx -t rejected {conf}:\n{check.stderr.decode(errors='replace')}")
         ngx.start()
-        wait_http(f"{stack.service_url}/readyz", service, service_log)
-        wait_http(f"{stack.url}/healthz", ngx, prefix / "error.log")
+        wait_http(f"{stack.service_url}/readyz", service, READY_TIMEOUT)
+        wait_http(f"{stack.url}/healthz", ngx, READY_TIMEOUT, log=prefix / "error.log")
     except BaseException as e:
         report = stack.report()
         stop_stack(stack)

@@ -295,7 +295,7 @@ pub fn safe_redirect(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::headers;
+    use crate::testing::api_server::headers;
 
     #[test]
     fn signin_page_offers_the_configured_ways_in() {
