@@ -275,7 +275,7 @@ def test_allowed_groups_through_nginx(kc, short, tmp_path):
                          "-e", str(prefix / "error.log")], prefix / "nginx.out")
     ngx.start()
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", ngx, prefix / "error.log")
+        wait_http(f"http://127.0.0.1:{port}/healthz", ngx, 30, log=prefix / "error.log")
         alice, bob = sign_in(kc, short.a, "alice"), sign_in(kc, short.a, "bob")
         for path in ("/app/x", "/api/x"):
             r = get(alice, f"http://127.0.0.1:{port}{path}")
