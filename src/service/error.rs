@@ -41,10 +41,12 @@ pub enum Code {
     SessionLimit,
     /// No session of the caller's with that id.
     SessionNotFound,
+    /// A back-channel logout token failed a check, or was used before.
+    InvalidLogoutToken,
 }
 
 impl Code {
-    pub const ALL: [Code; 25] = [
+    pub const ALL: [Code; 26] = [
         Code::EmptyToken,
         Code::InvalidToken,
         Code::ExpiredToken,
@@ -70,6 +72,7 @@ impl Code {
         Code::ForbiddenGroup,
         Code::SessionLimit,
         Code::SessionNotFound,
+        Code::InvalidLogoutToken,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -99,6 +102,7 @@ impl Code {
             Code::ForbiddenGroup => "FORBIDDEN_GROUP",
             Code::SessionLimit => "SESSION_LIMIT",
             Code::SessionNotFound => "SESSION_NOT_FOUND",
+            Code::InvalidLogoutToken => "INVALID_LOGOUT_TOKEN",
         }
     }
 
@@ -114,9 +118,10 @@ impl Code {
             }
             Code::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Code::InvalidRequest | Code::InvalidRedirect | Code::InvalidState => {
-                StatusCode::BAD_REQUEST
-            }
+            Code::InvalidRequest
+            | Code::InvalidRedirect
+            | Code::InvalidState
+            | Code::InvalidLogoutToken => StatusCode::BAD_REQUEST,
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::SessionLimit => StatusCode::CONFLICT,
             Code::SessionNotFound => StatusCode::NOT_FOUND,
@@ -225,12 +230,13 @@ mod contract {
                 | ForbiddenUser
                 | ForbiddenGroup
                 | SessionLimit
-                | SessionNotFound => seen.insert(c),
+                | SessionNotFound
+                | InvalidLogoutToken => seen.insert(c),
             };
         }
         assert_eq!(
             seen.len(),
-            25,
+            26,
             "a code is missing from Code::ALL or listed twice"
         );
     }

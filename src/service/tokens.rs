@@ -19,6 +19,7 @@ use crate::service::token::{Claims, KeySet, TokenError};
 use crate::service::users::Users;
 
 mod login;
+pub mod provider;
 pub mod sessions;
 use crate::service::verified::Verified;
 
@@ -160,6 +161,9 @@ pub struct TokenService {
     /// Tokens whose signature verified already (see `verified.rs`).
     verified: Verified,
     pub metrics: Metrics,
+    /// Asks the identity provider at each renewal of its sessions
+    /// (`recheckOnRenew`; see `tokens/provider.rs`).
+    provider_check: Option<Arc<dyn provider::ProviderCheck>>,
 }
 
 fn invalid(e: TokenError) -> ApiError {
@@ -187,6 +191,7 @@ impl TokenService {
             hashing: HashPool::new(threads, HashPool::default_queue(threads)),
             verified: Verified::default(),
             metrics: Metrics::default(),
+            provider_check: None,
         }
     }
 
@@ -473,6 +478,11 @@ impl TokenService {
                 }
             },
         };
+        if outcome == "issued" {
+            // Once per renewal, by the renewal that won the claim.
+            self.recheck_with_provider(old, session_end, policy, now)
+                .await?;
+        }
         let claims = Claims {
             jti: record.jti,
             iat: record.iat,

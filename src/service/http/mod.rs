@@ -84,6 +84,7 @@ pub struct App {
 type Shared = State<Arc<App>>;
 
 mod account;
+mod backchannel;
 mod extract;
 mod forward_auth;
 mod notice;
@@ -137,6 +138,10 @@ fn public_routes() -> Router<Arc<App>> {
         )
         .route("/v1/oidc/login", get(oidc::oidc_login))
         .route("/v1/oidc/callback", get(oidc::oidc_callback))
+        .route(
+            "/v1/oidc/backchannel-logout",
+            post(backchannel::backchannel_logout),
+        )
         .merge(forward_auth_routes())
         .route("/.well-known/jwks.json", get(jwks))
 }

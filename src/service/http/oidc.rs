@@ -15,14 +15,17 @@ use super::{Shared, safe_redirect, set_cookie};
 use crate::clock::now_millis;
 use crate::service::error::{ApiError, Code};
 use crate::service::oidc::flow::{self, FLOW_TTL_SECS, Flow, Sealer};
+use crate::service::oidc::recheck::{ProviderSessions, Started};
 use crate::service::oidc::{ExchangeError, Provider, Refusal};
 use crate::service::store::Take;
 use crate::service::tokens::Client;
 
-/// The provider and the key that seals flow cookies.
+/// The provider, the key that seals flow cookies, and what is kept of
+/// the provider's side of each session.
 pub struct OidcLogin {
     pub provider: Arc<Provider>,
     pub sealer: Sealer,
+    pub sessions: Arc<ProviderSessions>,
 }
 
 impl std::fmt::Debug for OidcLogin {
@@ -188,7 +191,7 @@ async fn callback(
         .code
         .filter(|c| !c.is_empty() && c.len() <= 4_096)
         .ok_or_else(|| ApiError::new(Code::InvalidRequest, "the callback has no code"))?;
-    let id_token = oidc
+    let exchanged = oidc
         .provider
         .exchange(&code, &flow.verifier)
         .await
@@ -201,7 +204,7 @@ async fn callback(
         })?;
     let claims = oidc
         .provider
-        .validate(&id_token, &flow.nonce, now)
+        .validate(&exchanged.id_token, &flow.nonce, now)
         .await
         .map_err(|e| ApiError::new(Code::InvalidIdToken, e.to_string()))?;
     let start = oidc.provider.identity(&claims).map_err(|e| match e {
@@ -212,10 +215,31 @@ async fn callback(
         addr: client_ip(app, headers, peer.map(|c| c.0.0)),
         user_agent: user_agent(headers),
     };
+    let provider_sid = claims
+        .get("sid")
+        .and_then(serde_json::Value::as_str)
+        .filter(|s| !s.is_empty() && s.len() <= 255)
+        .map(str::to_string);
     let issued = app
         .service
         .start_session(start, &client, now_millis)
         .await?;
+    let started = Started {
+        sid: &issued.claims.sid,
+        sub: &issued.claims.sub,
+        auth_time: issued.claims.auth_time,
+        session_end: issued.session_end,
+        provider_sid: provider_sid.as_deref(),
+    };
+    let kept = oidc
+        .sessions
+        .remember(&started, exchanged.refresh_token.as_deref(), now_millis())
+        .await;
+    if let Err(e) = kept {
+        // A session the provider could not end later is not handed out.
+        let _ = app.service.logout(&issued.token, now_millis()).await;
+        return Err(e.into());
+    }
     let mut resp = StatusCode::FOUND.into_response();
     let h = resp.headers_mut();
     h.insert(

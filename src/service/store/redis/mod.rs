@@ -41,6 +41,7 @@ mod cache;
 mod claim;
 pub mod conn;
 mod epoch;
+mod provider;
 mod revocations;
 mod scripts;
 pub mod url;
