@@ -45,6 +45,34 @@ sed -e 's/tokenExpirationTime: 30m/tokenExpirationTime: 1s/' \
     -e 's/expiredTokenRenewLimit: 10m/expiredTokenRenewLimit: 10m/' \
     -e 's/refreshGracePeriod: 10s/refreshGracePeriod: 60s/' examples/tokenpolicy.yaml >"$work/short.yaml"
 
+# A provider for replica a's policy (spec.oidc), so that it also verifies
+# tokens of OpenID Connect sessions. Verify never calls the provider (the
+# token is ours, checked with our key): the provider is only read at start
+# (discovery and JWKS), so static files on loopback serve here;
+# bench/peers.sh runs a real Keycloak.
+iport=$(free_port); issuer="http://127.0.0.1:$iport"
+mkdir -p "$work/idp/.well-known"
+python3 - "$issuer" "$work/idp" <<'PY'
+import base64, json, sys
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+iss, root = sys.argv[1], sys.argv[2]
+x = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+jwk = {"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": "bench-idp",
+       "x": base64.urlsafe_b64encode(x).rstrip(b"=").decode()}
+json.dump({"keys": [jwk]}, open(f"{root}/jwks.json", "w"))
+json.dump({"issuer": iss, "authorization_endpoint": f"{iss}/authorize",
+           "token_endpoint": f"{iss}/token", "jwks_uri": f"{iss}/jwks.json"},
+          open(f"{root}/.well-known/openid-configuration", "w"))
+PY
+python3 -m http.server --bind 127.0.0.1 --directory "$work/idp" "$iport" >/dev/null 2>&1 &
+pids+=($!)
+wait_http "$issuer/.well-known/openid-configuration"
+echo bench-client-secret >"$work/oidc-secret"
+{ cat examples/tokenpolicy.yaml
+  echo "  externalURL: http://127.0.0.1"
+  echo "  oidc: {issuerURL: '$issuer', clientID: bench, clientSecretRef: {name: s, key: k}}"; } >"$work/oidc.yaml"
+
 start() { # name, policy, extra args... -> prints the port
   local port; port=$(free_port)
   RUST_LOG=warn "$bin" serve --policy "$2" --users "$work/users" --signing-key "$work/key.pem" \
@@ -53,7 +81,7 @@ start() { # name, policy, extra args... -> prints the port
   pids+=($!)
   echo "$port $!"
 }
-read -r pa pida < <(start a examples/tokenpolicy.yaml); wait_http "127.0.0.1:$pa/readyz"
+read -r pa pida < <(start a "$work/oidc.yaml" --oidc-client-secret-file "$work/oidc-secret"); wait_http "127.0.0.1:$pa/readyz"
 read -r pb pidb < <(start b examples/tokenpolicy.yaml); wait_http "127.0.0.1:$pb/readyz"
 read -r ps pids_ < <(start short "$work/short.yaml"); wait_http "127.0.0.1:$ps/readyz"
 pids+=("$pida" "$pidb" "$pids_")
@@ -66,6 +94,11 @@ one=$(head -1 "$work/tokens")
 head -1 "$work/tokens" >"$work/one"
 expired=$(python3 bench/tokens.py "$ps" bench bench-password 1)
 # A signature byte changed (not the last character, whose low bits are padding).
+# Tokens of OpenID Connect sessions, with the claims the callback writes
+# (idp, name, email, groups), signed with replica a's key.
+kid=$(curl -s "127.0.0.1:$pa/.well-known/jwks.json" | python3 -c 'import json,sys;print(json.load(sys.stdin)["keys"][0]["kid"])')
+python3 bench/mint.py "$work/key.pem" "$kid" - 1 "$issuer" >"$work/oidc-one"
+oidc_one=$(head -1 "$work/oidc-one")
 invalid=$(python3 -c 'import sys;t=sys.argv[1];i=len(t)-10;print(t[:i]+("A" if t[i]!="A" else "B")+t[i+1:])' "$one")
 
 nport=$(free_port); aport=$(free_port); mkdir -p "$work/nginx/tmp"
@@ -107,6 +140,7 @@ row warmup - "http://127.0.0.1:$pa/healthz" >/dev/null; sed -i '/^warmup/d' "$re
 for round in $(seq "$rounds"); do
   row "/healthz"                      healthz "http://127.0.0.1:$pa/healthz"
   row "/v1/verify, 1 token"           healthz "${auth[@]}" "http://127.0.0.1:$pa/v1/verify"
+  row "/v1/verify, 1 OIDC session's token" healthz -H "Authorization: Bearer $oidc_one" "http://127.0.0.1:$pa/v1/verify"
   VERIFY_PATH=/healthz TOKENS="$work/tokens" row "/healthz, $distinct tokens' requests" healthz -s bench/lua/verify-random.lua "http://127.0.0.1:$pa/healthz"
   TOKENS="$work/tokens" row "/v1/verify, $distinct tokens at random" healthz-lua -s bench/lua/verify-random.lua "http://127.0.0.1:$pa/v1/verify"
 done

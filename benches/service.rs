@@ -19,39 +19,25 @@ use tokenpolicy::service::http::{App, HttpConfig, router};
 use tokenpolicy::service::rules;
 use tokenpolicy::service::store::{MemoryStore, OneTimeStore, RefreshRecord};
 use tokenpolicy::service::token::{Claims, Key, KeySet};
-use tokenpolicy::service::tokens::{Throttle, TokenService};
-use tokenpolicy::service::users::Users;
+use tokenpolicy::service::tokens::TokenService;
+use tokenpolicy::testing;
 use tower::ServiceExt as _;
 
 fn claims(now: Millis) -> Claims {
     let t = now / 1_000;
     Claims {
-        iss: "tokenpolicy".into(),
-        aud: "tokenpolicy".into(),
-        sub: "alice".into(),
         sid: uuid::Uuid::new_v4().to_string(),
         jti: uuid::Uuid::new_v4().to_string(),
-        iat: t,
         exp: t + 1_800,
-        auth_time: t,
-        pwv: None,
-        ..Default::default()
+        ..testing::claims_at(t)
     }
 }
 
 fn service(cache: usize) -> TokenService {
-    let hash = bcrypt::hash("pw", 4).expect("bcrypt");
-    let users = Users::parse(&format!("alice:{hash}\n"), "bench").expect("users");
-    let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").expect("keys");
-    TokenService::new(
-        Policy::default(),
-        users,
-        keys,
-        Arc::new(MemoryStore::new()),
-        0,
-        Throttle::default(),
-    )
-    .with_verified_cache(cache)
+    testing::service()
+        .user("alice", "pw")
+        .build()
+        .with_verified_cache(cache)
 }
 
 fn policy_decision(c: &mut Criterion) {

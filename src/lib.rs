@@ -10,12 +10,11 @@
 //! - Shared by both: the [`crd`], the [`policy`] it describes, [`duration`]s,
 //!   the [`clock`], the [`signing_key`]s, the [`keyring`]'s files and the
 //!   [`trusted_proxies`].
+//! - For tests, benches and fuzz seeds (the `testing` feature): `testing`.
 
 pub mod clock;
 pub mod crd;
 pub mod duration;
-#[cfg(test)]
-pub(crate) mod fixtures;
 pub mod keyring;
 pub mod logging;
 pub mod operator;
@@ -23,4 +22,6 @@ pub mod policy;
 pub mod service;
 pub mod sessions_cli;
 pub mod signing_key;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod trusted_proxies;

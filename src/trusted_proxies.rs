@@ -99,7 +99,7 @@ pub fn client_address(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::headers;
+    use crate::testing::api_server::headers;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -98,6 +98,7 @@ cargo test --locked
 # plain `cargo test`, which has none; it fails without one).
 cargo test --locked --lib -- --ignored --exact service::store::redis::tests::redis_store_keeps_the_contract
 cargo test --locked --lib -- --ignored --exact service::store::redis::tests::redis_registry_leaves_no_key_after_sessions_end
+cargo test --locked --lib -- --ignored --exact service::store::redis::provider::tests::redis_provider_store_keeps_the_contract
 
 kill $redis_pid 2>/dev/null || true
 

@@ -42,7 +42,6 @@ fn main() {
     let valid_ed = ed.sign(&claims);
     let valid_p = p.sign(&Claims {
         pwv: Some("q1w2e3r4t5y6".into()),
-        ..Default::default()
         ..claims.clone()
     });
     write(&dir, "valid-eddsa", &valid_ed);

@@ -246,7 +246,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{ApiServer, api_status, mock_client};
+    use crate::testing::api_server::{ApiServer, api_status, mock_client};
     use serde_json::{Value, json};
     const URI: &str = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/tokenpolicy-operator";
 
@@ -409,7 +409,7 @@ mod tests {
         let server = tokio::spawn(async move {
             let mut api = acquired(api).await;
             while let Some((_, send)) = api.0.next_request().await {
-                crate::fixtures::respond(send, 500, &status(500, "InternalError"));
+                crate::testing::api_server::respond(send, 500, &status(500, "InternalError"));
             }
         });
         let started = std::time::Instant::now();

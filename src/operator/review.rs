@@ -171,8 +171,8 @@ impl Known {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{mock_client, not_found};
     use crate::operator::resources::tests::policy;
+    use crate::testing::api_server::{mock_client, not_found};
     use serde_json::{Value, json};
 
     fn tp(ns: &str, name: &str) -> TokenPolicy {

@@ -291,7 +291,7 @@ mod tests {
     //! The reviews as the API server sees them (a mock API server: each
     //! request checked, answered as Kubernetes would).
     use super::*;
-    use crate::fixtures::{api_status, mock_client};
+    use crate::testing::api_server::{api_status, mock_client};
     use serde_json::{Value, json};
 
     const TR: &str = "/apis/authentication.k8s.io/v1/tokenreviews?";

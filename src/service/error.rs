@@ -41,6 +41,8 @@ pub enum Code {
     SessionLimit,
     /// No session of the caller's with that id.
     SessionNotFound,
+    /// A back-channel logout token failed a check, or was used before.
+    InvalidLogoutToken,
     /// The admin API: a bearer token nobody (the cluster, the admin token) knows.
     AdminUnauthenticated,
     /// The admin API: the cluster's RBAC does not allow the caller this.
@@ -50,7 +52,7 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 28] = [
+    pub const ALL: [Code; 29] = [
         Code::EmptyToken,
         Code::InvalidToken,
         Code::ExpiredToken,
@@ -76,6 +78,7 @@ impl Code {
         Code::ForbiddenGroup,
         Code::SessionLimit,
         Code::SessionNotFound,
+        Code::InvalidLogoutToken,
         Code::AdminUnauthenticated,
         Code::AdminForbidden,
         Code::ReviewUnavailable,
@@ -108,6 +111,7 @@ impl Code {
             Code::ForbiddenGroup => "FORBIDDEN_GROUP",
             Code::SessionLimit => "SESSION_LIMIT",
             Code::SessionNotFound => "SESSION_NOT_FOUND",
+            Code::InvalidLogoutToken => "INVALID_LOGOUT_TOKEN",
             Code::AdminUnauthenticated => "ADMIN_UNAUTHENTICATED",
             Code::AdminForbidden => "ADMIN_FORBIDDEN",
             Code::ReviewUnavailable => "REVIEW_UNAVAILABLE",
@@ -128,9 +132,10 @@ impl Code {
             | Code::AdminForbidden => StatusCode::FORBIDDEN,
             Code::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Code::InvalidRequest | Code::InvalidRedirect | Code::InvalidState => {
-                StatusCode::BAD_REQUEST
-            }
+            Code::InvalidRequest
+            | Code::InvalidRedirect
+            | Code::InvalidState
+            | Code::InvalidLogoutToken => StatusCode::BAD_REQUEST,
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::SessionLimit => StatusCode::CONFLICT,
             Code::SessionNotFound => StatusCode::NOT_FOUND,
@@ -240,6 +245,7 @@ mod contract {
                 | ForbiddenGroup
                 | SessionLimit
                 | SessionNotFound
+                | InvalidLogoutToken
                 | AdminUnauthenticated
                 | AdminForbidden
                 | ReviewUnavailable => seen.insert(c),
@@ -247,7 +253,7 @@ mod contract {
         }
         assert_eq!(
             seen.len(),
-            28,
+            29,
             "a code is missing from Code::ALL or listed twice"
         );
     }

@@ -24,6 +24,38 @@ pub struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecheckResult {
+    pub result: String,
+}
+
+/// `tokenpolicy_oidc_recheck_total{result}`: the renewal re-checks with the
+/// identity provider (`ok`, `refused`, `unavailable`, `missing`). Counted
+/// on the renewal path only.
+pub struct Rechecks {
+    family: Family<RecheckResult, Counter>,
+}
+
+impl Rechecks {
+    const RESULTS: [&'static str; 4] = ["ok", "refused", "unavailable", "missing"];
+
+    fn new() -> Rechecks {
+        let family = Family::<RecheckResult, Counter>::default();
+        for r in Self::RESULTS {
+            let _ = family.get_or_create(&RecheckResult { result: r.into() });
+        }
+        Rechecks { family }
+    }
+
+    pub fn count(&self, result: &str) {
+        self.family
+            .get_or_create(&RecheckResult {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Route {
     pub route: String,
 }
@@ -215,6 +247,7 @@ pub struct Metrics {
     /// Requests whose last X-Forwarded-For hop was not an address (the peer
     /// address was used instead).
     pub forwarded_for_invalid: Counter,
+    pub oidc_recheck: Rechecks,
 }
 
 impl Default for Metrics {
@@ -252,7 +285,14 @@ impl Default for Metrics {
             "Requests whose last X-Forwarded-For hop was not an address; the peer address was used",
             forwarded_for_invalid.clone(),
         );
+        let oidc_recheck = Rechecks::new();
+        registry.register(
+            "oidc_recheck",
+            "Renewal re-checks with the OpenID Connect provider by result (ok, refused, unavailable, missing)",
+            oidc_recheck.family.clone(),
+        );
         Metrics {
+            oidc_recheck,
             registry,
             forwarded_for_invalid,
             logins,

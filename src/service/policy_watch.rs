@@ -95,7 +95,7 @@ mod tests {
     use super::*;
     use crate::clock::Millis;
     use crate::crd::TokenPolicySpec;
-    use crate::fixtures::{ApiServer, mock_client, not_found};
+    use crate::testing::api_server::{ApiServer, mock_client, not_found};
     use http::Response;
     use kube::client::Body;
     use serde_json::{Value, json};

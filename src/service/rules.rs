@@ -131,9 +131,14 @@ pub fn refresh_marker_ttl(c: &Claims, p: &Policy, now: Millis) -> Millis {
 /// at most 7d (the renew-limit bound) past `exp`, whatever the policy
 /// becomes later. Shorter when the session, under the bounds, ends sooner.
 pub fn revocation_ttl(c: &Claims, now: Millis) -> Millis {
+    revocation_ttl_since(c.auth_time, now)
+}
+
+/// [`revocation_ttl`] of a session that started at `auth_time` (seconds).
+pub fn revocation_ttl_since(auth_time: i64, now: Millis) -> Millis {
     use crate::policy::{RENEW_LIMIT_BOUNDS, SESSION_BOUNDS, TOKEN_BOUNDS};
     let by_tokens = ms((TOKEN_BOUNDS.1 + RENEW_LIMIT_BOUNDS.1) as i64);
-    let by_session = ms(c.auth_time.saturating_add(SESSION_BOUNDS.1 as i64)).saturating_sub(now);
+    let by_session = ms(auth_time.saturating_add(SESSION_BOUNDS.1 as i64)).saturating_sub(now);
     by_tokens.min(by_session).max(1_000)
 }
 
@@ -165,16 +170,10 @@ mod tests {
 
     fn claims(auth_time: i64, iat: i64, exp: i64) -> Claims {
         Claims {
-            iss: "i".into(),
-            aud: "a".into(),
-            sub: "alice".into(),
-            sid: "s".into(),
-            jti: "j".into(),
             iat,
             exp,
             auth_time,
-            pwv: None,
-            ..Default::default()
+            ..crate::testing::claims()
         }
     }
 

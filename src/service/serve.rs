@@ -19,6 +19,9 @@ use crate::service::http::{
 use crate::service::listen::{self, Draining, Limits};
 use crate::service::oidc::Provider;
 use crate::service::oidc::flow::Sealer;
+use crate::service::oidc::recheck::ProviderSessions;
+use crate::service::oidc::vault::Vault;
+use crate::service::store::provider::{MemoryProviderStore, ProviderStore};
 use crate::service::store::redis::RedisTls;
 use crate::service::store::{MemoryStore, OneTimeStore, RedisStore};
 use crate::service::token::{Key, KeySet};
@@ -341,6 +344,7 @@ fn oidc_login(
     args: &ServeArgs,
     policy: &Policy,
     keys: &KeySet,
+    store: Arc<dyn ProviderStore>,
 ) -> anyhow::Result<Option<Arc<OidcLogin>>> {
     let Some(config) = policy.oidc.clone() else {
         anyhow::ensure!(
@@ -379,8 +383,18 @@ fn oidc_login(
             None => "the system's certificate authorities".into(),
         })?;
     let sealer = Sealer::new(keys.signing_key().to_pem().as_bytes());
+    // The provider's refresh tokens are sealed under every key of the ring
+    // (the signing key seals): a rotation strands none (see oidc/vault.rs).
+    let pems: Vec<(String, String)> = keys
+        .keys()
+        .iter()
+        .map(|k| (k.kid().to_string(), k.to_pem()))
+        .collect();
+    let vault = Vault::new(pems.iter().map(|(kid, pem)| (kid.as_str(), pem.as_bytes())));
+    let provider = Arc::new(provider);
     Ok(Some(Arc::new(OidcLogin {
-        provider: Arc::new(provider),
+        sessions: Arc::new(ProviderSessions::new(provider.clone(), vault, store)),
+        provider,
         sealer,
     })))
 }
@@ -508,15 +522,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .or_else(|| policy.audience.clone())
         .unwrap_or_else(|| "tokenpolicy".into());
     let keys = KeySet::new(keys, &issuer, &audience)?;
-    let oidc = oidc_login(&args, &policy, &keys)?;
-    let store: Arc<dyn OneTimeStore> = match &args.redis {
-        Some(url) => Arc::new(
-            RedisStore::with_tls(url, &args.redis_prefix, &redis_tls(&args)?)?
-                .with_live_session_limit(args.session_cache_size)
-                .with_revocation_limit(args.max_cached_revocations),
+    let (store, provider_store): (Arc<dyn OneTimeStore>, Arc<dyn ProviderStore>) = match &args.redis
+    {
+        Some(url) => {
+            let redis = Arc::new(
+                RedisStore::with_tls(url, &args.redis_prefix, &redis_tls(&args)?)?
+                    .with_live_session_limit(args.session_cache_size)
+                    .with_revocation_limit(args.max_cached_revocations),
+            );
+            (redis.clone(), redis)
+        }
+        None => (
+            Arc::new(MemoryStore::new().with_revocation_limit(args.max_cached_revocations)),
+            Arc::new(MemoryProviderStore::new()),
         ),
-        None => Arc::new(MemoryStore::new().with_revocation_limit(args.max_cached_revocations)),
     };
+    let oidc = oidc_login(&args, &policy, &keys, provider_store)?;
     let leeway = leeway(&args.leeway)?;
     let window =
         parse_seconds(&args.failed_login_window).context("--failed-login-window")? as i64 * 1_000;
@@ -556,11 +577,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let login_queue = args
         .login_queue
         .unwrap_or_else(|| crate::service::hashing::HashPool::default_queue(login_threads));
-    let service = Arc::new(
-        TokenService::new(policy, users, keys, store, leeway, throttle)
-            .with_login_capacity(login_threads, login_queue)
-            .with_verified_cache(args.verified_cache_size),
-    );
+    let mut service = TokenService::new(policy, users, keys, store, leeway, throttle)
+        .with_login_capacity(login_threads, login_queue)
+        .with_verified_cache(args.verified_cache_size);
+    if let Some(o) = &oidc {
+        service = service.with_provider_check(o.sessions.clone());
+    }
+    let service = Arc::new(service);
     watch_files(service.clone(), args.policy.clone(), args.users.clone());
     if let Some(o) = &oidc {
         o.provider.start();

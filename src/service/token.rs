@@ -138,6 +138,11 @@ impl KeySet {
         &self.audience
     }
 
+    /// Every key, the signing key first.
+    pub fn keys(&self) -> &[Key] {
+        &self.keys
+    }
+
     pub fn signing_key(&self) -> &Key {
         &self.keys[0]
     }

@@ -20,6 +20,7 @@ use crate::service::users::Users;
 
 pub mod admin;
 mod login;
+pub mod provider;
 pub mod sessions;
 use crate::service::verified::Verified;
 
@@ -161,6 +162,9 @@ pub struct TokenService {
     /// Tokens whose signature verified already (see `verified.rs`).
     verified: Verified,
     pub metrics: Metrics,
+    /// Asks the identity provider at each renewal of its sessions
+    /// (`recheckOnRenew`; see `tokens/provider.rs`).
+    provider_check: Option<Arc<dyn provider::ProviderCheck>>,
 }
 
 fn invalid(e: TokenError) -> ApiError {
@@ -188,6 +192,7 @@ impl TokenService {
             hashing: HashPool::new(threads, HashPool::default_queue(threads)),
             verified: Verified::default(),
             metrics: Metrics::default(),
+            provider_check: None,
         }
     }
 
@@ -474,6 +479,11 @@ impl TokenService {
                 }
             },
         };
+        if outcome == "issued" {
+            // Once per renewal, by the renewal that won the claim.
+            self.recheck_with_provider(old, session_end, policy, now)
+                .await?;
+        }
         let claims = Claims {
             jti: record.jti,
             iat: record.iat,
@@ -630,6 +640,7 @@ mod tests {
     use super::*;
     use crate::service::store::MemoryStore;
     use crate::service::token::Key;
+    use crate::testing;
 
     const T0: Millis = 1_800_000_000_000;
 
@@ -639,16 +650,11 @@ mod tests {
 
     fn service_with_leeway(policy: Policy, leeway: Millis) -> (TokenService, String) {
         let hash = bcrypt::hash("pw", 4).unwrap();
-        let users = Users::parse(&format!("alice:{hash}\n"), "test").unwrap();
-        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
-        let s = TokenService::new(
-            policy,
-            users,
-            keys,
-            Arc::new(MemoryStore::new()),
-            leeway,
-            Throttle::default(),
-        );
+        let s = testing::service()
+            .policy(policy)
+            .users(testing::users(&format!("alice:{hash}\n")))
+            .leeway(leeway)
+            .build();
         (s, hash)
     }
 
@@ -774,18 +780,12 @@ mod tests {
     /// far); a login after that works.
     #[tokio::test]
     async fn logouts_past_the_revocation_bound_stay_revoked() {
-        let hash = bcrypt::hash("pw", 4).unwrap();
-        let users = Users::parse(&format!("alice:{hash}\nbob:{hash}\n"), "test").unwrap();
-        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
+        let lines = testing::user_line("alice", "pw") + &testing::user_line("bob", "pw");
         let store = Arc::new(MemoryStore::new().with_revocation_limit(3));
-        let s = TokenService::new(
-            Policy::default(),
-            users,
-            keys,
-            store.clone(),
-            0,
-            Throttle::default(),
-        );
+        let s = testing::service()
+            .users(testing::users(&lines))
+            .store(store.clone())
+            .build();
         let bob = s.login("bob", "pw", None, || T0).await.unwrap();
         let mut out = Vec::new();
         for i in 0..12 {
@@ -930,20 +930,12 @@ mod tests {
         let key = Key::generate().to_pem();
         let store: Arc<dyn OneTimeStore> = Arc::new(MemoryStore::new());
         let replica = || {
-            let keys = KeySet::new(
-                vec![Key::from_pem(&key, "k").unwrap()],
-                "tokenpolicy",
-                "tokenpolicy",
-            )
-            .unwrap();
-            TokenService::new(
-                short(),
-                users(format!("alice:{hash}\n")),
-                keys,
-                store.clone(),
-                0,
-                Throttle::default(),
-            )
+            testing::service()
+                .policy(short())
+                .users(users(format!("alice:{hash}\n")))
+                .keys(testing::keys_of(vec![Key::from_pem(&key, "k").unwrap()]))
+                .store(store.clone())
+                .build()
         };
         let (a, b) = (replica(), replica());
         let t = a.login("alice", "pw", None, || T0).await.unwrap();
@@ -1002,20 +994,7 @@ pub(crate) mod tests_support {
 
     /// A service with no users, the default policy and an in-process store.
     pub fn service() -> TokenService {
-        let keys = KeySet::new(
-            vec![crate::service::token::Key::generate()],
-            "tokenpolicy",
-            "tokenpolicy",
-        )
-        .expect("one key");
-        TokenService::new(
-            Policy::default(),
-            Users::default(),
-            keys,
-            Arc::new(crate::service::store::MemoryStore::new()),
-            0,
-            Throttle::default(),
-        )
+        crate::testing::service().build()
     }
 }
 

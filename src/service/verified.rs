@@ -97,18 +97,7 @@ mod tests {
     const T0: i64 = 1_800_000_000;
 
     fn claims() -> Claims {
-        Claims {
-            iss: "i".into(),
-            aud: "a".into(),
-            sub: "alice".into(),
-            sid: "s".into(),
-            jti: "j".into(),
-            iat: T0,
-            exp: T0 + 60,
-            auth_time: T0,
-            pwv: None,
-            ..Default::default()
-        }
+        crate::testing::claims_at(T0)
     }
 
     fn policy() -> Policy {

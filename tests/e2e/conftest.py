@@ -14,21 +14,30 @@ Environment:
 
 from __future__ import annotations
 
-import atexit
 import base64
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import pytest
 import requests
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from support.procs import (  # noqa: E402  (tests/ is put on the path first)
+    Process as Proc,
+    binary_path,
+    child_env,
+    free_port,
+    wait_until,
+)
+
+__all__ = ["Proc", "binary_path", "child_env", "free_port", "wait_until"]
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "tokenpolicy"
@@ -43,20 +52,6 @@ CRD = "tokenpolicies.auth.tokenpolicy.io"
 DEMO_USER, DEMO_PASSWORD = "demo", "demo-password"
 
 
-def binary_path() -> Path:
-    env = os.environ.get("TOKENPOLICY_BIN")
-    if env:
-        return Path(env)
-    target = os.environ.get("CARGO_TARGET_DIR") or "/var/tmp/tokenpolicy-target"
-    return Path(target) / "debug" / "tokenpolicy"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # A request the API server refused for want of permission, as kube-rs logs
 # it ("... is forbidden: ...", reason Forbidden, code 403). Not a bare
 # "403": request logs carry numbers such as micros=403.
@@ -66,22 +61,6 @@ _REFUSED = re.compile(r"forbidden|code: 403\b", re.IGNORECASE)
 def refusals(log: str) -> list[str]:
     """The log lines that record a request refused by RBAC."""
     return [line for line in log.splitlines() if _REFUSED.search(line)]
-
-
-def wait_until(what: str, fn: Callable[[], object], timeout: float, every: float = 0.25):
-    """Calls fn until it returns something truthy; fails with `what`."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = fn()
-            if last:
-                return last
-        except Exception as e:  # a transient error counts as not yet
-            last = e
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(every)
 
 
 # --------------------------------------------------------------------------
@@ -179,53 +158,6 @@ def secret_data(secret: dict) -> dict[str, bytes]:
 # Processes
 # --------------------------------------------------------------------------
 
-_PROCS: list["Proc"] = []
-atexit.register(lambda: [p.stop(2) for p in list(_PROCS)])
-
-
-class Proc:
-    """A local process; stdout+stderr appended to a log file."""
-
-    def __init__(self, name: str, argv: list[str], log: Path, env: dict):
-        self.name, self.argv, self.log, self.env = name, argv, log, env
-        self.p: Optional[subprocess.Popen] = None
-        _PROCS.append(self)
-
-    def start(self) -> "Proc":
-        with open(self.log, "ab") as f:
-            f.write(f"\n===== start {time.strftime('%H:%M:%S')}: {' '.join(self.argv)}\n".encode())
-            f.flush()
-            self.p = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=f,
-                                      stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
-        return self
-
-    def running(self) -> bool:
-        return self.p is not None and self.p.poll() is None
-
-    def stop(self, timeout: float = 10, sig: int = signal.SIGTERM) -> None:
-        if self.p is None or self.p.poll() is not None:
-            return
-        self.p.send_signal(sig)
-        try:
-            self.p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait(timeout=timeout)
-
-    def text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-
-def child_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENPOLICY_")}
-    env.update(RUST_LOG="info,tokenpolicy=debug", NO_COLOR="1", RUST_BACKTRACE="1")
-    env.update(extra)
-    return env
-
-
 def chart_network_policy() -> str:
     """The chart's default tokenService.networkPolicy, as the chart hands it
     to the operator (TOKENPOLICY_NETWORK_POLICY)."""
@@ -251,8 +183,7 @@ class Operator(Proc):
         return self
 
     def _up(self) -> bool:
-        if not self.running():
-            raise AssertionError(f"operator {self.name} exited:\n{self.text()[-3000:]}")
+        self.check_running()
         return requests.get(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=2).ok
 
     def reconciles(self) -> int:
@@ -278,8 +209,7 @@ class TokenService(Proc):
         super().start()
 
         def up():
-            if not self.running():
-                raise AssertionError(f"{self.name} exited:\n{self.text()[-3000:]}")
+            self.check_running()
             return requests.get(self.url + "/readyz", timeout=2).ok
         wait_until(f"{self.name} ready", up, 30, 0.1)
         return self

@@ -21,12 +21,11 @@ Environment:
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
-import signal
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,9 +34,21 @@ from typing import Optional
 
 import bcrypt
 import pytest
-import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from support.procs import (  # noqa: E402  (tests/ is put on the path first)
+    _ALL as _ALL_PROCS,
+    Process as ManagedProcess,
+    binary_path,
+    child_env,
+    free_port,
+    wait_http,
+    wait_until,
+)
+
+__all__ = ["ManagedProcess", "binary_path", "child_env", "free_port", "wait_http", "wait_until"]
 
 # --------------------------------------------------------------------------
 # Constants shared with the tests
@@ -67,127 +78,11 @@ HTTP_TIMEOUT = 10.0
 # --------------------------------------------------------------------------
 
 
-def binary_path() -> Path:
-    env = os.environ.get("TOKENPOLICY_BIN")
-    if env:
-        return Path(env)
-    target = os.environ.get("CARGO_TARGET_DIR") or "/var/tmp/tokenpolicy-target"
-    return Path(target) / "debug" / "tokenpolicy"
-
-
 def redis_server_path() -> str:
     env = os.environ.get("REDIS_SERVER")
     if env:
         return env
     return shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env() -> dict:
-    """The environment for child processes: ours minus any TOKENPOLICY_*
-    setting (every serve flag can come from one, and a stray value would
-    change what is under test)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENPOLICY_")}
-    env.setdefault("RUST_LOG", "info,tokenpolicy=debug")
-    env.setdefault("RUST_BACKTRACE", "1")
-    env.setdefault("NO_COLOR", "1")
-    return env
-
-
-# --------------------------------------------------------------------------
-# Process bookkeeping (for cleanup and for failure reports)
-# --------------------------------------------------------------------------
-
-_ALL_PROCS: list["ManagedProcess"] = []
-
-
-def _kill_all_at_exit() -> None:
-    for p in list(_ALL_PROCS):
-        try:
-            p.stop(timeout=2.0)
-        except Exception:
-            pass
-
-
-atexit.register(_kill_all_at_exit)
-
-
-class ManagedProcess:
-    """A child process whose stdout+stderr go to a log file."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: Optional[dict] = None):
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        self.env = env if env is not None else child_env()
-        self.proc: Optional[subprocess.Popen] = None
-        self.started_at = 0.0
-        _ALL_PROCS.append(self)
-
-    def start(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None, f"{self.name} already running"
-        log = open(self.log_path, "ab")
-        log.write(f"\n===== start {time.strftime('%H:%M:%S')}: {' '.join(self.argv)}\n".encode())
-        log.flush()
-        self.started_at = time.monotonic()
-        try:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
-
-    @property
-    def pid(self) -> Optional[int]:
-        return self.proc.pid if self.proc else None
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 5.0, sig: int = signal.SIGTERM) -> None:
-        p = self.proc
-        if p is None:
-            return
-        if p.poll() is None:
-            try:
-                p.send_signal(sig)
-                p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                try:
-                    p.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    pass
-            except ProcessLookupError:
-                pass
-
-    def log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except OSError:
-            return 0
-
-    def log_text(self, offset: int = 0, limit: int = 12000) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                data = f.read()
-        except OSError as e:
-            return f"<cannot read {self.log_path}: {e}>"
-        text = data.decode("utf-8", "replace")
-        if len(text) > limit:
-            text = f"... [{len(text) - limit} chars cut] ...\n" + text[-limit:]
-        return text
 
 
 # --------------------------------------------------------------------------
@@ -224,14 +119,12 @@ class Redis(ManagedProcess):
 
     def start_and_wait(self, timeout: float = 10.0) -> "Redis":
         self.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.running():
-                raise RuntimeError(f"redis-server exited early:\n{self.log_text()}")
-            if self.ping():
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server not answering PING after {timeout}s:\n{self.log_text()}")
+
+        def answers() -> bool:
+            self.check_running()
+            return self.ping()
+        wait_until(f"{self.name} to answer PING", answers, timeout, 0.05)
+        return self
 
 
 def wait_for_redis_binary(timeout: float = 60.0) -> str:
@@ -308,23 +201,10 @@ class Server(ManagedProcess):
         return self
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> "Server":
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if not self.running():
-                raise RuntimeError(
-                    f"{self.name} exited with {self.proc.returncode} before ready:\n{self.log_text()}")
-            try:
-                # `Connection: close`: no connection of ours lingers in the
-                # server's per-client count.
-                r = requests.get(self.url + "/readyz", timeout=1.0, headers={"Connection": "close"})
-                if r.status_code == 200:
-                    return self
-                last = f"{r.status_code} {r.text[:200]!r}"
-            except requests.RequestException as e:
-                last = repr(e)
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.name} not ready after {timeout}s (last: {last}):\n{self.log_text()}")
+        # `Connection: close`: no connection of ours lingers in the
+        # server's per-client count.
+        wait_http(self.url + "/readyz", self, timeout, headers={"Connection": "close"}, every=0.1)
+        return self
 
 
 @dataclass

@@ -19,18 +19,19 @@ import html
 import json
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
-import requests
 
-from conftest import binary_path, free_port
+from conftest import binary_path, child_env, free_port
+from support.procs import Process as Proc
+from support.procs import log_tail as read_tail
+from support.procs import wait_http
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE.parent / "nginx" / "ingress-nginx.conf.template"
@@ -39,7 +40,7 @@ HOST = "127.0.0.1"
 COOKIE = "tokenpolicy"
 #: The annotation values of the Ingresses the template models.
 AUTH_RESPONSE_HEADERS = ["X-Auth-Request-User", "X-Auth-Request-Session", "Remote-User",
-                         "X-Auth-Request-Email"]
+                         "X-Auth-Request-Email", "X-Auth-Request-Groups"]
 #: Paths of the Ingresses (after ingress-nginx's Prefix normalisation).
 APP_PATH = "/app/"   # auth-url + auth-response-headers + auth-signin
 API_PATH = "/api/"   # auth-url + auth-response-headers
@@ -54,13 +55,6 @@ def nginx_path() -> str:
     return os.environ.get("NGINX") or shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-
-
-def child_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENPOLICY_")}
-    env.setdefault("RUST_LOG", "info,tokenpolicy=debug")
-    env.setdefault("NO_COLOR", "1")
-    return env
 
 
 def jwt_claims(token: str) -> dict:
@@ -97,73 +91,11 @@ def signin_location(path: str, signin_url: str) -> str:
 # --------------------------------------------------------------------------
 
 
-class Proc:
-    """A child process with stdout+stderr in a log file."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: Optional[dict] = None):
-        self.name, self.argv, self.log_path = name, argv, log_path
-        self.env = env if env is not None else child_env()
-        self.proc: Optional[subprocess.Popen] = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            log.write(f"===== {' '.join(self.argv)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=self.env,
-                                         start_new_session=True)
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 5.0) -> None:
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        try:
-            p.send_signal(signal.SIGTERM)
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=timeout)
-        except ProcessLookupError:
-            pass
-
-
-def read_tail(path: Path, offset: int = 0, limit: int = 8000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode("utf-8", "replace")
-    except OSError as e:
-        return f"<cannot read {path}: {e}>"
-    if len(text) > limit:
-        text = f"... [{len(text) - limit} chars cut] ...\n" + text[-limit:]
-    return text or "<empty>"
-
-
 def size_of(path: Path) -> int:
     try:
         return path.stat().st_size
     except OSError:
         return 0
-
-
-def wait_http(url: str, proc: Proc, log: Path, timeout: float = READY_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if not proc.running():
-            raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}:\n{read_tail(log)}")
-        try:
-            r = requests.get(url, timeout=1.0)
-            if r.status_code == 200:
-                return
-            last = f"{r.status_code} {r.text[:200]!r}"
-        except requests.RequestException as e:
-            last = repr(e)
-        time.sleep(0.05)
-    raise RuntimeError(f"{proc.name} not ready at {url} after {timeout}s (last: {last}):\n{read_tail(log)}")
 
 
 # --------------------------------------------------------------------------
@@ -174,7 +106,7 @@ def wait_http(url: str, proc: Proc, log: Path, timeout: float = READY_TIMEOUT) -
 class _EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     ECHOED = ["X-Auth-Request-User", "X-Auth-Request-Session", "Remote-User", "X-Auth-Request-Email",
-              "Authorization", "Cookie", "Host", "X-Forwarded-Host", "X-Forwarded-For"]
+              "X-Auth-Request-Groups", "Authorization", "Cookie", "Host", "X-Forwarded-Host", "X-Forwarded-For"]
 
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -341,9 +273,14 @@ class Stack:
         return "\n".join(parts)
 
 
-def start_stack(workdir: Path, username: str = "carol", password: str = "carol-password") -> Stack:
+def start_stack(workdir: Path, username: str = "carol", password: str = "carol-password",
+                policy_yaml: Optional[Callable[[str], str]] = None,
+                extra_args: Sequence[str] = ()) -> Stack:
     """tokenpolicy serve (in-process store), the echo upstream and nginx;
-    each waited for. The caller stops it with stop_stack()."""
+    each waited for. The caller stops it with stop_stack().
+
+    ``policy_yaml``: given the ingress URL, the policy file's text (default:
+    POLICY's times); ``extra_args``: more ``tokenpolicy serve`` flags."""
     binary = binary_path()
     if not os.access(binary, os.X_OK):
         raise RuntimeError(f"tokenpolicy binary not found at {binary} (set TOKENPOLICY_BIN)")
@@ -369,6 +306,8 @@ def start_stack(workdir: Path, username: str = "carol", password: str = "carol-p
         "cookie: {secure: false}}\n")
 
     service_port, nginx_port = free_port(), free_port()
+    if policy_yaml is not None:
+        policy.write_text(policy_yaml(f"http://{HOST}:{nginx_port}"))
     service_log = workdir / "tokenpolicy.log"
     service = Proc("tokenpolicy", [
         str(binary), "serve",
@@ -381,6 +320,7 @@ def start_stack(workdir: Path, username: str = "carol", password: str = "carol-p
         # No --signin-url: with ingress-nginx, `auth-signin` does the
         # redirect; the auth answer must stay 200/401 (auth_request turns
         # anything else into a 500).
+        *extra_args,
     ], service_log)
     echo = EchoUpstream().start()
     prefix = workdir / "nginx"
@@ -402,8 +342,8 @@ def start_stack(workdir: Path, username: str = "carol", password: str = "carol-p
         if check.returncode != 0:
             raise RuntimeError(f"nginx -t rejected {conf}:\n{check.stderr.decode(errors='replace')}")
         ngx.start()
-        wait_http(f"{stack.service_url}/readyz", service, service_log)
-        wait_http(f"{stack.url}/healthz", ngx, prefix / "error.log")
+        wait_http(f"{stack.service_url}/readyz", service, READY_TIMEOUT)
+        wait_http(f"{stack.url}/healthz", ngx, READY_TIMEOUT, log=prefix / "error.log")
     except BaseException as e:
         report = stack.report()
         stop_stack(stack)

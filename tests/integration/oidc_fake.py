@@ -32,6 +32,14 @@ CLIENT_SECRET = "s3cret-for-tests-only"
 MODES = ("good", "wrong_iss", "wrong_aud", "wrong_nonce", "expired", "alg_none",
          "hs256_pubkey", "unknown_kid")
 
+#: Each way to mint a bad back-channel logout token (one rule broken at a
+#: time); "good" mints a good one.
+LOGOUT_MODES = ("good", "wrong_iss", "wrong_aud", "iat_future", "iat_old", "expired",
+                "no_events", "other_event", "with_nonce", "no_sid_no_sub", "no_jti",
+                "alg_none", "hs256_pubkey", "unknown_kid", "other_key", "tampered")
+
+LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
+
 
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
@@ -49,6 +57,12 @@ class Fake:
         self.used: set = set()
         self.jwks_fetches = 0
         self.token_requests = 0
+        #: refresh_token grants seen, and what to answer them: None (a new
+        #: refresh token), or an OAuth error code such as "invalid_grant".
+        self.refresh_grants: list[str] = []
+        self.refresh_answer: str | None = None
+        #: every refresh token handed out, in order
+        self.refresh_tokens: list[str] = []
         self.server = None
         self.thread = None
 
@@ -117,6 +131,68 @@ class Fake:
         sig = self.key.sign(signed.encode(), padding.PKCS1v15(), hashes.SHA256())
         return signed + "." + b64(sig)
 
+    def new_refresh_token(self) -> str:
+        rt = "rt-" + secrets.token_urlsafe(24)
+        self.refresh_tokens.append(rt)
+        return rt
+
+    def sign(self, header: dict, claims: dict, key=None) -> str:
+        signed = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+        sig = (key or self.key).sign(signed.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return signed + "." + b64(sig)
+
+    def logout_token(self, mode: str = "good", sid: str | None = None,
+                     sub: str | None = "fake-sub-1", jti: str | None = None) -> str:
+        """A back-channel logout token, wrong in the one way `mode` says."""
+        now = int(time.time())
+        claims = {"iss": self.issuer, "aud": CLIENT_ID, "iat": now, "exp": now + 120,
+                  "jti": jti or secrets.token_urlsafe(12), "events": {LOGOUT_EVENT: {}}}
+        if sub is not None:
+            claims["sub"] = sub
+        if sid is not None:
+            claims["sid"] = sid
+        header = {"alg": "RS256", "typ": "logout+jwt", "kid": self.kid}
+        if mode == "wrong_iss":
+            claims["iss"] = "http://127.0.0.1:1/other"
+        elif mode == "wrong_aud":
+            claims["aud"] = "another-client"
+        elif mode == "iat_future":
+            claims["iat"] = now + 600
+        elif mode == "iat_old":
+            claims["iat"], claims["exp"] = now - 3600, now + 120
+        elif mode == "expired":
+            claims["exp"] = now - 300
+        elif mode == "no_events":
+            del claims["events"]
+        elif mode == "other_event":
+            claims["events"] = {"http://schemas.openid.net/event/other": {}}
+        elif mode == "with_nonce":
+            claims["nonce"] = "n-1"
+        elif mode == "no_sid_no_sub":
+            claims.pop("sid", None)
+            claims.pop("sub", None)
+        elif mode == "no_jti":
+            del claims["jti"]
+        elif mode == "unknown_kid":
+            header["kid"] = "forged-" + secrets.token_hex(4)
+        if mode == "alg_none":
+            return f"{b64(json.dumps({'alg': 'none'}).encode())}.{b64(json.dumps(claims).encode())}."
+        if mode == "hs256_pubkey":
+            header = {"alg": "HS256", "kid": self.kid}
+            signed = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+            pem = self.key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            return signed + "." + b64(hmac.new(pem, signed.encode(), hashlib.sha256).digest())
+        if mode == "other_key":
+            other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            return self.sign(header, claims, other)
+        token = self.sign(header, claims)
+        if mode == "tampered":
+            h, _, sig = token.split(".")
+            claims["sub"] = "someone-else"
+            return f"{h}.{b64(json.dumps(claims).encode())}.{sig}"
+        return token
+
     # -- HTTP -------------------------------------------------------------
     @staticmethod
     def send(h, status: int, body=None, headers=()):
@@ -169,6 +245,13 @@ class Fake:
         expected = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
         if auth != expected:
             return self.send(h, 401, {"error": "invalid_client"})
+        if form.get("grant_type") == "refresh_token":
+            self.refresh_grants.append(form.get("refresh_token", ""))
+            if self.refresh_answer:
+                return self.send(h, 400, {"error": self.refresh_answer})
+            return self.send(h, 200, {"access_token": secrets.token_urlsafe(16),
+                                      "token_type": "Bearer", "expires_in": 300,
+                                      "refresh_token": self.new_refresh_token()})
         code = form.get("code", "")
         if form.get("grant_type") != "authorization_code" or code not in self.codes or code in self.used:
             return self.send(h, 400, {"error": "invalid_grant"})
@@ -180,4 +263,5 @@ class Fake:
             return self.send(h, 400, {"error": "invalid_grant"})
         self.used.add(code)
         self.send(h, 200, {"access_token": secrets.token_urlsafe(16), "token_type": "Bearer",
-                           "expires_in": 300, "id_token": self.id_token(nonce)})
+                           "expires_in": 300, "id_token": self.id_token(nonce),
+                           "refresh_token": self.new_refresh_token()})

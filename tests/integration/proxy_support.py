@@ -25,12 +25,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
-import requests
 
 from conftest import binary_path, free_port
 from nginx_support import (
@@ -224,33 +222,16 @@ def _start_generic(name: str, workdir: Path, username: str, password: str,
     try:
         service.start()
         proxy.start()
-        wait_http(f"{stack.service_url}/readyz", service, service_log)
+        wait_http(f"{stack.service_url}/readyz", service)
         # Routes are loaded when the sign-in page answers through the proxy
         # and the application is guarded (401, not 404).
-        wait_http(f"{url}/v1/login", proxy, proxy_log)
-        wait_http_status(f"{url}/api/ready", 401, proxy, proxy_log)
+        wait_http(f"{url}/v1/login", proxy)
+        wait_http(f"{url}/api/ready", proxy, status=401, headers={"Accept": "application/json"})
     except BaseException as e:
         report = stack.report()
         stop()
         raise RuntimeError(f"{name} forward-auth stack did not start: {e}\n{report}") from e
     return stack
-
-
-def wait_http_status(url: str, status: int, proc: Proc, log: Path, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if not proc.running():
-            raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}:\n{read_tail(log)}")
-        try:
-            r = requests.get(url, timeout=1.0, headers={"Accept": "application/json"})
-            if r.status_code == status:
-                return
-            last = f"{r.status_code} {r.text[:200]!r}"
-        except requests.RequestException as e:
-            last = repr(e)
-        time.sleep(0.05)
-    raise RuntimeError(f"{proc.name}: {url} did not answer {status} after {timeout}s (last: {last})")
 
 
 def start_proxy_stack(name: str, workdir: Path, username: str = "carol",

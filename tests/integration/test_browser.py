@@ -11,6 +11,11 @@ signs out with the app's button, and is told it signed out. With
 JavaScript off, in a 390x844 viewport. Screenshots go to
 $BROWSER_SCREENSHOTS (default /var/tmp/tokenpolicy-browser/screenshots).
 
+The account page (tests/browser/account-flow.mjs): two browsers sign in as
+one user; one sees both sessions at /v1/account, signs the other out (whose
+cookie is refused from then on) and signs out everywhere. Its screenshot at
+phone width is docs/src/images/account.png.
+
 Needs: chromium (apt), node, and `npm ci --prefix tests/browser`
 (tests/run.sh does both).
 """
@@ -21,17 +26,15 @@ import json
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from nginx_support import POLICY
+from browser_support import BROWSER_DIR, CHROMIUM, SHOTS, run_browser_script
+from nginx_support import POLICY, start_stack, stop_stack
 from proxy_support import start_proxy_stack
 
-BROWSER_DIR = Path(__file__).resolve().parent.parent / "browser"
 SCRIPT = BROWSER_DIR / "signin-flow.mjs"
-SHOTS = Path(os.environ.get("BROWSER_SCREENSHOTS", "/var/tmp/tokenpolicy-browser/screenshots"))
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+ACCOUNT_SCRIPT = BROWSER_DIR / "account-flow.mjs"
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +44,30 @@ def nginx_stack(tmp_path_factory):
         yield st
     finally:
         st.stop()
+
+
+def account_policy(ingress_url: str) -> str:
+    # Long enough for the whole flow: no session or token runs out during it.
+    return ("apiVersion: auth.tokenpolicy.io/v1alpha1\n"
+            "kind: TokenPolicy\n"
+            "metadata: {name: account-page}\n"
+            "spec: {sessionExpirationTime: 1h, tokenExpirationTime: 10m, "
+            "expiredTokenRenewLimit: 5m, cookie: {secure: false}}\n")
+
+
+def test_a_person_sees_their_sessions_and_signs_one_out_and_then_all(tmp_path):
+    st = start_stack(tmp_path, username="dora", password="dora-password", policy_yaml=account_policy)
+    try:
+        shots = SHOTS / "account"
+        for old in shots.glob("*.png"):
+            old.unlink()
+        text = run_browser_script(ACCOUNT_SCRIPT, {
+            "BASE": st.url, "USERNAME": st.username, "PASSWORD": st.password, "SHOTS": str(shots),
+        }, st)
+        assert (shots / "account.png").is_file()
+        print(text)
+    finally:
+        stop_stack(st)
 
 
 def test_a_person_in_a_browser_signs_in_keeps_working_and_is_told_why_they_must_sign_in_again(nginx_stack):

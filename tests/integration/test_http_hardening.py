@@ -586,31 +586,10 @@ def plain(env, servers):
     return srv
 
 
-def test_cross_site_form_login_and_text_plain_json_are_refused(plain):
-    form = {"username": "alice", "password": "alice-password", "rd": "/"}
-    r = requests.post(plain.url + "/v1/login", data=form, headers={"Origin": "https://evil.example"},
-                      allow_redirects=False, timeout=HTTP_TIMEOUT)
-    assert r.status_code == 403 and r.json()["error"]["code"] == "CSRF_REJECTED"
-    assert "set-cookie" not in r.headers
-    r = requests.post(plain.url + "/v1/login", data=b'{"username":"alice","password":"alice-password"}',
-                      headers={"Content-Type": "text/plain"}, timeout=HTTP_TIMEOUT)
-    assert r.status_code == 415 and r.json()["error"]["code"] == "UNSUPPORTED_MEDIA_TYPE"
-
-
-def test_cross_site_cookie_logout_is_refused(plain):
-    t = requests.post(plain.url + "/v1/login", json={"username": "alice", "password": "alice-password"},
-                      timeout=HTTP_TIMEOUT).json()["access_token"]
-    r = requests.post(plain.url + "/v1/logout", headers={"Cookie": f"__Host-tokenpolicy={t}",
-                                                         "Sec-Fetch-Site": "cross-site"}, timeout=HTTP_TIMEOUT)
-    assert r.status_code == 403 and r.json()["error"]["code"] == "CSRF_REJECTED"
-    r = requests.get(plain.url + "/v1/verify", headers={"Authorization": f"Bearer {t}"}, timeout=HTTP_TIMEOUT)
-    assert r.status_code == 200
-
-
-def test_spoofed_forwarded_host_does_not_open_redirects(plain):
-    r = requests.get(plain.url + "/v1/login", params={"rd": "https://evil.example/"},
-                     headers={"X-Forwarded-Host": "evil.example"}, timeout=HTTP_TIMEOUT)
-    assert r.status_code == 400 and r.json()["error"]["code"] == "INVALID_REDIRECT"
+# Cross-site form logins, text/plain JSON, cross-site cookie logouts and a
+# spoofed X-Forwarded-Host are refused by the router itself: its tests in
+# src/service/http/tests.rs cover them. What needs a real server stays here:
+# raw header bytes through hyper, addresses, and metrics.
 
 
 def test_foreign_non_ascii_cookie_is_skipped(plain):

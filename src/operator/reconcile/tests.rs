@@ -5,9 +5,9 @@
 //! call finds no answer and fails the reconcile.
 use super::*;
 use crate::crd::TokenPolicyStatus;
-use crate::fixtures::{ApiServer, mock_client, not_found};
 use crate::operator::resources::tests::policy;
 use crate::service::token::Key;
+use crate::testing::api_server::{ApiServer, mock_client, not_found};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use serde_json::{Value, json};
 

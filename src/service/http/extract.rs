@@ -195,8 +195,8 @@ mod tests {
     use axum::http::HeaderName;
 
     use super::*;
-    use crate::fixtures::headers;
     use crate::service::http::HttpConfig;
+    use crate::testing::api_server::headers;
 
     #[tokio::test]
     async fn token_sources_in_order() {

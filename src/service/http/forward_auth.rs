@@ -198,7 +198,7 @@ fn url_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::headers;
+    use crate::testing::api_server::headers;
 
     #[test]
     fn streams_and_browsers() {

@@ -4,6 +4,8 @@
 //!
 //! `extract` reads the token, the client address and login credentials;
 //! `signin` holds login, the sign-in page and safe redirects;
+//! `account` the account page (the caller's sessions); `page` the pages'
+//! templates;
 //! `forward_auth` is `/v1/verify`.
 
 use std::sync::Arc;
@@ -84,12 +86,15 @@ pub struct App {
 
 type Shared = State<Arc<App>>;
 
+mod account;
 mod admin;
+mod backchannel;
 mod extract;
 mod forward_auth;
 mod notice;
 pub mod oidc;
 mod origin;
+mod page;
 mod sessions;
 mod signin;
 #[cfg(test)]
@@ -129,6 +134,12 @@ fn public_routes() -> Router<Arc<App>> {
         .route("/v1/logout", post(logout))
         .route("/v1/sessions", get(sessions::list))
         .route("/v1/sessions/{sid}", delete(sessions::end_one))
+        .route("/v1/account", get(account::page))
+        .route("/v1/account/sessions/{sid}/end", post(account::end))
+        .route(
+            "/v1/account/logout-everywhere",
+            post(account::logout_everywhere),
+        )
         .route(
             "/v1/admin/sessions",
             get(admin::list).delete(admin::end_user),
@@ -136,6 +147,10 @@ fn public_routes() -> Router<Arc<App>> {
         .route("/v1/admin/sessions/{sid}", delete(admin::end_one))
         .route("/v1/oidc/login", get(oidc::oidc_login))
         .route("/v1/oidc/callback", get(oidc::oidc_callback))
+        .route(
+            "/v1/oidc/backchannel-logout",
+            post(backchannel::backchannel_logout),
+        )
         .merge(forward_auth_routes())
         .route("/.well-known/jwks.json", get(jwks))
 }

@@ -138,7 +138,9 @@ mod http_tests {
         let (status, body) = page(test_app(), "/v1/login?reason=%3Cb%3Ehi", None).await;
         assert_eq!(status, StatusCode::OK);
         assert!(
-            !body.contains("<b>hi") && !body.contains("&lt;b&gt;hi"),
+            !body.contains("<b>hi")
+                && !body.contains("&lt;b&gt;hi")
+                && !body.contains("&#60;b&#62;hi"),
             "{body}"
         );
         assert!(!body.contains(expired) && !body.contains(out), "{body}");
@@ -153,14 +155,7 @@ mod http_tests {
             keys.sign(&crate::service::token::Claims {
                 iss: keys.issuer().into(),
                 aud: keys.audience().into(),
-                sub: "alice".into(),
-                sid: "s1".into(),
-                jti: "j1".into(),
-                iat: auth_time,
-                exp: auth_time + 60,
-                auth_time,
-                pwv: None,
-                ..Default::default()
+                ..crate::testing::claims_at(auth_time)
             })
         };
         // Logged in ten days ago: the default 8 h session is over.
@@ -191,14 +186,8 @@ mod http_tests {
         let token = keys.sign(&crate::service::token::Claims {
             iss: keys.issuer().into(),
             aud: keys.audience().into(),
-            sub: "alice".into(),
-            sid: "s2".into(),
-            jti: "j2".into(),
-            iat: now,
-            exp: now + 60,
-            auth_time: now,
-            pwv: None,
-            ..Default::default()
+            sid: "sid-2".into(),
+            ..crate::testing::claims_at(now)
         });
         let logout = |form: bool| {
             let mut req = Request::builder()

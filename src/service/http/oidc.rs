@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::Extension;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::extract::{client_ip, cookies, user_agent};
@@ -15,14 +15,17 @@ use super::{Shared, safe_redirect, set_cookie};
 use crate::clock::now_millis;
 use crate::service::error::{ApiError, Code};
 use crate::service::oidc::flow::{self, FLOW_TTL_SECS, Flow, Sealer};
+use crate::service::oidc::recheck::{ProviderSessions, Started};
 use crate::service::oidc::{ExchangeError, Provider, Refusal};
 use crate::service::store::Take;
 use crate::service::tokens::Client;
 
-/// The provider and the key that seals flow cookies.
+/// The provider, the key that seals flow cookies, and what is kept of
+/// the provider's side of each session.
 pub struct OidcLogin {
     pub provider: Arc<Provider>,
     pub sealer: Sealer,
+    pub sessions: Arc<ProviderSessions>,
 }
 
 impl std::fmt::Debug for OidcLogin {
@@ -188,7 +191,7 @@ async fn callback(
         .code
         .filter(|c| !c.is_empty() && c.len() <= 4_096)
         .ok_or_else(|| ApiError::new(Code::InvalidRequest, "the callback has no code"))?;
-    let id_token = oidc
+    let exchanged = oidc
         .provider
         .exchange(&code, &flow.verifier)
         .await
@@ -201,7 +204,7 @@ async fn callback(
         })?;
     let claims = oidc
         .provider
-        .validate(&id_token, &flow.nonce, now)
+        .validate(&exchanged.id_token, &flow.nonce, now)
         .await
         .map_err(|e| ApiError::new(Code::InvalidIdToken, e.to_string()))?;
     let start = oidc.provider.identity(&claims).map_err(|e| match e {
@@ -212,10 +215,31 @@ async fn callback(
         addr: client_ip(app, headers, peer.map(|c| c.0.0)),
         user_agent: user_agent(headers),
     };
+    let provider_sid = claims
+        .get("sid")
+        .and_then(serde_json::Value::as_str)
+        .filter(|s| !s.is_empty() && s.len() <= 255)
+        .map(str::to_string);
     let issued = app
         .service
         .start_session(start, &client, now_millis)
         .await?;
+    let started = Started {
+        sid: &issued.claims.sid,
+        sub: &issued.claims.sub,
+        auth_time: issued.claims.auth_time,
+        session_end: issued.session_end,
+        provider_sid: provider_sid.as_deref(),
+    };
+    let kept = oidc
+        .sessions
+        .remember(&started, exchanged.refresh_token.as_deref(), now_millis())
+        .await;
+    if let Err(e) = kept {
+        // A session the provider could not end later is not handed out.
+        let _ = app.service.logout(&issued.token, now_millis()).await;
+        return Err(e.into());
+    }
     let mut resp = StatusCode::FOUND.into_response();
     let h = resp.headers_mut();
     h.insert(
@@ -241,31 +265,50 @@ fn wants_html(headers: &HeaderMap) -> bool {
         .is_some_and(|a| a.contains("text/html"))
 }
 
+/// A refused callback's page (`templates/refused.html`).
+#[derive(askama::Template)]
+#[template(path = "refused.html")]
+struct RefusedPage<'a> {
+    message: &'a str,
+    code: &'a str,
+}
+
 /// The refusal: a page for a browser, the JSON error otherwise; both carry
 /// the code.
 fn refusal(headers: &HeaderMap, e: ApiError) -> Response {
     if !wants_html(headers) {
         return e.into_response();
     }
-    let page = format!(
-        r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>Sign-in refused</title>
-<style>body{{font-family:sans-serif;max-width:22rem;margin:4rem auto;padding:0 1rem}}.err{{color:#b00}}</style>
-</head><body><h1>Sign-in refused</h1><p class="err" role="alert">{}</p><p><code>{}</code></p>
-<p><a href="../login">Back to the sign-in page</a></p></body></html>
-"#,
-        super::signin::escape(&e.message),
-        e.code.as_str()
-    );
-    let mut resp = (e.code.status(), Html(page)).into_response();
-    let h = resp.headers_mut();
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
-        ),
-    );
-    resp
+    let page = RefusedPage {
+        message: &e.message,
+        code: e.code.as_str(),
+    };
+    super::page::respond(e.code.status(), &page)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+
+    #[tokio::test]
+    async fn a_refusal_page_escapes_the_message_and_keeps_the_code() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("text/html"));
+        let e = ApiError::new(Code::ForbiddenUser, "<script>alert(1)</script> not allowed");
+        let resp = refusal(&headers, e);
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert!(
+            resp.headers()[header::CONTENT_SECURITY_POLICY]
+                .to_str()
+                .unwrap()
+                .starts_with("default-src 'none'")
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let page = String::from_utf8_lossy(&body);
+        assert!(page.contains("Sign-in refused"), "{page}");
+        assert!(page.contains("<code>FORBIDDEN_USER</code>"), "{page}");
+        assert!(!page.contains("<script"), "{page}");
+        assert!(page.contains("&#60;script&#62;alert(1)&#60;/script&#62; not allowed"));
+    }
 }

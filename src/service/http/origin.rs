@@ -162,7 +162,7 @@ pub(super) fn check_same_site(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::headers;
+    use crate::testing::api_server::headers;
 
     fn ok(config: &HttpConfig, h: &[(&'static str, &str)]) -> bool {
         check_same_site(config, &headers(h), true).is_ok()

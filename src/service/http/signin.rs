@@ -130,13 +130,7 @@ pub(super) async fn signin_page(
     let policy = app.service.policy();
     let methods = Methods::of(&app, &policy);
     let mut resp = Html(signin_html(q.rd.as_deref(), None, notice, methods)).into_response();
-    let h = resp.headers_mut();
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"),
-    );
+    super::page::page_headers(resp.headers_mut());
     resp
 }
 
@@ -155,19 +149,6 @@ async fn cookie_notice(app: &super::App, headers: &HeaderMap) -> Option<Notice> 
         Ok(_) => None,
         Err(e) => Notice::from_refusal(e.code),
     }
-}
-
-pub(super) fn escape(s: &str) -> String {
-    s.chars()
-        .map(|c| match c {
-            '&' => "&amp;".into(),
-            '<' => "&lt;".into(),
-            '>' => "&gt;".into(),
-            '"' => "&quot;".into(),
-            '\'' => "&#39;".into(),
-            c => c.to_string(),
-        })
-        .collect()
 }
 
 /// The ways in that the sign-in page offers.
@@ -195,62 +176,48 @@ impl<'a> Methods<'a> {
     }
 }
 
+/// The provider button: where it goes and what it says.
+pub(super) struct ProviderButton<'a> {
+    pub href: String,
+    pub name: &'a str,
+}
+
+/// The sign-in page (`templates/signin.html`; every value is HTML-escaped).
+#[derive(askama::Template)]
+#[template(path = "signin.html")]
+struct SigninPage<'a> {
+    rd: Option<&'a str>,
+    error: Option<&'a str>,
+    /// One of the fixed texts of [`Notice`], never text from the request.
+    notice: Option<&'static str>,
+    provider: Option<ProviderButton<'a>>,
+    password: bool,
+}
+
 fn signin_html(
     rd: Option<&str>,
     error: Option<&str>,
     notice: Option<Notice>,
     methods: Methods<'_>,
 ) -> String {
-    let button = methods
-        .provider
-        .map(|name| {
-            let href = match rd {
-                Some(r) => format!(
-                    "oidc/login?rd={}",
-                    url::form_urlencoded::byte_serialize(r.as_bytes()).collect::<String>()
-                ),
-                None => "oidc/login".into(),
-            };
-            format!(
-                r#"<p><a class="btn" href="{}">Sign in with {}</a></p>"#,
-                escape(&href),
-                escape(name)
-            )
-        })
-        .unwrap_or_default();
-    let or = if methods.provider.is_some() && methods.password {
-        "<p class=\"or\">or</p>"
-    } else {
-        ""
+    let provider = methods.provider.map(|name| ProviderButton {
+        href: match rd {
+            Some(r) => format!(
+                "oidc/login?rd={}",
+                url::form_urlencoded::byte_serialize(r.as_bytes()).collect::<String>()
+            ),
+            None => "oidc/login".into(),
+        },
+        name,
+    });
+    let page = SigninPage {
+        rd,
+        error,
+        notice: notice.map(Notice::text),
+        provider,
+        password: methods.password,
     };
-    let rd_field = rd
-        .map(|r| format!(r#"<input type="hidden" name="rd" value="{}">"#, escape(r)))
-        .unwrap_or_default();
-    let err = error
-        .map(|e| format!(r#"<p class="err" role="alert">{}</p>"#, escape(e)))
-        .unwrap_or_default();
-    let note = notice
-        .map(|n| format!(r#"<p class="note" role="status">{}</p>"#, n.text()))
-        .unwrap_or_default();
-    let form = format!(
-        r#"<form method="post" action="login">{rd_field}
-<label>User name <input name="username" autocomplete="username" required autofocus></label>
-<label>Password <input name="password" type="password" autocomplete="current-password" required></label>
-<button type="submit">Sign in</button></form>"#
-    );
-    format!(
-        r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>Sign in</title>
-<style>*{{box-sizing:border-box}}body{{font-family:sans-serif;max-width:22rem;margin:4rem auto;padding:0 1rem}}label,input,button,.btn{{display:block;width:100%;margin:.4rem 0}}input,button,.btn{{font-size:1rem;padding:.5rem}}.btn{{text-align:center;border:1px solid #555;border-radius:3px;color:#000;background:#eee;text-decoration:none}}.or{{text-align:center;color:#555}}.err{{color:#b00}}.note{{color:#333;background:#eef;padding:.5rem}}</style>
-</head><body><h1>Sign in</h1>{note}{err}{button}{or}{form}</body></html>
-"#,
-        form = if methods.password {
-            form
-        } else {
-            String::new()
-        }
-    )
+    super::page::render(&page)
 }
 
 /// `rd` is followed only to this site (a relative path, or an absolute URL
@@ -295,7 +262,7 @@ pub fn safe_redirect(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::headers;
+    use crate::testing::api_server::headers;
 
     #[test]
     fn signin_page_offers_the_configured_ways_in() {
@@ -422,10 +389,10 @@ mod tests {
             },
         );
         assert!(!page.contains("<i>"));
-        assert!(page.contains("Sign in with &lt;i&gt;Corp&lt;/i&gt;"));
+        assert!(page.contains("Sign in with &#60;i&#62;Corp&#60;/i&#62;"));
         assert!(page.contains(r#"href="oidc/login?rd=%2F%22%3E%3Cscript%3E""#));
         assert!(!page.contains("<script>"));
-        assert!(page.contains("&quot;&gt;&lt;script&gt;"));
-        assert!(page.contains("&lt;b&gt;"));
+        assert!(page.contains(r#"value="/&#34;&#62;&#60;script&#62;""#));
+        assert!(page.contains(r#"<p class="err" role="alert">&#60;b&#62;</p>"#));
     }
 }

@@ -248,15 +248,16 @@ async fn malformed_last_forwarded_hop_falls_back_to_the_peer() {
     // A client-chosen first hop must never become the client address.
     let peer: SocketAddr = "127.0.0.9:5000".parse().unwrap();
     let extract = super::extract::client_ip;
-    let h = crate::fixtures::headers(&[("x-forwarded-for", "203.0.113.7, not-an-ip")]);
+    let h = crate::testing::api_server::headers(&[("x-forwarded-for", "203.0.113.7, not-an-ip")]);
     assert_eq!(extract(&app, &h, Some(peer)), Some(peer.ip()));
     assert_eq!(app.service.metrics.forwarded_for_invalid.get(), 1);
-    let h = crate::fixtures::headers(&[("x-forwarded-for", "203.0.113.7, 198.51.100.2")]);
+    let h =
+        crate::testing::api_server::headers(&[("x-forwarded-for", "203.0.113.7, 198.51.100.2")]);
     assert_eq!(
         extract(&app, &h, Some(peer)),
         Some("198.51.100.2".parse().unwrap())
     );
-    let h = crate::fixtures::headers(&[("x-forwarded-for", "203.0.113.7,")]);
+    let h = crate::testing::api_server::headers(&[("x-forwarded-for", "203.0.113.7,")]);
     assert_eq!(extract(&app, &h, Some(peer)), Some(peer.ip()));
     assert_eq!(app.service.metrics.forwarded_for_invalid.get(), 2);
 

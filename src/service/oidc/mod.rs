@@ -9,6 +9,9 @@
 
 pub mod flow;
 pub mod id_token;
+pub mod logout_token;
+pub mod recheck;
+pub mod vault;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +29,7 @@ use serde_json::Value;
 use crate::policy::Oidc;
 use crate::service::tokens::SessionStart;
 use id_token::{Expect, IdTokenError, Jwk};
+use logout_token::{LogoutRequest, LogoutTokenError};
 
 /// An unknown `kid` fetches the JWKS again at most this often.
 pub const JWKS_REFETCH_EVERY: Duration = Duration::from_secs(10);
@@ -86,6 +90,29 @@ pub enum ExchangeError {
     /// Unreachable, timed out, or an answer we cannot read.
     #[error("the provider cannot be reached: {0}")]
     Unavailable(String),
+}
+
+/// What the code exchange gave.
+pub struct Exchanged {
+    pub id_token: String,
+    /// Kept server-side only (see `recheck.rs`), never logged.
+    pub refresh_token: Option<String>,
+}
+
+impl std::fmt::Debug for Exchanged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchanged")
+            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "…"))
+            .finish_non_exhaustive()
+    }
+}
+
+fn refresh_token_of(answer: &Value) -> Option<String> {
+    answer
+        .get("refresh_token")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty() && t.len() <= vault::MAX_REFRESH_TOKEN_LEN)
+        .map(str::to_string)
 }
 
 /// Why a validated ID token gives no session.
@@ -307,8 +334,55 @@ impl Provider {
         Some(url.into())
     }
 
-    /// Exchanges `code` at the token endpoint; answers the ID token.
-    pub async fn exchange(&self, code: &str, verifier: &str) -> Result<String, ExchangeError> {
+    /// Exchanges `code` at the token endpoint; answers the ID token and
+    /// the refresh token, if the provider gave one.
+    pub async fn exchange(&self, code: &str, verifier: &str) -> Result<Exchanged, ExchangeError> {
+        let answer = self
+            .token_call(&[
+                ("grant_type", "authorization_code"),
+                ("code", code),
+                ("redirect_uri", &self.redirect_uri),
+                ("code_verifier", verifier),
+            ])
+            .await?;
+        let id_token = answer
+            .get("id_token")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| ExchangeError::Refused("the answer has no id_token".into()))?;
+        Ok(Exchanged {
+            id_token,
+            refresh_token: refresh_token_of(&answer),
+        })
+    }
+
+    /// The refresh_token grant: whether the provider still stands by the
+    /// session. Answers the rotated refresh token, if it sent one. Only
+    /// `invalid_grant` is a refusal (the user disabled, the provider's
+    /// session ended, consent revoked); any other error answer (our client
+    /// misconfigured, say) ends nobody's session: it counts as unavailable.
+    pub async fn refresh(&self, refresh_token: &str) -> Result<Option<String>, ExchangeError> {
+        match self
+            .token_call(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token),
+            ])
+            .await
+        {
+            Ok(answer) => Ok(refresh_token_of(&answer)),
+            Err(ExchangeError::Refused(code)) if code == "invalid_grant" => {
+                Err(ExchangeError::Refused(code))
+            }
+            Err(ExchangeError::Refused(code)) => Err(ExchangeError::Unavailable(format!(
+                "the token endpoint answered {code}"
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One request to the token endpoint with the client's credentials;
+    /// answers the JSON of a 200, else the provider's error code.
+    async fn token_call(&self, params: &[(&str, &str)]) -> Result<Value, ExchangeError> {
         let unavailable = ExchangeError::Unavailable;
         let endpoints = self
             .endpoints()
@@ -316,10 +390,9 @@ impl Provider {
         let basic = endpoints.basic_auth;
         let body = {
             let mut form = url::form_urlencoded::Serializer::new(String::new());
-            form.append_pair("grant_type", "authorization_code")
-                .append_pair("code", code)
-                .append_pair("redirect_uri", &self.redirect_uri)
-                .append_pair("code_verifier", verifier);
+            for (k, v) in params {
+                form.append_pair(k, v);
+            }
             if !basic {
                 form.append_pair("client_id", &self.config.client_id)
                     .append_pair("client_secret", &self.client_secret);
@@ -361,11 +434,55 @@ impl Provider {
                 unavailable(format!("the token endpoint answered {status}"))
             });
         }
-        answer
-            .get("id_token")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| ExchangeError::Refused("the answer has no id_token".into()))
+        Ok(answer)
+    }
+
+    /// Checks a back-channel logout token; an unknown `kid` fetches the
+    /// JWKS again (rate-limited, as for ID tokens) before it is refused.
+    pub async fn validate_logout(
+        &self,
+        token: &str,
+        now_secs: i64,
+    ) -> Result<LogoutRequest, LogoutTokenError> {
+        let check = |keys: &[Jwk]| {
+            logout_token::validate(
+                token,
+                keys,
+                &self.config.issuer_url,
+                &self.config.client_id,
+                now_secs,
+                ID_TOKEN_LEEWAY_SECS,
+            )
+        };
+        let keys = self.keys.load_full().unwrap_or_default();
+        match check(&keys) {
+            Err(LogoutTokenError::Signed(IdTokenError::UnknownKey)) => {
+                match self.fresh_keys().await {
+                    Some(fresh) => check(&fresh),
+                    None => Err(IdTokenError::UnknownKey.into()),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The JWKS fetched again, if the rate limit allows it now.
+    async fn fresh_keys(&self) -> Option<Arc<Vec<Jwk>>> {
+        if !self.may_refetch() {
+            return None;
+        }
+        let endpoints = self.endpoints()?;
+        match self.fetch_jwks(&endpoints.jwks).await {
+            Ok(fresh) => {
+                let fresh = Arc::new(fresh);
+                self.keys.store(Some(fresh.clone()));
+                Some(fresh)
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "JWKS fetch failed");
+                None
+            }
+        }
     }
 
     /// Validates an ID token of the flow with `nonce`; an unknown `kid`
@@ -386,22 +503,10 @@ impl Provider {
         };
         let keys = self.keys.load_full().unwrap_or_default();
         match id_token::validate(token, &keys, &expect) {
-            Err(IdTokenError::UnknownKey) if self.may_refetch() => {
-                let Some(endpoints) = self.endpoints() else {
-                    return Err(IdTokenError::UnknownKey);
-                };
-                match self.fetch_jwks(&endpoints.jwks).await {
-                    Ok(fresh) => {
-                        let fresh = Arc::new(fresh);
-                        self.keys.store(Some(fresh.clone()));
-                        id_token::validate(token, &fresh, &expect)
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "JWKS fetch failed");
-                        Err(IdTokenError::UnknownKey)
-                    }
-                }
-            }
+            Err(IdTokenError::UnknownKey) => match self.fresh_keys().await {
+                Some(fresh) => id_token::validate(token, &fresh, &expect),
+                None => Err(IdTokenError::UnknownKey),
+            },
             other => other,
         }
     }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::Millis;
 
 pub mod memory;
+pub mod provider;
 pub mod redis;
 pub mod registry;
 

@@ -2,20 +2,7 @@
 //! verify, each for the one thing it changes.
 use super::*;
 
-fn claims() -> Claims {
-    Claims {
-        iss: "tokenpolicy".into(),
-        aud: "tokenpolicy".into(),
-        sub: "alice".into(),
-        sid: "sid-1".into(),
-        jti: "jti-1".into(),
-        iat: 1_800_000_000,
-        exp: 1_800_000_060,
-        auth_time: 1_800_000_000,
-        pwv: None,
-        ..Default::default()
-    }
-}
+use crate::testing::claims;
 
 fn set(keys: Vec<Key>) -> KeySet {
     KeySet::new(keys, "tokenpolicy", "tokenpolicy").unwrap()

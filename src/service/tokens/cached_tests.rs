@@ -4,23 +4,14 @@
 //! Each test first makes sure the token IS served from the cache.
 
 use super::*;
-use crate::service::store::MemoryStore;
-use crate::service::token::Key;
 
 const T0: Millis = 1_800_000_000_000;
 
 fn service() -> (TokenService, String) {
     let hash = bcrypt::hash("pw", 4).unwrap();
-    let users = Users::parse(&format!("alice:{hash}\n"), "test").unwrap();
-    let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
-    let s = TokenService::new(
-        Policy::default(),
-        users,
-        keys,
-        Arc::new(MemoryStore::new()),
-        0,
-        Throttle::default(),
-    );
+    let s = crate::testing::service()
+        .users(crate::testing::users(&format!("alice:{hash}\n")))
+        .build();
     (s, hash)
 }
 

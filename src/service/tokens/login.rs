@@ -264,32 +264,21 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::policy::Policy;
     use crate::service::store::contract::attempts_counted;
     use crate::service::store::{
         Claim, MemoryStore, OneTimeStore, RefreshRecord, Revoked, StoreError, Take,
     };
-    use crate::service::token::{Key, KeySet};
     use crate::service::tokens::Throttle;
-    use crate::service::users::Users;
+    use crate::testing;
 
     const T0: Millis = 1_800_000_000_000;
 
     fn service_with(users: &str) -> TokenService {
-        let users = Users::parse(users, "test").unwrap();
-        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
-        TokenService::new(
-            Policy::default(),
-            users,
-            keys,
-            Arc::new(MemoryStore::new()),
-            0,
-            Throttle::default(),
-        )
+        testing::service().users(testing::users(users)).build()
     }
 
     fn service() -> TokenService {
-        service_with(&format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap()))
+        testing::service().user("alice", "pw").build()
     }
 
     fn code<T: std::fmt::Debug>(r: Result<T, ApiError>) -> &'static str {
@@ -371,20 +360,14 @@ mod tests {
 
     #[tokio::test]
     async fn an_ipv6_network_is_one_client_for_the_address_limit() {
-        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
-        let s = TokenService::new(
-            Policy::default(),
-            Users::parse("", "t").unwrap(),
-            keys,
-            Arc::new(MemoryStore::new()),
-            0,
-            Throttle {
+        let s = testing::service()
+            .throttle(Throttle {
                 max_per_user: 50,
                 max_per_address: 3,
                 window: 60_000,
                 ..Throttle::default()
-            },
-        );
+            })
+            .build();
         // A new address of the same /64 for every guess, as a client that
         // holds the network can choose.
         for i in 1..=3 {
@@ -418,21 +401,15 @@ mod tests {
 
     #[tokio::test]
     async fn address_limit_refuses_and_gives_the_user_attempt_back() {
-        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
-        let users = format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap());
-        let s = TokenService::new(
-            Policy::default(),
-            Users::parse(&users, "t").unwrap(),
-            keys,
-            Arc::new(MemoryStore::new()),
-            0,
-            Throttle {
+        let s = testing::service()
+            .user("alice", "pw")
+            .throttle(Throttle {
                 max_per_user: 5,
                 max_per_address: 2,
                 window: 60_000,
                 ..Throttle::default()
-            },
-        );
+            })
+            .build();
         let ip: IpAddr = "192.0.2.3".parse().unwrap();
         for u in ["x1", "x2"] {
             assert_eq!(
@@ -457,22 +434,18 @@ mod tests {
     /// not held back, and failures are not counted as logins.
     #[tokio::test]
     async fn successful_logins_are_limited_per_user() {
-        let hash = bcrypt::hash("pw", 4).unwrap();
-        let users = Users::parse(&format!("alice:{hash}\nbob:{hash}\n"), "t").unwrap();
-        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
-        let s = Arc::new(TokenService::new(
-            Policy::default(),
-            users,
-            keys,
-            Arc::new(MemoryStore::new()),
-            0,
-            Throttle {
-                max_per_user: 50,
-                max_logins_per_user: 3,
-                login_window: 60_000,
-                ..Throttle::default()
-            },
-        ));
+        let lines = testing::user_line("alice", "pw") + &testing::user_line("bob", "pw");
+        let s = Arc::new(
+            testing::service()
+                .users(testing::users(&lines))
+                .throttle(Throttle {
+                    max_per_user: 50,
+                    max_logins_per_user: 3,
+                    login_window: 60_000,
+                    ..Throttle::default()
+                })
+                .build(),
+        );
         assert_eq!(
             code(s.login("alice", "wrong", None, || T0).await),
             "INVALID_CREDENTIALS"
@@ -646,19 +619,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_login_turned_away_by_a_full_line_costs_no_store_call() {
-        let users =
-            Users::parse(&format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap()), "t").unwrap();
-        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
         let store = Arc::new(CountingStore::default());
-        let s = TokenService::new(
-            Policy::default(),
-            users,
-            keys,
-            store.clone(),
-            0,
-            Throttle::default(),
-        )
-        .with_login_capacity(1, 0);
+        let s = testing::service()
+            .user("alice", "pw")
+            .store(store.clone())
+            .build()
+            .with_login_capacity(1, 0);
         // The one place in line is taken.
         let place = s.hashing.admit().unwrap();
         let ip: IpAddr = "203.0.113.7".parse().unwrap();

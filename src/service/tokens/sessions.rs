@@ -264,28 +264,17 @@ impl TokenService {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::service::store::MemoryStore;
-    use crate::service::token::{Key, KeySet};
-    use crate::service::tokens::Throttle;
-    use crate::service::users::Users;
+    use crate::testing;
 
     const T0: Millis = 1_800_000_000_000;
 
     fn service(policy: Policy) -> TokenService {
-        let hash = bcrypt::hash("pw", 4).unwrap();
-        let users = Users::parse(&format!("alice:{hash}\nbob:{hash}\n"), "test").unwrap();
-        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
-        TokenService::new(
-            policy,
-            users,
-            keys,
-            Arc::new(MemoryStore::new()),
-            0,
-            Throttle::default(),
-        )
+        let lines = testing::user_line("alice", "pw") + &testing::user_line("bob", "pw");
+        testing::service()
+            .policy(policy)
+            .users(testing::users(&lines))
+            .build()
     }
 
     fn client(ua: &str) -> Client {

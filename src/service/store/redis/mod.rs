@@ -19,7 +19,7 @@
 
 //!
 //! The parts: `url.rs` reads the Redis URL (one server, Sentinels, Cluster);
-//! `conn.rs` dials it; `cache.rs` remembers sessions; `epoch.rs` notices data
+//! `conn.rs` dials it; `cache.rs` remembers sessions, `revocations.rs` keeps it current; `epoch.rs` notices data
 //! loss and dead subscriptions; `claim.rs` is the once-only refresh claim;
 //! `scripts.rs` holds every Lua script. Every key is built by [`Keys`] and
 //! every command is bounded by [`timed`].
@@ -42,10 +42,12 @@ mod claim;
 pub mod conn;
 mod epoch;
 mod owner;
+mod provider;
+mod revocations;
 mod scripts;
 pub mod url;
 
-use cache::{Cache, follow_revocations};
+use cache::Cache;
 use conn::RedisConn;
 pub use conn::RedisTls;
 use epoch::RedisHealth;
@@ -174,7 +176,7 @@ impl RedisStore {
             prefix: prefix.to_string(),
         };
         let health = Arc::new(RedisHealth::new());
-        tokio::spawn(follow_revocations(
+        tokio::spawn(revocations::follow(
             conn.clone(),
             keys.channel(),
             Arc::downgrade(&cache),
