@@ -114,7 +114,7 @@ log "build base $BUILD_BASE"
 # ---------------------------------------------------------------- runtime base
 debs=()
 for p in $RUNTIME_PACKAGES; do debs+=("$(ls "$debs_dir/${p}"_*.deb)"); done
-runtime_key=$(key runtime-v1 "$SUITE" "$(sha256sum "${debs[@]}" | cut -d' ' -f1)")
+runtime_key=$(key runtime-v2 "$SUITE" "$(sha256sum "${debs[@]}" | cut -d' ' -f1)")
 RUNTIME_BASE="localhost/tokenpolicy-runtime-base:$runtime_key"
 if ! have_image "$RUNTIME_BASE"; then
   dir="$CACHE/runtime-$runtime_key"
@@ -126,7 +126,8 @@ if ! have_image "$RUNTIME_BASE"; then
   # No shell, no package manager, no maintainer scripts: only libraries and data.
   rm -rf "$dir/usr/sbin" "$dir/sbin" "$dir/usr/bin" "$dir/bin" "$dir/usr/share/doc" \
     "$dir/usr/share/man" "$dir/usr/share/lintian" "$dir/usr/share/info" "$dir/usr/share/ca-certificates" \
-    "$dir/usr/lib/x86_64-linux-gnu/gconv" "$dir/usr/share/locale" "$dir/etc/init.d" "$dir/usr/libexec"
+    "$dir/usr/lib/x86_64-linux-gnu/gconv" "$dir/usr/share/locale" "$dir/etc/init.d" "$dir/usr/libexec" \
+    "$dir/etc/update-motd.d" "$dir/etc/profile.d" "$dir/etc/profile" "$dir/etc/bash.bashrc" "$dir/etc/skel"
   cat >"$dir/etc/passwd" <<'PASSWD'
 root:x:0:0:root:/root:/sbin/nologin
 nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin

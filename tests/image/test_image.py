@@ -272,6 +272,12 @@ def session_round(a: PodContainer, b: PodContainer) -> None:
         assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0, status["CapBnd"]
         assert status["NoNewPrivs"].strip() == "1"
         assert status["Seccomp"].strip() == "2", "no seccomp filter"
+        # Its root file system is mounted read-only; so is every Secret directory.
+        mounts = {f.split()[4]: f.split()[5].split(",") for f in
+                  Path(f"/proc/{pid}/mountinfo").read_text().splitlines()}
+        assert "ro" in mounts["/"], mounts["/"]
+        for m in c.container["volumeMounts"]:
+            assert "ro" in mounts[m["mountPath"]], (m["mountPath"], mounts[m["mountPath"]])
 
 
 def test_token_service_image_runs_as_its_deployment_on_redis(image, workdir):
