@@ -30,6 +30,9 @@ enum Command {
     Crd,
     /// Run the Kubernetes operator.
     Operator(tokenpolicy::operator::OperatorArgs),
+    /// Print the Deployment the operator writes for a TokenPolicy manifest (JSON).
+    #[command(hide = true)]
+    RenderDeployment(tokenpolicy::operator::render::RenderArgs),
 }
 
 fn init_logging(format: &str) {
@@ -81,6 +84,9 @@ fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(tokenpolicy::operator::run(args)))
         }
         Command::HashPassword => hash_password(),
+        Command::RenderDeployment(args) => {
+            tokenpolicy::operator::render::render(&args).map(|json| println!("{json}"))
+        }
         Command::Crd => {
             print!("{}", tokenpolicy::crd::crd_yaml());
             Ok(())
