@@ -27,7 +27,7 @@ pub struct RenderArgs {
 pub fn render(args: &RenderArgs) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(&args.policy)
         .with_context(|| format!("reading {}", args.policy.display()))?;
-    let tp: TokenPolicy = serde_yaml::from_str(&text)
+    let tp: TokenPolicy = serde_yaml_ng::from_str(&text)
         .with_context(|| format!("{}: not a TokenPolicy", args.policy.display()))?;
     crate::trusted_proxies::TrustedProxies::parse(&args.token_service_trusted_proxies)
         .map_err(|e| anyhow::anyhow!("--token-service-trusted-proxies: {e}"))?;
