@@ -32,6 +32,9 @@ enum Command {
     Operator(tokenpolicy::operator::OperatorArgs),
     /// List or end anyone's sessions through the admin API.
     Sessions(tokenpolicy::sessions_cli::SessionsArgs),
+    /// Print the Deployment the operator writes for a TokenPolicy manifest (JSON).
+    #[command(hide = true)]
+    RenderDeployment(tokenpolicy::operator::render::RenderArgs),
 }
 
 fn init_logging(format: &str) {
@@ -96,6 +99,9 @@ fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(tokenpolicy::operator::run(args)))
         }
         Command::HashPassword => hash_password(),
+        Command::RenderDeployment(args) => {
+            tokenpolicy::operator::render::render(&args).map(|json| println!("{json}"))
+        }
         Command::Crd => {
             print!("{}", tokenpolicy::crd::crd_yaml());
             Ok(())

@@ -3,8 +3,9 @@
 # tools, Rust components, playwright-core, a Traefik built from the Go module
 # proxy, Keycloak from Maven Central), then lints, unit-tests and runs the black-box integration tests
 # against real redis-server processes, behind real nginx, Traefik and Caddy,
-# and with a real browser (chromium); last, each fuzz target runs for a
-# bounded time (tests/fuzz.sh).
+# and with a real browser (chromium); builds the container image with
+# buildah and runs it with podman (tests/image); last, each fuzz target runs
+# for a bounded time (tests/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/tokenpolicy-target}"
@@ -83,6 +84,13 @@ fi
 
 step "cargo build"
 cargo build --locked
+
+step "container image (buildah, from local Debian bases; cached under /var/tmp), run with podman"
+start=$(date +%s)
+TOKENPOLICY_IMAGE=$(bash tests/image/build.sh)
+export TOKENPOLICY_IMAGE
+echo "$TOKENPOLICY_IMAGE ($(( $(date +%s) - start )) s)"
+python3 -m pytest -q -p no:cacheprovider tests/image
 
 # A real redis-server for the Rust store contract test.
 port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')

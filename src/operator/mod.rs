@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod names;
 pub mod ownership;
 pub mod reconcile;
+pub mod render;
 pub mod resources;
 pub mod review;
 pub mod rollout;

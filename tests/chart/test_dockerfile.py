@@ -42,8 +42,25 @@ def test_hadolint_finds_nothing():
     assert "hadolint ignore" not in DOCKERFILE.read_text(), "justify any ignore in a comment"
 
 
+def global_args() -> dict[str, str]:
+    """The ARGs before the first FROM (what a FROM line may name), with their defaults."""
+    out = {}
+    for op, args in instructions():
+        if op == "FROM":
+            break
+        if op == "ARG" and "=" in args:
+            k, v = args.split("=", 1)
+            out[k] = v
+    return out
+
+
 def test_multi_stage_with_pinned_images():
-    froms = [args for op, args in instructions() if op == "FROM"]
+    defaults = global_args()
+    # The bases are build arguments (tests/image/build.sh sets local ones);
+    # their defaults are the upstream images.
+    assert set(defaults) >= {"BUILD_BASE", "RUNTIME_BASE"}, defaults
+    froms = [re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], args)
+             for op, args in instructions() if op == "FROM"]
     assert len(froms) == 2, froms
     build, runtime = froms
     image = build.split()[0]

@@ -47,6 +47,14 @@ time bash tests/e2e/build.sh
 step "cargo build"
 cargo build --locked
 
+step "container image (buildah; cached, see tests/image/build.sh)"
+start=$(date +%s)
+TOKENPOLICY_IMAGE=$(bash tests/image/build.sh)
+export TOKENPOLICY_IMAGE
+echo "$TOKENPOLICY_IMAGE ($(( $(date +%s) - start )) s)"
+# test_06b runs that image with podman: here a missing image fails it.
+export TOKENPOLICY_IMAGE_REQUIRED=1
+
 step "end-to-end suite (real kube-apiserver on 127.0.0.1)"
 export TOKENPOLICY_BIN="$CARGO_TARGET_DIR/debug/tokenpolicy"
 python3 -m pytest -q -p no:cacheprovider tests/e2e "$@"
