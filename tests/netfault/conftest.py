@@ -23,11 +23,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from netns import Net, can_run, wait_port  # noqa: E402
+from netns import HOST_IP, Net, can_run, wait_port  # noqa: E402
+from relay import DelayRelay  # noqa: E402
 from support.procs import Process, binary_path, child_env, wait_http  # noqa: E402
 
 REDIS_PORT = 6379
 SERVE_PORT = 8080
+RELAY_PORT = 16379
 #: Sessions end within a scenario; tokens outlive the lag bound.
 POLICY = dict(session=20, token=15, renew=10, grace=1)
 USERS = {f"user{i}": f"password-{i}" for i in range(6)}
@@ -49,8 +51,9 @@ def policy_yaml(session, token, renew, grace) -> str:
 class Cluster:
     """Redis and the replicas, each in its namespace."""
 
-    def __init__(self, net: Net, workdir: Path):
+    def __init__(self, net: Net, workdir: Path, relay=None):
         self.net = net
+        self.relay = relay
         self.workdir = workdir
         self.redis_host = net.add("redis")
         self.hosts = {name: net.add(name) for name in ("a", "b")}
@@ -84,6 +87,8 @@ class Cluster:
         self.procs.append(r.start())
         wait_port(self.redis_host.ip, REDIS_PORT)
         for name, h in self.hosts.items():
+            if self.relay is not None:
+                self.net.redirect(h, self.redis_host, REDIS_PORT, *self.relay.listen)
             argv = h.argv(
                 str(binary_path()), "serve", "--policy", str(self.policy_file),
                 "--users", str(self.users_file), "--listen", f"{h.ip}:{SERVE_PORT}",
@@ -105,7 +110,9 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(request, tmp_path):
+    """The hosts, started; ``@pytest.mark.relay`` puts a delaying relay
+    (``relay.py``) on every replica's way to Redis."""
     why = can_run()
     if why:
         pytest.fail(f"the network-fault scenarios cannot run here: {why}")
@@ -113,11 +120,22 @@ def cluster(tmp_path):
         pytest.fail(f"no tokenpolicy binary at {binary_path()} (TOKENPOLICY_BIN)")
     net = Net()
     c = None
+    relay = None
     try:
         net.start()
-        c = Cluster(net, tmp_path).start()
+        if request.node.get_closest_marker("relay") is not None:
+            relay = DelayRelay(HOST_IP, RELAY_PORT, "10.77.0.10", REDIS_PORT).start()
+        c = Cluster(net, tmp_path, relay)
+        assert c.redis_host.ip == "10.77.0.10"
+        c.start()
         yield c
     finally:
         if c is not None:
             c.stop()
+        if relay is not None:
+            relay.stop()
         net.stop()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "relay: Redis reached through the delaying relay")

@@ -11,7 +11,7 @@ Faults are nftables rules inside a namespace, in its own table
 with a TCP reset), random packet loss (``numgen random``), or one TCP
 connection cut by its port. This machine's kernel has no ``netem`` qdisc
 (``CONFIG_NET_SCH_NETEM`` is off), so delays are made by holding packets in
-an NFQUEUE (``nfqueue.py``) rather than by ``tc netem``.
+a relay on this host (``relay.py``) rather than by ``tc netem``.
 
 Everything is named with the ``tpnf`` prefix, and :func:`clean_stale`
 removes whatever a killed run left behind (its processes, namespaces and
@@ -163,8 +163,6 @@ class Net:
     def heal(self, host: Host) -> None:
         """Removes every fault rule of ``host``."""
         host.nft(f"flush chain inet {TABLE} in\nflush chain inet {TABLE} out\n")
-        if shutil.which("iptables"):
-            host.sh("iptables", "-w", "-F", "OUTPUT", check=False)
 
     def drop(self, host: Host, peer: Host) -> None:
         """A silent partition between ``host`` and ``peer``: every packet
@@ -199,12 +197,16 @@ class Net:
             f"add rule inet {TABLE} in ip saddr {peer.ip} tcp dport {local_port} drop\n"
         )
 
-    def queue(self, host: Host, peer: Host, num: int) -> None:
-        """Hands every packet from ``host`` to ``peer`` to NFQUEUE ``num``
-        (nftables' own queue statement is not in this kernel; iptables'
-        NFQUEUE target is)."""
-        host.sh("iptables", "-w", "-A", "OUTPUT", "-d", peer.ip, "-j", "NFQUEUE",
-                "--queue-num", str(num))
+    def redirect(self, host: Host, peer: Host, port: int, to_ip: str, to_port: int) -> None:
+        """Sends ``host``'s new connections to ``peer:port`` to
+        ``to_ip:to_port`` instead (a relay): an nftables ``dnat``."""
+        host.nft(
+            "table ip tpnf_nat {\n"
+            "  chain out { type nat hook output priority -100; policy accept;\n"
+            f"    ip daddr {peer.ip} tcp dport {port} dnat to {to_ip}:{to_port}\n"
+            "  }\n"
+            "}\n"
+        )
 
 
 def wait_port(host_ip: str, port: int, timeout: float = 10.0) -> None:

@@ -15,6 +15,8 @@ import socket
 import threading
 import time
 
+import pytest
+
 from conftest import POLICY, REDIS_PORT, USERS, seconds
 from history import History, Policy, check
 from load import Load
@@ -132,6 +134,25 @@ def test_one_replica_partitioned_with_logouts_elsewhere(cluster):
     assert_verdict(h, v, cluster)
     on_a = [op for op in h.ops if op.replica == "a" and op.status == 503]
     assert not on_a, f"{len(on_a)} 503s on the replica that kept Redis"
+
+
+@pytest.mark.relay
+def test_slow_redis_link(cluster):
+    """(c) 200 ms ± 50 ms added to every Redis round trip of both replicas."""
+
+    def fault(h):
+        end = schedule(2.0, seconds() - 4.0)
+        f = h.fault("delay-200ms", {"a", "b"})
+        cluster.relay.set(0.2, 0.05)
+        time.sleep(max(0.0, end - time.time()))
+        cluster.relay.set(0.0)
+        h.healed(f)
+
+    h, v = run(cluster, "delay-200ms", fault)
+    assert_verdict(h, v, cluster)
+    slow = [op.end - op.start for op in h.ops if op.kind == "login"
+            and h.faults[0].start + 0.5 < op.start < h.faults[0].end]
+    assert slow and min(slow) >= 0.2, f"logins during the delay took {slow}"
 
 
 def test_lossy_redis_link(cluster):
