@@ -318,6 +318,13 @@ def figures(h: History) -> dict:
         out["503_window_s"] = [round(min(o.start for o in s) - t0, 2),
                                round(max(o.end for o in s) - t0, 2)]
     out["faults_s"] = [[f.name, round(f.start - t0, 2), round(f.end - t0, 2)] for f in h.faults]
+    # The last 503 after each heal: how long recovery took.
+    after = 0.0
+    for f in h.faults:
+        for op in ops:
+            if op.status == 503 and op.replica in f.replicas and op.end > f.end:
+                after = max(after, op.end - f.end)
+    out["last_503_after_heal_s"] = round(after, 2)
     # Racing refreshes: the same token refreshed by more than one request.
     counts: dict = {}
     for op in ops:

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import POLICY, REDIS_PORT, USERS, seconds
-from history import History, Policy, check
+from history import History, Policy, Token, check
 from load import Load
 
 #: The documented recovery: after a heal, a replica answers again within
@@ -120,17 +120,38 @@ def test_one_replica_partitioned_with_logouts_elsewhere(cluster):
     bound, while a keeps working and sessions are logged out on it."""
     net, redis = cluster.net, cluster.redis_host
     b = cluster.hosts["b"]
+    load = None
+    marked = []
 
     def fault(h):
         length = max(14.0, seconds() * 0.6)
-        end = schedule(max(3.0, seconds() * 0.15), length)
+        end = schedule(max(3.0, seconds() * 0.15) - 1.0, length + 1.0)
+        # Besides the load: one session that b has seen live, logged out on
+        # a just after the partition began, then shown to b throughout.
+        user = list(USERS)[0]
+        _, token = load._send("login", "a", 99, body={"username": user, "password": USERS[user]})
+        if token:
+            sent = Token.parse(token)
+            op, _ = load._send("verify", "b", 99, token, sent)
+            marked.append(op.status)
+        time.sleep(1.0)
         f = h.fault("partition-b", {"b"}, cuts_off=True)
         net.drop(b, redis)
+        if token:
+            time.sleep(0.5)
+            op, _ = load._send("logout", "a", 99, token, sent)
+            marked.append(op.status)
+            if op.status == 204:
+                load.probes.submit(load._probe, 99, token, sent, op.end + MAX_LAG + 4)
         time.sleep(max(0.0, end - time.time()))
         net.heal(b)
         h.healed(f)
 
-    h, v = run(cluster, "partition-one", fault, probe_for=MAX_LAG + 4)
+    h = history()
+    load = Load(h, cluster.urls, USERS, seed=2, probe_for=MAX_LAG + 4)
+    load.run(seconds(), during=lambda: fault(h))
+    v = report("partition-one", h)
+    assert marked == [200, 204], f"the marked session: {marked}"
     assert_verdict(h, v, cluster)
     on_a = [op for op in h.ops if op.replica == "a" and op.status == 503]
     assert not on_a, f"{len(on_a)} 503s on the replica that kept Redis"
