@@ -15,7 +15,7 @@
 //! "live" answers are distrusted (a new cache epoch): each is read from
 //! Redis once more before it is used, never taken from pub/sub replays.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::cache::Cache;
@@ -55,7 +55,7 @@ pub(super) fn decide(silent: Duration, max_lag: Duration) -> Vouch {
 pub(super) struct Contact {
     origin: Instant,
     /// Milliseconds after `origin` at which Redis was last heard.
-    heard: AtomicU64,
+    heard: AtomicI64,
     max_lag_ms: AtomicU64,
 }
 
@@ -65,7 +65,7 @@ impl Contact {
     pub(super) fn new() -> Contact {
         Contact {
             origin: Instant::now(),
-            heard: AtomicU64::new(0),
+            heard: AtomicI64::new(0),
             max_lag_ms: AtomicU64::new(DEFAULT_MAX_REVOCATION_LAG.as_millis() as u64),
         }
     }
@@ -81,16 +81,18 @@ impl Contact {
         Duration::from_millis(self.max_lag_ms.load(Ordering::SeqCst))
     }
 
-    fn since_origin(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.origin).as_millis() as u64
+    fn since_origin(&self, at: Instant) -> i64 {
+        at.saturating_duration_since(self.origin)
+            .as_millis()
+            .min(i64::MAX as u128) as i64
     }
 
     /// How long Redis has been silent at `at`.
     pub(super) fn silent_at(&self, at: Instant) -> Duration {
-        Duration::from_millis(
-            self.since_origin(at)
-                .saturating_sub(self.heard.load(Ordering::SeqCst)),
-        )
+        let silent = self
+            .since_origin(at)
+            .saturating_sub(self.heard.load(Ordering::SeqCst));
+        Duration::from_millis(silent.max(0) as u64)
     }
 
     pub(super) fn vouch(&self) -> Vouch {
@@ -102,7 +104,7 @@ impl Contact {
     pub(super) fn heard_ago(&self, ago: Duration) {
         let now = self.since_origin(Instant::now());
         self.heard
-            .store(now.saturating_sub(ago.as_millis() as u64), Ordering::SeqCst);
+            .store(now.saturating_sub(ago.as_millis() as i64), Ordering::SeqCst);
     }
 
     /// Redis answered at `at`. Answers whether the silence before was long
@@ -110,7 +112,7 @@ impl Contact {
     pub(super) fn heard_at(&self, at: Instant) -> bool {
         let now = self.since_origin(at);
         let before = self.heard.fetch_max(now, Ordering::SeqCst);
-        now.saturating_sub(before) >= STALE_AFTER as u64
+        now.saturating_sub(before) >= STALE_AFTER
     }
 
     /// Redis answered just now. After a silence that may have hidden a
