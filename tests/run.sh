@@ -23,6 +23,9 @@ command -v redis-cli >/dev/null || missing+=(redis-tools)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing+=(nginx)
 command -v caddy >/dev/null || missing+=(caddy)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+# The network-fault scenarios (tests/netfault): namespaces and their faults.
+command -v ip >/dev/null || missing+=(iproute2)
+command -v nft >/dev/null || missing+=(nftables)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"
   # Install the packages without starting their system services: tests start
@@ -115,6 +118,10 @@ export TOKENPOLICY_BIN="$CARGO_TARGET_DIR/debug/tokenpolicy"
 # The store soak (about 60 s, test_store_soak.py); TOKENPOLICY_SOAK=0 skips it.
 export TOKENPOLICY_SOAK="${TOKENPOLICY_SOAK:-1}"
 python3 -m pytest -q -p no:cacheprovider tests/integration
+
+step "network faults (namespaces on a bridge: Redis cut off, slowed, lossy; the history checker)"
+# NETFAULT_SECONDS (default 20) per scenario; 60 for the long form.
+bash tests/netfault/run.sh
 
 step "book: mdbook build docs, then every relative link of README.md and docs/src"
 # mdBook from crates.io, built once and kept outside the clone by version.

@@ -269,6 +269,14 @@ pub struct ServeArgs {
         default_value_t = crate::service::store::DEFAULT_MAX_REVOCATIONS
     )]
     pub max_cached_revocations: usize,
+
+    /// With --redis: how long a replica that hears nothing from Redis (no
+    /// command answered, no heartbeat on its subscription) still vouches for
+    /// sessions from memory. Past it they get 503 STORE_UNAVAILABLE, never
+    /// 401, until Redis answers again; a logout on another replica reaches
+    /// this one within 1 s while connected, at most this long when cut off.
+    #[arg(long, env = "TOKENPOLICY_MAX_REVOCATION_LAG", default_value = "10s")]
+    pub max_revocation_lag: String,
 }
 
 /// A duration flag in whole seconds (`10s`, `1m`).
@@ -528,7 +536,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             let redis = Arc::new(
                 RedisStore::with_tls(url, &args.redis_prefix, &redis_tls(&args)?)?
                     .with_live_session_limit(args.session_cache_size)
-                    .with_revocation_limit(args.max_cached_revocations),
+                    .with_revocation_limit(args.max_cached_revocations)
+                    .with_max_revocation_lag(timeout(
+                        &args.max_revocation_lag,
+                        "--max-revocation-lag",
+                    )?),
             );
             (redis.clone(), redis)
         }

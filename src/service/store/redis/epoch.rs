@@ -74,6 +74,8 @@ pub(super) struct RedisHealth {
     pub nonce: String,
     /// The last epoch check failed: Redis is away.
     pub away: std::sync::atomic::AtomicBool,
+    /// When Redis was last heard, for the revocation lag (`lag.rs`).
+    pub contact: super::lag::Contact,
 }
 
 impl RedisHealth {
@@ -84,6 +86,7 @@ impl RedisHealth {
             heard: AtomicI64::new(0),
             nonce: uuid::Uuid::new_v4().simple().to_string(),
             away: std::sync::atomic::AtomicBool::new(false),
+            contact: super::lag::Contact::new(),
         }
     }
 
@@ -152,6 +155,9 @@ pub(super) async fn watch(
             return;
         };
         let checked = refresh_epoch(&conn, &keys.epoch(), &g).await;
+        if checked.is_ok() {
+            g.contact.heard(&c);
+        }
         let was_away = g.away.swap(checked.is_err(), Ordering::SeqCst);
         match (&checked, was_away) {
             // Said once per outage, with its cause (refused, timed out, a

@@ -41,6 +41,7 @@ mod cache;
 mod claim;
 pub mod conn;
 mod epoch;
+mod lag;
 mod owner;
 mod provider;
 mod revocations;
@@ -51,6 +52,8 @@ use cache::Cache;
 use conn::RedisConn;
 pub use conn::RedisTls;
 use epoch::RedisHealth;
+pub use lag::DEFAULT_MAX_REVOCATION_LAG;
+use lag::Vouch;
 use url::RedisTarget;
 
 /// Longest wait for one Redis command before answering STORE_UNAVAILABLE.
@@ -203,11 +206,29 @@ impl RedisStore {
         self
     }
 
+    /// Vouches for sessions from memory for at most `lag` after Redis was
+    /// last heard (`--max-revocation-lag`, see `lag.rs`).
+    pub fn with_max_revocation_lag(self, lag: Duration) -> RedisStore {
+        self.health.contact.set_max_lag(lag);
+        self
+    }
+
     /// Keeps at most `n` revocations in memory (at least 1); Redis answers
     /// for the others.
     pub fn with_revocation_limit(self, n: usize) -> RedisStore {
         self.cache.max_revoked.store(n.max(1), Ordering::Relaxed);
         self
+    }
+}
+
+impl RedisStore {
+    /// Why a session held as live is no longer vouched for.
+    fn past_the_lag(&self) -> StoreError {
+        StoreError::Unavailable(format!(
+            "Redis not heard for over {}s (--max-revocation-lag): sessions are not vouched \
+             for from memory",
+            self.health.contact.max_lag().as_secs()
+        ))
     }
 }
 
@@ -271,12 +292,18 @@ impl OneTimeStore for RedisStore {
         }
         // A "live" answer is used only while no revocation was left out.
         let known = known.filter(|_| self.cache.trusts_live());
+        let vouch = self.health.contact.vouch();
         if let Some(k) = known {
             let fresh = k.until > std::time::Instant::now();
             // Redis is away (the watch task's last check failed), so nobody
-            // can revoke anything meanwhile: answer without waiting for it.
+            // can revoke anything meanwhile: answer without waiting for it,
+            // for as long as the revocation lag allows.
             if fresh && self.health.away.load(Ordering::SeqCst) {
-                return Ok(false);
+                match vouch {
+                    Vouch::Static => return Ok(false),
+                    Vouch::Refuse => return Err(self.past_the_lag()),
+                    Vouch::Heard => {}
+                }
             }
             if fresh
                 && k.epoch == epoch
@@ -292,6 +319,9 @@ impl OneTimeStore for RedisStore {
         // that the revocation can be written back after a data loss.
         let answer: Result<Millis, StoreError> =
             timed(redis::cmd("PTTL").arg(key).query_async(&mut conn)).await;
+        if answer.is_ok() {
+            self.health.contact.heard(&self.cache);
+        }
         match answer {
             Ok(left) if left != -2 => {
                 let left = if left > 0 {
@@ -308,7 +338,10 @@ impl OneTimeStore for RedisStore {
             }
             // Redis is away, so nobody can revoke anything meanwhile: a
             // session seen live before stays live (fail-static).
-            Err(_) if known.is_some_and(|k| !k.revoked) => Ok(false),
+            Err(_) if known.is_some_and(|k| !k.revoked) => match vouch {
+                Vouch::Refuse => Err(self.past_the_lag()),
+                Vouch::Heard | Vouch::Static => Ok(false),
+            },
             Err(e) => Err(e),
         }
     }
@@ -474,6 +507,40 @@ mod tests {
             s.is_revoked("a").await,
             Err(StoreError::Unavailable(_))
         ));
+    }
+
+    /// A replica cut off from Redis vouches for a session it saw live for
+    /// at most the revocation lag after Redis was last heard; past it, the
+    /// session is unavailable (503), never revoked (401).
+    #[tokio::test]
+    async fn a_session_seen_live_is_vouched_for_up_to_the_lag_and_not_after() {
+        // Port 1 on loopback refuses connections: Redis is away.
+        let s = RedisStore::new("redis://127.0.0.1:1/", "p")
+            .unwrap()
+            .with_max_revocation_lag(Duration::from_secs(10));
+        s.note_issued("a");
+        s.health.away.store(true, Ordering::SeqCst);
+        // Silent for 5 s: within the bound, answered from memory.
+        s.health.contact.heard_ago(Duration::from_secs(5));
+        assert!(!s.is_revoked("a").await.unwrap());
+        // Silent for 11 s: past it.
+        s.health.contact.heard_ago(Duration::from_secs(11));
+        let err = s.is_revoked("a").await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        assert!(err.to_string().contains("--max-revocation-lag"), "{err}");
+        // Also when the watch task has not yet noticed that Redis is away
+        // and the check goes to Redis (refused) first.
+        s.health.away.store(false, Ordering::SeqCst);
+        assert!(matches!(
+            s.is_revoked("a").await,
+            Err(StoreError::Unavailable(_))
+        ));
+        s.health.contact.heard_ago(Duration::from_secs(5));
+        assert!(!s.is_revoked("a").await.unwrap());
+        // A revocation held in memory stays a revocation, whatever the lag.
+        s.cache.learn_revocation("r", 60_000);
+        s.health.contact.heard_ago(Duration::from_secs(60));
+        assert!(s.is_revoked("r").await.unwrap());
     }
 
     #[tokio::test]

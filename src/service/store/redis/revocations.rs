@@ -50,6 +50,7 @@ pub(super) async fn follow(
                     let Some(c) = cache.upgrade() else { return };
                     if let Some(g) = health.upgrade() {
                         g.heard_now();
+                        g.contact.heard(&c);
                     }
                     let payload: String = msg.get_payload().unwrap_or_default();
                     if let Some((ttl, sid)) = payload.split_once(' ')

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The network-fault scenarios (tests/netfault): redis-server and two
+# replicas in network namespaces of their own, faults by nftables, every
+# request judged by the history checker. Each scenario runs
+# NETFAULT_SECONDS (default 20; the long form: NETFAULT_SECONDS=60).
+# Needs root (namespaces), iproute2 and nftables.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if [ "$(id -u)" != 0 ]; then
+  exec sudo -E bash "$0" "$@"
+fi
+missing=()
+command -v ip >/dev/null || missing+=(iproute2)
+command -v nft >/dev/null || missing+=(nftables)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+export TOKENPOLICY_BIN="${TOKENPOLICY_BIN:-${CARGO_TARGET_DIR:-/var/tmp/tokenpolicy-target}/debug/tokenpolicy}"
+export NETFAULT_SECONDS="${NETFAULT_SECONDS:-20}"
+python3 -m pytest -q -p no:cacheprovider tests/netfault "$@"
