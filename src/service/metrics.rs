@@ -215,6 +215,8 @@ pub struct Metrics {
     /// Requests whose last X-Forwarded-For hop was not an address (the peer
     /// address was used instead).
     pub forwarded_for_invalid: Counter,
+    /// The audit trail's events (see `audit.rs`).
+    pub audit: crate::service::audit::Counters,
 }
 
 impl Default for Metrics {
@@ -252,8 +254,10 @@ impl Default for Metrics {
             "Requests whose last X-Forwarded-For hop was not an address; the peer address was used",
             forwarded_for_invalid.clone(),
         );
+        let audit = crate::service::audit::Counters::register(&mut registry);
         Metrics {
             registry,
+            audit,
             forwarded_for_invalid,
             logins,
             refreshes,

@@ -255,6 +255,14 @@ pub struct ServeArgs {
         default_value_t = crate::service::store::DEFAULT_MAX_REVOCATIONS
     )]
     pub max_cached_revocations: usize,
+
+    /// Write the audit trail here: one JSON line per login, renewal,
+    /// logout and ended session (see the book's Audit trail page). `-`:
+    /// standard output, apart from the diagnostic log (standard error). A
+    /// file is appended to (created 0600) and reopened on SIGHUP, for
+    /// logrotate. Unset: no trail (its counters are on /metrics either way).
+    #[arg(long, env = "TOKENPOLICY_AUDIT_LOG")]
+    pub audit_log: Option<String>,
 }
 
 /// A duration flag in whole seconds (`10s`, `1m`).
@@ -524,11 +532,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let login_queue = args
         .login_queue
         .unwrap_or_else(|| crate::service::hashing::HashPool::default_queue(login_threads));
-    let service = Arc::new(
-        TokenService::new(policy, users, keys, store, leeway, throttle)
-            .with_login_capacity(login_threads, login_queue)
-            .with_verified_cache(args.verified_cache_size),
-    );
+    let mut service = TokenService::new(policy, users, keys, store, leeway, throttle)
+        .with_login_capacity(login_threads, login_queue)
+        .with_verified_cache(args.verified_cache_size);
+    if let Some(target) = &args.audit_log {
+        let log = crate::service::audit::AuditLog::open(target, &service.metrics.audit)?;
+        log.reopen_on_sighup();
+        tracing::info!(audit_log = %target, "audit trail on");
+        service = service.with_audit_log(log);
+    }
+    let audit_log = service.audit_log().clone();
+    let service = Arc::new(service);
     watch_files(service.clone(), args.policy.clone(), args.users.clone());
     if let Some(o) = &oidc {
         o.provider.start();
@@ -654,6 +668,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             listen::serve(l, r, lim, d, sig)
         })?);
         while fronts.join_next().await.is_some() {}
+        audit_log.flush(AUDIT_FLUSH);
         tracing::info!("stopped");
         return Ok(());
     };
@@ -689,6 +704,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     while fronts.join_next().await.is_some() {}
     let _ = done.send(());
     let _ = admin_task.await;
+    audit_log.flush(AUDIT_FLUSH);
     tracing::info!("stopped");
     Ok(())
 }
@@ -751,6 +767,9 @@ fn lower_this_thread(niceness: i32) {
     #[cfg(not(target_os = "linux"))]
     let _ = niceness;
 }
+
+/// At shutdown, how long the audit trail's last lines may take to be written.
+const AUDIT_FLUSH: Duration = Duration::from_secs(2);
 
 /// Connection slots of the probes and metrics listener (kubelet probes and a
 /// scraper or two need a handful).
