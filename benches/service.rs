@@ -52,7 +52,11 @@ fn service(cache: usize) -> TokenService {
         keys,
         Arc::new(MemoryStore::new()),
         0,
-        Throttle::default(),
+        // The benches log one user in thousands of times.
+        Throttle {
+            max_logins_per_user: u64::MAX,
+            ..Throttle::default()
+        },
     )
     .with_verified_cache(cache)
 }
@@ -189,7 +193,7 @@ fn http(c: &mut Criterion) {
     // The same with the audit trail written (to a file in the temp dir).
     let path = std::env::temp_dir().join(format!("tp-bench-audit-{}", std::process::id()));
     let audited = {
-        let s = service(50_000);
+        let s = crate::service(50_000);
         let log = AuditLog::open(&path.to_string_lossy(), &s.metrics.audit).expect("audit log");
         Arc::new(s.with_audit_log(log))
     };
