@@ -3,7 +3,9 @@
 //! signature is remembered, the one-time refresh claim (in-process store),
 //! a whole forward-auth request through the router (headers in, headers
 //! out, every middleware) against `/healthz` through the same router, and a
-//! login refused before its password check.
+//! login refused before its password check; forward-auth with
+//! `--audit-log` on beside the same without (a valid verify writes no
+//! event, so the two must cost the same).
 //!
 //!     cargo bench --bench service
 
@@ -15,11 +17,12 @@ use axum::http::Request;
 use criterion::{Criterion, criterion_group, criterion_main};
 use tokenpolicy::clock::{Millis, now_millis};
 use tokenpolicy::policy::Policy;
+use tokenpolicy::service::audit::AuditLog;
 use tokenpolicy::service::http::{App, HttpConfig, router};
 use tokenpolicy::service::rules;
 use tokenpolicy::service::store::{MemoryStore, OneTimeStore, RefreshRecord};
 use tokenpolicy::service::token::{Claims, Key, KeySet};
-use tokenpolicy::service::tokens::TokenService;
+use tokenpolicy::service::tokens::{Throttle, TokenService};
 use tokenpolicy::testing;
 use tower::ServiceExt as _;
 
@@ -36,6 +39,11 @@ fn claims(now: Millis) -> Claims {
 fn service(cache: usize) -> TokenService {
     testing::service()
         .user("alice", "pw")
+        // The benches log one user in thousands of times.
+        .throttle(Throttle {
+            max_logins_per_user: u64::MAX,
+            ..Throttle::default()
+        })
         .build()
         .with_verified_cache(cache)
 }
@@ -169,6 +177,35 @@ fn http(c: &mut Criterion) {
     c.bench_function("http: forward-auth, 1 token", |b| {
         b.iter(|| send(forward_auth_request(&tokens[0])))
     });
+    // The same with the audit trail written (to a file in the temp dir).
+    let path = std::env::temp_dir().join(format!("tp-bench-audit-{}", std::process::id()));
+    let audited = {
+        let s = crate::service(50_000);
+        let log = AuditLog::open(&path.to_string_lossy(), &s.metrics.audit).expect("audit log");
+        Arc::new(s.with_audit_log(log))
+    };
+    let audited_token = rt
+        .block_on(audited.login("alice", "pw", None, || now))
+        .expect("login")
+        .token;
+    let audited_routes = router(Arc::new(App {
+        service: audited,
+        config: HttpConfig::default(),
+    }));
+    c.bench_function("http: forward-auth, 1 token, --audit-log on", |b| {
+        b.iter(|| {
+            let resp = rt
+                .block_on(
+                    audited_routes
+                        .clone()
+                        .oneshot(forward_auth_request(&audited_token)),
+                )
+                .expect("infallible");
+            assert_eq!(resp.status(), 200);
+            resp
+        })
+    });
+    let _ = std::fs::remove_file(&path);
     let mut i = 0usize;
     c.bench_function("http: forward-auth, 10,000 tokens in turn", |b| {
         b.iter(|| {

@@ -48,6 +48,8 @@ pub struct Context {
     pub network_policy: Option<NetworkPolicyConfig>,
     /// The token services' trusted proxies when a TokenPolicy names none.
     pub trusted_proxies: Vec<String>,
+    /// Every token service writes its audit trail to standard output.
+    pub audit_log: bool,
     pub metrics: Arc<OperatorMetrics>,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -70,6 +72,7 @@ impl Context {
             allowed_images,
             network_policy: None,
             trusted_proxies: Vec::new(),
+            audit_log: false,
             metrics,
             failures: Mutex::new(HashMap::new()),
         }
@@ -84,6 +87,12 @@ impl Context {
     /// With the trusted proxies of token services whose TokenPolicy names none.
     pub fn with_trusted_proxies(mut self, trusted: Vec<String>) -> Self {
         self.trusted_proxies = trusted;
+        self
+    }
+
+    /// With every token service's audit trail on its standard output.
+    pub fn with_audit_log(mut self, on: bool) -> Self {
+        self.audit_log = on;
         self
     }
 

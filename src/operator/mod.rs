@@ -56,6 +56,11 @@ pub struct OperatorArgs {
         value_delimiter = ','
     )]
     pub token_service_trusted_proxies: Vec<String>,
+    /// Run every token service with `--audit-log -`: its audit trail on
+    /// the container's standard output (the diagnostic log is on standard
+    /// error).
+    #[arg(long, env = "TOKENPOLICY_TOKEN_SERVICE_AUDIT_LOG")]
+    pub token_service_audit_log: bool,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -91,7 +96,8 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         Context::new(client, args.image.clone(), metrics.clone())
             .with_allowed_images(allowed)
             .with_network_policy(args.token_service_network_policy.clone())
-            .with_trusted_proxies(args.token_service_trusted_proxies.clone()),
+            .with_trusted_proxies(args.token_service_trusted_proxies.clone())
+            .with_audit_log(args.token_service_audit_log),
     );
 
     let app = Router::new()

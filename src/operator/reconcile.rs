@@ -311,11 +311,11 @@ async fn reconcile_inner(tp: &TokenPolicy, ctx: &Context) -> Result<Action, Erro
     )
     .await?;
     apply(api::<Service>(&client, &ns), &resources::service(tp)).await?;
-    let deployment = apply(
-        api::<Deployment>(&client, &ns),
-        &resources::deployment(tp, &ctx.image, &ctx.trusted_proxies, &key_ids),
-    )
-    .await?;
+    let mut wanted = resources::deployment(tp, &ctx.image, &ctx.trusted_proxies, &key_ids);
+    if ctx.audit_log {
+        resources::audit_to_stdout(&mut wanted);
+    }
+    let deployment = apply(api::<Deployment>(&client, &ns), &wanted).await?;
     let pdbs = api::<PodDisruptionBudget>(&client, &ns);
     if wants_pdb {
         apply(pdbs, &resources::pdb(tp)).await?;

@@ -257,6 +257,20 @@ fn probe(path: &str, period: i32) -> Probe {
     }
 }
 
+/// Has the token service write its audit trail to standard output
+/// (`--audit-log -`), the container's log; its diagnostic log stays on
+/// standard error.
+pub fn audit_to_stdout(d: &mut Deployment) {
+    let containers = d.spec.template.spec.as_mut().map(|p| &mut p.containers);
+    for c in containers.into_iter().flatten() {
+        if c.name == "token-service" {
+            c.args
+                .get_or_insert_with(Vec::new)
+                .extend(["--audit-log".into(), "-".into()]);
+        }
+    }
+}
+
 /// The token service. `keys` names the kids in the signing-key Secret (first
 /// signs): a change rolls the pods, which read their keys when they start.
 /// `default_trusted` are the trusted proxies when the spec names none.
@@ -609,6 +623,37 @@ pub(crate) mod tests {
             Some(std::path::Path::new("/etc/tokenpolicy/redis-ca/ca.crt"))
         );
         assert!(parsed.redis_client_cert.is_some() && parsed.redis_client_key.is_some());
+    }
+
+    /// The operator's `--token-service-audit-log`: the token service gets
+    /// `--audit-log -`, which `serve` takes; without it, no audit flag.
+    #[test]
+    fn the_audit_trail_goes_to_the_containers_stdout() {
+        let args = |d: &Deployment| {
+            d.spec.template.spec.as_ref().unwrap().containers[0]
+                .args
+                .clone()
+                .unwrap()
+        };
+        let plain = deployment(&policy(1), "img:1", &[], "kid-a");
+        assert!(!args(&plain).iter().any(|a| a == "--audit-log"));
+        let mut d = plain.clone();
+        audit_to_stdout(&mut d);
+        let argv = args(&d);
+        assert_eq!(argv[argv.len() - 2..], ["--audit-log", "-"]);
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: crate::service::serve::ServeArgs,
+            #[arg(long)]
+            log_format: String,
+        }
+        let parsed = <Serve as clap::Parser>::try_parse_from(
+            std::iter::once("tokenpolicy").chain(argv[1..].iter().map(String::as_str)),
+        )
+        .unwrap()
+        .args;
+        assert_eq!(parsed.audit_log.as_deref(), Some("-"));
     }
 
     #[test]

@@ -248,6 +248,8 @@ pub struct Metrics {
     /// address was used instead).
     pub forwarded_for_invalid: Counter,
     pub oidc_recheck: Rechecks,
+    /// The audit trail's events (see `audit.rs`).
+    pub audit: crate::service::audit::Counters,
 }
 
 impl Default for Metrics {
@@ -291,9 +293,11 @@ impl Default for Metrics {
             "Renewal re-checks with the OpenID Connect provider by result (ok, refused, unavailable, missing)",
             oidc_recheck.family.clone(),
         );
+        let audit = crate::service::audit::Counters::register(&mut registry);
         Metrics {
             oidc_recheck,
             registry,
+            audit,
             forwarded_for_invalid,
             logins,
             refreshes,

@@ -1,6 +1,7 @@
 //! The token service: `tokenpolicy serve`.
 //!
 //! - [`rules`]: the policy arithmetic, pure;
+//! - [`audit`]: the audit trail (`--audit-log`) and its counters;
 //! - [`token`]: signing and verifying tokens, the key ring;
 //! - [`store`]: the one-time refresh claims and revocations (in-process or Redis);
 //! - [`users`]: the users file and password hashes; [`hashing`]: the threads
@@ -16,6 +17,7 @@
 //!   TokenPolicy in the cluster.
 
 pub mod admin;
+pub mod audit;
 pub mod error;
 pub mod hashing;
 pub mod http;

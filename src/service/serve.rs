@@ -277,6 +277,13 @@ pub struct ServeArgs {
     /// this one within 1 s while connected, at most this long when cut off.
     #[arg(long, env = "TOKENPOLICY_MAX_REVOCATION_LAG", default_value = "10s")]
     pub max_revocation_lag: String,
+    /// Write the audit trail here: one JSON line per login, renewal,
+    /// logout and ended session (see the book's Audit trail page). `-`:
+    /// standard output, apart from the diagnostic log (standard error). A
+    /// file is appended to (created 0600) and reopened on SIGHUP, for
+    /// logrotate. Unset: no trail (its counters are on /metrics either way).
+    #[arg(long, env = "TOKENPOLICY_AUDIT_LOG")]
+    pub audit_log: Option<String>,
 }
 
 /// A duration flag in whole seconds (`10s`, `1m`).
@@ -595,6 +602,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(o) = &oidc {
         service = service.with_provider_check(o.sessions.clone());
     }
+    if let Some(target) = &args.audit_log {
+        let log = crate::service::audit::AuditLog::open(target, &service.metrics.audit)?;
+        log.reopen_on_sighup();
+        tracing::info!(audit_log = %target, "audit trail on");
+        service = service.with_audit_log(log);
+    }
+    let audit_log = service.audit_log().clone();
     let service = Arc::new(service);
     watch_files(service.clone(), args.policy.clone(), args.users.clone());
     if let Some(o) = &oidc {
@@ -722,6 +736,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             listen::serve(l, r, lim, d, sig)
         })?);
         while fronts.join_next().await.is_some() {}
+        audit_log.flush(AUDIT_FLUSH);
         tracing::info!("stopped");
         return Ok(());
     };
@@ -757,6 +772,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     while fronts.join_next().await.is_some() {}
     let _ = done.send(());
     let _ = admin_task.await;
+    audit_log.flush(AUDIT_FLUSH);
     tracing::info!("stopped");
     Ok(())
 }
@@ -819,6 +835,9 @@ fn lower_this_thread(niceness: i32) {
     #[cfg(not(target_os = "linux"))]
     let _ = niceness;
 }
+
+/// At shutdown, how long the audit trail's last lines may take to be written.
+const AUDIT_FLUSH: Duration = Duration::from_secs(2);
 
 /// Connection slots of the probes and metrics listener (kubelet probes and a
 /// scraper or two need a handful).

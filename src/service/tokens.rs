@@ -10,6 +10,7 @@ use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 
 use crate::policy::Policy;
+use crate::service::audit::{self, Audit, AuditLog, Event, Via, Who};
 use crate::service::error::{ApiError, Code};
 use crate::service::hashing::HashPool;
 use crate::service::metrics::Metrics;
@@ -19,10 +20,12 @@ use crate::service::token::{Claims, KeySet, TokenError};
 use crate::service::users::Users;
 
 pub mod admin;
+mod audited;
 mod login;
 pub mod provider;
 pub mod sessions;
 use crate::service::verified::Verified;
+pub use audited::{ClientFn, nobody};
 
 /// Login throttling: at most `max_per_user` failures per user name and
 /// `max_per_address` per client address within `window`; and at most
@@ -165,6 +168,8 @@ pub struct TokenService {
     /// Asks the identity provider at each renewal of its sessions
     /// (`recheckOnRenew`; see `tokens/provider.rs`).
     provider_check: Option<Arc<dyn provider::ProviderCheck>>,
+    /// The audit trail (`--audit-log`) and its counters.
+    audit: Audit,
 }
 
 fn invalid(e: TokenError) -> ApiError {
@@ -181,7 +186,9 @@ impl TokenService {
         throttle: Throttle,
     ) -> Self {
         let threads = HashPool::default_threads();
+        let metrics = Metrics::default();
         TokenService {
+            audit: Audit::new(metrics.audit.clone(), AuditLog::default()),
             policy: ArcSwap::from_pointee(policy),
             users: ArcSwap::from_pointee(users),
             user_ends: Arc::new(DashMap::new()),
@@ -191,7 +198,7 @@ impl TokenService {
             throttle,
             hashing: HashPool::new(threads, HashPool::default_queue(threads)),
             verified: Verified::default(),
-            metrics: Metrics::default(),
+            metrics,
             provider_check: None,
         }
     }
@@ -200,6 +207,17 @@ impl TokenService {
     pub fn with_verified_cache(mut self, entries: usize) -> Self {
         self.verified = Verified::new(entries);
         self
+    }
+
+    /// Writes the audit trail to `log` (the counters count either way).
+    pub fn with_audit_log(mut self, log: AuditLog) -> Self {
+        self.audit = Audit::new(self.metrics.audit.clone(), log);
+        self
+    }
+
+    /// The audit trail's writer (to flush it, or reopen it on SIGHUP).
+    pub fn audit_log(&self) -> &AuditLog {
+        self.audit.log()
     }
 
     /// Whether the users file names anyone.
@@ -234,30 +252,33 @@ impl TokenService {
         if new.is_empty() {
             return;
         }
-        let ended: Vec<String> = old
+        let ended: Vec<(String, audit::Reason)> = old
             .iter()
-            .filter(|u| {
-                new.get(&u.name)
-                    .is_none_or(|n| n.password_version != u.password_version)
+            .filter_map(|u| match new.get(&u.name) {
+                None => Some((u.name.clone(), audit::Reason::UserRemoved)),
+                Some(n) if n.password_version != u.password_version => {
+                    Some((u.name.clone(), audit::Reason::PasswordChanged))
+                }
+                Some(_) => None,
             })
-            .map(|u| u.name.clone())
             .collect();
         let at = now.div_euclid(1_000);
-        for name in ended {
+        for (name, why) in ended {
             let key = user_key(&name);
             merge_end(&self.user_ends, &key, Some(at), Instant::now());
-            self.record_end(name, key, at);
+            self.record_end(name, key, at, why);
         }
     }
 
     /// Writes a user's sessions' end to the store, retrying for a while if
     /// the store is away (this replica refuses those sessions meanwhile).
-    fn record_end(&self, name: String, key: String, at: i64) {
+    fn record_end(&self, name: String, key: String, at: i64, why: audit::Reason) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::error!(user = ?name, "user's sessions ended on this replica only: no runtime to tell the store");
             return;
         };
         let store = self.store.clone();
+        let audit = self.audit.clone();
         let registered = sessions::registry_user(None, &name);
         runtime.spawn(async move {
             let mut wait = Duration::from_secs(1);
@@ -266,8 +287,13 @@ impl TokenService {
                     Ok(()) => {
                         // Never listed again either way (the end is
                         // checked); this only frees the entries early.
-                        if let Err(e) = store.remove_user_sessions(&registered).await {
-                            tracing::warn!(user = ?name, error = %e, "ended sessions stay in the registry until they expire");
+                        // The replica that takes the entries out reports
+                        // them: once, however many replicas saw the change.
+                        match store.remove_user_sessions(&registered).await {
+                            Ok(entries) => audited::report_user_end(&audit, &name, &entries, why),
+                            Err(e) => {
+                                tracing::warn!(user = ?name, error = %e, "ended sessions stay in the registry until they expire");
+                            }
                         }
                         tracing::info!(user = ?name, "user removed or password changed: sessions ended");
                         return;
@@ -356,6 +382,7 @@ impl TokenService {
         &self,
         token: &str,
         policy: &Policy,
+        client: ClientFn<'_>,
         now: Millis,
     ) -> Result<(Arc<Claims>, Standing), ApiError> {
         if token.is_empty() {
@@ -376,6 +403,7 @@ impl TokenService {
                 ));
             }
             Standing::SessionExpired => {
+                self.report_ended(audit::Kind::SessionExpired, &claims, client, now);
                 return Err(ApiError::new(
                     Code::ExpiredSession,
                     "session expired; log in again",
@@ -441,6 +469,7 @@ impl TokenService {
         old: &Claims,
         session_end: i64,
         policy: &Policy,
+        (client, via): (ClientFn<'_>, Via),
         now: Millis,
     ) -> Result<(Issued, &'static str), ApiError> {
         let (iat, exp) = rules::issue_times(policy, now, session_end);
@@ -467,6 +496,13 @@ impl TokenService {
             Claim::Lost(first) => match rules::late_refresh(policy, first.at, now) {
                 LateRefresh::SameToken => (first, "grace"),
                 LateRefresh::Reuse { revoke_session } => {
+                    self.audit.emit(Event::refresh_reuse_detected(
+                        now,
+                        Who::of(old),
+                        &client(),
+                        via,
+                        revoke_session,
+                    ));
                     if revoke_session {
                         self.revoke(old, now).await?;
                         self.metrics.revocations.inc();
@@ -491,6 +527,10 @@ impl TokenService {
             ..old.clone()
         };
         self.store.note_issued(&claims.sid);
+        if outcome == "issued" {
+            self.audit
+                .emit(Event::token_renewed(now, Who::of(&claims), &client(), via));
+        }
         let issued = self.sign(claims, session_end);
         self.remember(&issued, policy, now);
         Ok((issued, outcome))
@@ -507,15 +547,25 @@ impl TokenService {
     /// it or counting a decision: to choose among several cookies.
     pub async fn holds(&self, token: &str, now: Millis) -> bool {
         let policy = self.policy.load_full();
-        self.judge(token, &policy, now).await.is_ok()
+        self.judge(token, &policy, &nobody, now).await.is_ok()
     }
 
     /// `POST /v1/refresh`: a valid or renewable token for a new one.
     #[tracing::instrument(name = "refresh", skip_all, fields(token_len = token.len()))]
     pub async fn refresh(&self, token: &str, now: Millis) -> Result<Issued, ApiError> {
+        self.refresh_from(token, &nobody, now).await
+    }
+
+    /// [`TokenService::refresh`] for `client` (for the audit trail).
+    pub async fn refresh_from(
+        &self,
+        token: &str,
+        client: ClientFn<'_>,
+        now: Millis,
+    ) -> Result<Issued, ApiError> {
         let policy = self.policy.load_full();
         let result = async {
-            let (claims, standing) = self.judge(token, &policy, now).await?;
+            let (claims, standing) = self.judge(token, &policy, client, now).await?;
             // Past `exp`, only the renew limit makes a token exchangeable:
             // the clock-skew leeway lets it verify, never refresh.
             let session_end = rules::refreshable(standing, &policy, now).ok_or_else(|| {
@@ -524,7 +574,8 @@ impl TokenService {
                     "token expired past the renew limit; log in again",
                 )
             })?;
-            self.renew(&claims, session_end, &policy, now).await
+            self.renew(&claims, session_end, &policy, (client, Via::Refresh), now)
+                .await
         }
         .await;
         match result {
@@ -552,16 +603,30 @@ impl TokenService {
         may_renew: bool,
         now: Millis,
     ) -> Result<Identity, ApiError> {
+        self.verify_from(token, may_renew, &nobody, now).await
+    }
+
+    /// [`TokenService::verify`] for `client`, asked only when an event is
+    /// audited (so that a plain verify costs nothing more).
+    pub async fn verify_from(
+        &self,
+        token: &str,
+        may_renew: bool,
+        client: ClientFn<'_>,
+        now: Millis,
+    ) -> Result<Identity, ApiError> {
         let policy = self.policy.load_full();
         let result = async {
-            let (claims, standing) = self.judge(token, &policy, now).await?;
+            let (claims, standing) = self.judge(token, &policy, client, now).await?;
             match standing {
                 Standing::Valid { .. } => Ok(Identity {
                     claims,
                     renewed: None,
                 }),
                 Standing::Renewable { session_end } if may_renew => {
-                    let (issued, _) = self.renew(&claims, session_end, &policy, now).await?;
+                    let (issued, _) = self
+                        .renew(&claims, session_end, &policy, (client, Via::Verify), now)
+                        .await?;
                     Ok(Identity {
                         claims: Arc::new(issued.claims.clone()),
                         renewed: Some(issued),
@@ -589,6 +654,16 @@ impl TokenService {
     /// a session that is already over or revoked succeeds.
     #[tracing::instrument(name = "logout", skip_all, fields(token_len = token.len()))]
     pub async fn logout(&self, token: &str, now: Millis) -> Result<(), ApiError> {
+        self.logout_from(token, &nobody, now).await
+    }
+
+    /// [`TokenService::logout`] for `client` (for the audit trail).
+    pub async fn logout_from(
+        &self,
+        token: &str,
+        client: ClientFn<'_>,
+        now: Millis,
+    ) -> Result<(), ApiError> {
         if token.is_empty() {
             return Err(ApiError::new(Code::EmptyToken, "no token in the request"));
         }
@@ -605,6 +680,8 @@ impl TokenService {
         }
         self.revoke(&claims, now).await?;
         self.metrics.revocations.inc();
+        self.audit
+            .emit(Event::logout(now, Who::of(&claims), &client(), None));
         tracing::info!(user = ?claims.sub, sid = %claims.sid, "logout");
         Ok(())
     }

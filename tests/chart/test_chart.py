@@ -326,6 +326,9 @@ def test_images(values_name):
     assert allowed == (values["tokenService"]["allowedImages"] or [own])
     trusted = values["tokenService"]["trustedProxies"]
     assert env.get("TOKENPOLICY_TOKEN_SERVICE_TRUSTED_PROXIES") == (",".join(trusted) or None)
+    # tokenService.auditLog: every token service writes its audit trail to stdout.
+    audit = values["tokenService"]["auditLog"]
+    assert env.get("TOKENPOLICY_TOKEN_SERVICE_AUDIT_LOG") == ("true" if audit else None)
     pull_secrets = d["spec"]["template"]["spec"].get("imagePullSecrets", [])
     assert pull_secrets == values["imagePullSecrets"]
 

@@ -146,6 +146,18 @@ pub(super) fn client_ip(
     at.ip
 }
 
+/// Who is at the other end: the client's address and user agent.
+pub(super) fn client_of(
+    app: &App,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+) -> crate::service::tokens::Client {
+    crate::service::tokens::Client {
+        addr: client_ip(app, headers, peer),
+        user_agent: user_agent(headers),
+    }
+}
+
 /// The most of a `User-Agent` that is kept (for the session registry and
 /// the audit trail): enough to tell browsers and devices apart.
 pub const MAX_USER_AGENT: usize = 256;

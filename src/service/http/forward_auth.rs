@@ -5,7 +5,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::extract::token_of;
+use super::extract::{client_of, token_of};
 use super::origin::last_hop;
 use super::{Shared, set_cookie};
 use crate::clock::now_millis;
@@ -99,7 +99,15 @@ pub(super) async fn verify(State(app): Shared, req: Request) -> Response {
     let decision = match token_of(&app, headers, &policy.cookie.name).await {
         Ok(token) => {
             let may_renew = app.config.renew_on_verify && !is_stream(headers);
-            app.service.verify(token, may_renew, now).await
+            // Read only if the audit trail needs it.
+            let extensions = req.extensions();
+            let client = || {
+                let peer = extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>();
+                client_of(&app, headers, peer.map(|c| c.0))
+            };
+            app.service
+                .verify_from(token, may_renew, &client, now)
+                .await
         }
         Err(e) => Err(e),
     };

@@ -276,26 +276,36 @@ async fn state_change_token<'a>(
     Ok(token)
 }
 
-async fn refresh(State(app): Shared, headers: HeaderMap) -> Result<Response, ApiError> {
+/// The peer of the connection, for [`extract::client_of`].
+type Peer = Option<Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>;
+
+async fn refresh(State(app): Shared, peer: Peer, headers: HeaderMap) -> Result<Response, ApiError> {
     let policy = app.service.policy();
     let now = now_millis();
     let token = state_change_token(&app, &headers, &policy.cookie.name).await?;
-    let issued = app.service.refresh(token, now).await?;
+    let client = || extract::client_of(&app, &headers, peer.as_ref().map(|c| c.0.0));
+    let issued = app.service.refresh_from(token, &client, now).await?;
     Ok(issued_response(&app, &issued, now / 1_000))
 }
 
 async fn logout(
     State(app): Shared,
+    peer: Peer,
     query: RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let policy = app.service.policy();
     let everywhere = sessions::everywhere(&query)?;
     let token = state_change_token(&app, &headers, &policy.cookie.name).await?;
+    let client = || extract::client_of(&app, &headers, peer.as_ref().map(|c| c.0.0));
     if everywhere {
-        app.service.logout_everywhere(token, now_millis()).await?;
+        app.service
+            .logout_everywhere_from(token, &client, now_millis())
+            .await?;
     } else {
-        app.service.logout(token, now_millis()).await?;
+        app.service
+            .logout_from(token, &client, now_millis())
+            .await?;
     }
     // A sign-out button (a form post) goes on to the sign-in page, which
     // says why; API clients get 204.

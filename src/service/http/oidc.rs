@@ -132,9 +132,17 @@ pub(super) async fn oidc_callback(
     Query(q): Query<CallbackQuery>,
 ) -> Response {
     let secure = app.service.policy().cookie.secure;
-    let mut resp = match callback(&app, peer, &headers, q).await {
+    let addr = peer.as_ref().map(|c| c.0.0);
+    // A refusal once the session was asked for is audited by the service.
+    let mut session_asked = false;
+    let mut resp = match callback(&app, peer, &headers, q, &mut session_asked).await {
         Ok(resp) => resp,
         Err(e) => {
+            if !session_asked {
+                let client = super::extract::client_of(&app, &headers, addr);
+                app.service
+                    .audit_oidc_refusal(&client, e.code, now_millis());
+            }
             tracing::info!(code = e.code.as_str(), reason = %e.message, "OpenID Connect sign-in refused");
             refusal(&headers, e)
         }
@@ -149,6 +157,7 @@ async fn callback(
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: &HeaderMap,
     q: CallbackQuery,
+    session_asked: &mut bool,
 ) -> Result<Response, ApiError> {
     let oidc = app.config.oidc.as_ref().ok_or_else(not_configured)?;
     let policy = app.service.policy();
@@ -220,6 +229,7 @@ async fn callback(
         .and_then(serde_json::Value::as_str)
         .filter(|s| !s.is_empty() && s.len() <= 255)
         .map(str::to_string);
+    *session_asked = true;
     let issued = app
         .service
         .start_session(start, &client, now_millis)

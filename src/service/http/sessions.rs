@@ -41,6 +41,7 @@ pub(super) async fn list(State(app): Shared, headers: HeaderMap) -> Result<Respo
 
 pub(super) async fn end_one(
     State(app): Shared,
+    peer: super::Peer,
     Path(sid): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -49,7 +50,10 @@ pub(super) async fn end_one(
     if sid.is_empty() || sid.len() > MAX_SID_LEN {
         return Err(ApiError::new(Code::SessionNotFound, "no such session"));
     }
-    app.service.end_session(token, &sid, now_millis()).await?;
+    let client = || extract::client_of(&app, &headers, peer.as_ref().map(|c| c.0.0));
+    app.service
+        .end_session_from(token, &sid, &client, now_millis())
+        .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -18,6 +18,7 @@
 use std::net::IpAddr;
 
 use super::{Client, Issued, SessionStart, TokenService};
+use crate::service::audit::{Event, Limit, Method, Who};
 use crate::service::error::{ApiError, Code};
 use crate::service::hashing::{HashPool, PoolError};
 use crate::service::rules::{self, Millis};
@@ -75,7 +76,33 @@ impl TokenService {
         clock: impl Fn() -> Millis,
     ) -> Result<Issued, ApiError> {
         let client = client.into();
-        let result = self.login_inner(name, password, &client, clock).await;
+        let result = match self.check_password(name, password, &client).await {
+            Ok(user) => {
+                self.start_session(
+                    SessionStart {
+                        sub: user.name.clone(),
+                        pwv: Some(user.password_version.clone()),
+                        ..SessionStart::default()
+                    },
+                    &client,
+                    clock,
+                )
+                .await
+            }
+            Err((e, limit)) => {
+                // The name as typed, if it is one a user could have.
+                let who = Who {
+                    user: Some(name).filter(|n| !n.is_empty() && n.len() <= MAX_NAME_LEN),
+                    ..Who::default()
+                };
+                let (now, m) = (clock(), Method::Password);
+                self.audit.emit(match limit {
+                    Some(l) => Event::login_refused(now, who, m, &client, l),
+                    None => Event::login_failed(now, who, m, &client, e.code),
+                });
+                Err(e)
+            }
+        };
         let outcome = match &result {
             Ok(_) => "success",
             Err(e) => e.code.as_str(),
@@ -84,29 +111,33 @@ impl TokenService {
         result
     }
 
-    async fn login_inner(
+    /// The user whose password this is; or the refusal, and the limit
+    /// that refused it if one did.
+    async fn check_password(
         &self,
         name: &str,
         password: &str,
         client: &Client,
-        clock: impl Fn() -> Millis,
-    ) -> Result<Issued, ApiError> {
+    ) -> Result<User, (ApiError, Option<Limit>)> {
         if name.is_empty() || name.len() > MAX_NAME_LEN || password.len() > MAX_PASSWORD_LEN {
-            return Err(ApiError::new(
-                Code::InvalidRequest,
-                "username must be 1-256 bytes and password at most 1024 bytes",
+            return Err((
+                ApiError::new(
+                    Code::InvalidRequest,
+                    "username must be 1-256 bytes and password at most 1024 bytes",
+                ),
+                None,
             ));
         }
         // Refused for every name alike, before any lookup or hashing.
         if password.is_empty() {
-            return Err(ApiError::new(
-                Code::InvalidRequest,
-                "password must not be empty",
+            return Err((
+                ApiError::new(Code::InvalidRequest, "password must not be empty"),
+                None,
             ));
         }
         // A place in the hashing line first: a login that finds it full is
         // turned away before it costs a store round trip.
-        let place = self.hashing.admit().map_err(busy)?;
+        let place = self.hashing.admit().map_err(|e| (busy(e), None))?;
         let user_key = format!("user:{name}");
         let addr_key = client.addr.map(address_key);
         let taken = self.take_attempts(&user_key, addr_key.as_deref()).await?;
@@ -122,38 +153,62 @@ impl TokenService {
             Err(e) => {
                 // Never checked: the attempts go back.
                 self.release_attempts(&taken).await;
-                return Err(busy(e));
+                return Err((busy(e), None));
             }
         };
         let Some(user) = user else {
             tracing::info!(user = ?name, "login refused: invalid credentials");
-            return Err(ApiError::new(
-                Code::InvalidCredentials,
-                "invalid username or password",
+            return Err((
+                ApiError::new(Code::InvalidCredentials, "invalid username or password"),
+                None,
             ));
         };
         self.release_attempts(&taken).await;
-        self.start_session(
-            SessionStart {
-                sub: user.name.clone(),
-                pwv: Some(user.password_version.clone()),
-                ..SessionStart::default()
-            },
-            client,
-            clock,
-        )
-        .await
+        Ok(user)
     }
 
     /// The first token of a new session, for a user who has just proved who
     /// they are (a password, or an OpenID Connect provider's ID token): one
     /// path, so that every way in gives a session that the policy governs
     /// alike. `clock` is read here, after the (slow) proof.
+    /// Writes the login's event to the audit trail, whatever the outcome.
     pub async fn start_session(
         &self,
         start: SessionStart,
         client: &Client,
         clock: impl Fn() -> Millis,
+    ) -> Result<Issued, ApiError> {
+        let method = if start.idp.is_some() {
+            Method::Oidc
+        } else {
+            Method::Password
+        };
+        let (sub, idp) = (start.sub.clone(), start.idp.clone());
+        let result = self.start_session_inner(start, client, &clock).await;
+        let who = Who {
+            user: Some(&sub),
+            provider: idp.as_deref(),
+            sid: None,
+        };
+        let now = clock();
+        self.audit.emit(match &result {
+            Ok(issued) => Event::login_succeeded(now, Who::of(&issued.claims), client),
+            Err(e) if e.code == Code::TooManyAttempts => {
+                Event::login_refused(now, who, method, client, Limit::LoginsPerUser)
+            }
+            Err(e) if e.code == Code::SessionLimit => {
+                Event::login_refused(now, who, method, client, Limit::SessionsPerUser)
+            }
+            Err(e) => Event::login_failed(now, who, method, client, e.code),
+        });
+        result
+    }
+
+    async fn start_session_inner(
+        &self,
+        start: SessionStart,
+        client: &Client,
+        clock: &impl Fn() -> Millis,
     ) -> Result<Issued, ApiError> {
         // Successful logins are counted too, per user: each is a session
         // the store may have to revoke later.
@@ -206,14 +261,15 @@ impl TokenService {
         &self,
         user_key: &'k str,
         addr_key: Option<&'k str>,
-    ) -> Result<Vec<&'k str>, ApiError> {
+    ) -> Result<Vec<&'k str>, (ApiError, Option<Limit>)> {
         let t = self.throttle;
         if let Take::Refused { retry_in } = self
             .store
             .take_attempt(user_key, t.max_per_user, t.window)
-            .await?
+            .await
+            .map_err(|e| (e.into(), None))?
         {
-            return Err(too_many(retry_in));
+            return Err((too_many(retry_in), Some(Limit::FailedPerUser)));
         }
         let Some(addr_key) = addr_key else {
             return Ok(vec![user_key]);
@@ -226,11 +282,11 @@ impl TokenService {
             Ok(Take::Allowed) => Ok(vec![user_key, addr_key]),
             Ok(Take::Refused { retry_in }) => {
                 self.release_attempts(&[user_key]).await;
-                Err(too_many(retry_in))
+                Err((too_many(retry_in), Some(Limit::FailedPerAddress)))
             }
             Err(e) => {
                 self.release_attempts(&[user_key]).await;
-                Err(e.into())
+                Err((e.into(), None))
             }
         }
     }

@@ -11,8 +11,9 @@
 
 use sha2::{Digest, Sha256};
 
-use super::{Client, TokenService};
+use super::{Client, ClientFn, TokenService, nobody};
 use crate::policy::{Policy, SessionLimitPolicy};
+use crate::service::audit::{By, Event, Reason, Who};
 use crate::service::error::{ApiError, Code};
 use crate::service::rules::{self, Millis, Standing};
 use crate::service::store::{LimitAction, Registered, Revoked, SessionEntry, SessionLimit};
@@ -103,6 +104,13 @@ impl TokenService {
                         let _ = self.store.remove_session(&user, &claims.sid).await;
                         return Err(e);
                     }
+                    self.audit.emit(Event::session_revoked(
+                        now,
+                        Who::of(claims).sid(&old.sid),
+                        client,
+                        By::SessionLimit,
+                        Reason::MaxSessions,
+                    ));
                     tracing::info!(user = ?claims.sub, sid = %old.sid, "session limit: oldest session ended");
                 }
                 Ok(())
@@ -158,9 +166,14 @@ impl TokenService {
 
     /// The caller, from a token valid now (a token past its expiry is
     /// refreshed first).
-    async fn caller(&self, token: &str, now: Millis) -> Result<std::sync::Arc<Claims>, ApiError> {
+    async fn caller(
+        &self,
+        token: &str,
+        client: ClientFn<'_>,
+        now: Millis,
+    ) -> Result<std::sync::Arc<Claims>, ApiError> {
         let policy = self.policy.load_full();
-        let (claims, standing) = self.judge(token, &policy, now).await?;
+        let (claims, standing) = self.judge(token, &policy, client, now).await?;
         if !matches!(standing, Standing::Valid { .. }) {
             return Err(ApiError::new(
                 Code::ExpiredToken,
@@ -202,7 +215,7 @@ impl TokenService {
 
     /// `GET /v1/sessions`: the caller's live sessions.
     pub async fn sessions(&self, token: &str, now: Millis) -> Result<SessionList, ApiError> {
-        let claims = self.caller(token, now).await?;
+        let claims = self.caller(token, &nobody, now).await?;
         let sessions = self.live_entries(&claims, now).await?;
         Ok(SessionList {
             current: claims.sid.clone(),
@@ -213,7 +226,18 @@ impl TokenService {
     /// `DELETE /v1/sessions/{sid}`: ends one of the caller's sessions. A
     /// session of another user is answered exactly as one that does not exist.
     pub async fn end_session(&self, token: &str, sid: &str, now: Millis) -> Result<(), ApiError> {
-        let claims = self.caller(token, now).await?;
+        self.end_session_from(token, sid, &nobody, now).await
+    }
+
+    /// [`TokenService::end_session`] for `client` (for the audit trail).
+    pub async fn end_session_from(
+        &self,
+        token: &str,
+        sid: &str,
+        client: ClientFn<'_>,
+        now: Millis,
+    ) -> Result<(), ApiError> {
+        let claims = self.caller(token, client, now).await?;
         let Some(entry) = self
             .live_entries(&claims, now)
             .await?
@@ -226,6 +250,13 @@ impl TokenService {
         self.store
             .remove_session(&claims_user(&claims), sid)
             .await?;
+        self.audit.emit(Event::session_revoked(
+            now,
+            Who::of(&claims).sid(sid),
+            &client(),
+            By::User,
+            Reason::EndedByUser,
+        ));
         tracing::info!(user = ?claims.sub, sid = %sid, "session ended by its user");
         Ok(())
     }
@@ -233,15 +264,37 @@ impl TokenService {
     /// `POST /v1/logout?everywhere=true`: ends every session of the
     /// caller's user, on every replica, the caller's own included.
     pub async fn logout_everywhere(&self, token: &str, now: Millis) -> Result<(), ApiError> {
+        self.logout_everywhere_from(token, &nobody, now).await
+    }
+
+    /// [`TokenService::logout_everywhere`] for `client` (for the audit trail).
+    pub async fn logout_everywhere_from(
+        &self,
+        token: &str,
+        client: ClientFn<'_>,
+        now: Millis,
+    ) -> Result<(), ApiError> {
         let policy = self.policy.load_full();
         // A token past its expiry but still renewable may sign out too.
-        let (claims, _) = self.judge(token, &policy, now).await?;
+        let (claims, _) = self.judge(token, &policy, client, now).await?;
         let entries = self
             .store
             .remove_user_sessions(&claims_user(&claims))
             .await?;
+        let client = client();
+        let mut others = 0;
         for e in entries.iter().filter(|e| e.sid != claims.sid) {
             self.end_entry(&claims, e, now).await?;
+            if e.ends > now {
+                others += 1;
+                self.audit.emit(Event::session_revoked(
+                    now,
+                    Who::of(&claims).sid(&e.sid),
+                    &client,
+                    By::User,
+                    Reason::LogoutEverywhere,
+                ));
+            }
         }
         self.revoke(&claims, now).await?;
         // Sessions the registry does not hold (its entry lost, or made
@@ -257,6 +310,8 @@ impl TokenService {
             .await?;
         super::merge_end(&self.user_ends, &key, Some(at), std::time::Instant::now());
         self.metrics.revocations.inc();
+        self.audit
+            .emit(Event::logout(now, Who::of(&claims), &client, Some(others)));
         tracing::info!(user = ?claims.sub, sessions = entries.len(), "logout everywhere");
         Ok(())
     }
