@@ -41,10 +41,12 @@ pub enum Code {
     SessionLimit,
     /// No session of the caller's with that id.
     SessionNotFound,
+    /// The session saw no activity for `sessionIdleTimeout`.
+    IdleSession,
 }
 
 impl Code {
-    pub const ALL: [Code; 25] = [
+    pub const ALL: [Code; 26] = [
         Code::EmptyToken,
         Code::InvalidToken,
         Code::ExpiredToken,
@@ -70,6 +72,7 @@ impl Code {
         Code::ForbiddenGroup,
         Code::SessionLimit,
         Code::SessionNotFound,
+        Code::IdleSession,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -99,6 +102,7 @@ impl Code {
             Code::ForbiddenGroup => "FORBIDDEN_GROUP",
             Code::SessionLimit => "SESSION_LIMIT",
             Code::SessionNotFound => "SESSION_NOT_FOUND",
+            Code::IdleSession => "IDLE_SESSION",
         }
     }
 
@@ -225,12 +229,13 @@ mod contract {
                 | ForbiddenUser
                 | ForbiddenGroup
                 | SessionLimit
-                | SessionNotFound => seen.insert(c),
+                | SessionNotFound
+                | IdleSession => seen.insert(c),
             };
         }
         assert_eq!(
             seen.len(),
-            25,
+            26,
             "a code is missing from Code::ALL or listed twice"
         );
     }

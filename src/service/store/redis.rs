@@ -28,12 +28,13 @@ use dashmap::DashMap;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
+use super::activity::redis_side;
 use super::redis_conn::{RedisConn, RedisTls};
 use super::redis_url::RedisTarget;
 use super::registry::{LIST_SCRIPT, REGISTER_SCRIPT, REMOVE_ALL_SCRIPT, REMOVE_SCRIPT};
 use super::{
-    Attempts, Claim, DEFAULT_MAX_REVOCATIONS, LimitAction, OneTimeStore, RefreshRecord, Registered,
-    Revoked, SessionEntry, SessionLimit, StoreError, Take,
+    Activity, Attempts, Claim, DEFAULT_MAX_REVOCATIONS, IdleCheck, LimitAction, OneTimeStore,
+    RefreshRecord, Registered, Revoked, SessionEntry, SessionLimit, StoreError, Take,
 };
 use crate::clock::Millis;
 
@@ -343,6 +344,17 @@ impl RedisStore {
     fn registry_keys(&self, user: &str) -> (String, String) {
         let base = format!("{}:{{reg-{user}}}", self.prefix);
         (format!("{base}:sessions"), format!("{base}:session:"))
+    }
+
+    /// A session's activity key and its registry keys, under the user's
+    /// hash tag (see `activity.rs`).
+    fn activity_keys(&self, a: &Activity) -> redis_side::Keys {
+        let (index, entries) = self.registry_keys(&a.user);
+        redis_side::Keys {
+            activity: format!("{}:{{reg-{}}}:active:{}", self.prefix, a.user, a.sid),
+            entry: format!("{entries}{}", a.sid),
+            index,
+        }
     }
 
     /// Throttle keys hash what came from outside (user names, addresses).
@@ -698,6 +710,19 @@ impl OneTimeStore for RedisStore {
         let raw: Vec<String> = self.run(inv.invoke_async(&mut conn)).await?;
         entries(raw)
     }
+
+    async fn record_activity(&self, batch: &[Activity]) -> Result<(), StoreError> {
+        redis_side::record(&self.conn, batch, |a| self.activity_keys(a)).await
+    }
+
+    async fn check_idle(
+        &self,
+        a: &Activity,
+        floor: Millis,
+        idle_before: Millis,
+    ) -> Result<IdleCheck, StoreError> {
+        redis_side::check(&self.conn, a, self.activity_keys(a), floor, idle_before).await
+    }
 }
 
 #[cfg(test)]
@@ -872,6 +897,10 @@ mod tests {
         registry::ended_sessions_are_not_listed(&s, "u-end").await;
         let racing = std::sync::Arc::new(RedisStore::new(&url, &prefix).unwrap());
         registry::the_limit_holds_under_a_race(racing, "u-race").await;
+        crate::service::store::activity::contract::activity_is_recorded_and_idle_ends_for_good(
+            &s, "u-idle",
+        )
+        .await;
     }
 
     /// 10,000 sessions that have ended leave no key behind in Redis: every
