@@ -52,9 +52,14 @@ pub fn idle_locally(known: Millis, t: u64, now: Millis) -> bool {
 /// can be newer than `last` by the slack or more; never later than the
 /// timeout plus the slack after the true last activity.
 pub fn idle_shared(last: Millis, t: u64, now: Millis) -> bool {
-    now >= last
-        .saturating_add(ms(t as i64))
-        .saturating_add(idle_slack(t))
+    last <= idle_bound(t, now)
+}
+
+/// [`idle_shared`] as the store applies it: the latest shared last activity
+/// (ms) that means the session is over at `now`.
+pub fn idle_bound(t: u64, now: Millis) -> Millis {
+    now.saturating_sub(ms(t as i64))
+        .saturating_sub(idle_slack(t))
 }
 
 /// The latest moment the token itself proves activity at: its session's

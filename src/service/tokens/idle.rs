@@ -335,9 +335,7 @@ impl TokenService {
             at: now,
             ttl: ends.saturating_sub(now).max(1_000),
         };
-        let idle_before = now
-            .saturating_sub((t as Millis).saturating_mul(1_000))
-            .saturating_sub(rules::idle_slack(t));
+        let idle_before = rules::idle_bound(t, now);
         match self.store.check_idle(&a, floor, idle_before).await? {
             IdleCheck::Active { .. } => {
                 self.idle.checked(c, user, t, ends, now);
@@ -367,9 +365,7 @@ impl TokenService {
         if policy.max_sessions_per_user == 0 {
             return Ok(());
         }
-        let idle_before = now
-            .saturating_sub((t as Millis).saturating_mul(1_000))
-            .saturating_sub(rules::idle_slack(t));
+        let idle_before = rules::idle_bound(t, now);
         for e in self.store.list_sessions(user, now).await? {
             if !rules::idle_shared(e.last_active.max(e.started), t, now) {
                 continue;
