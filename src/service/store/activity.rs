@@ -293,3 +293,55 @@ pub(crate) mod contract {
         );
     }
 }
+
+#[cfg(test)]
+mod cluster_tests {
+    use std::sync::Arc;
+
+    use crate::service::store::RedisStore;
+    use crate::service::store::registry::contract as registry;
+
+    /// The registry and activity contracts on a real Redis Cluster
+    /// (`TOKENPOLICY_TEST_REDIS_CLUSTER`, a `redis+cluster://` URL; tests/run.sh
+    /// starts one and runs this test): every key of a user's sessions shares
+    /// the user's hash tag, so each script runs on one slot. Without a
+    /// cluster it fails: it never passes untested.
+    #[tokio::test]
+    #[ignore = "needs a Redis Cluster in TOKENPOLICY_TEST_REDIS_CLUSTER; tests/run.sh runs it"]
+    async fn redis_cluster_keeps_the_registry_contract() {
+        let url = std::env::var("TOKENPOLICY_TEST_REDIS_CLUSTER")
+            .expect("TOKENPOLICY_TEST_REDIS_CLUSTER names the Redis Cluster to test against");
+        assert!(url.starts_with("redis+cluster://"), "{url}");
+        let prefix = format!("cluster-{}", uuid::Uuid::new_v4().simple());
+        let s = RedisStore::new(&url, &prefix).unwrap();
+        registry::sessions_are_listed_and_removed(&s, "u-list").await;
+        registry::the_limit_evicts_the_oldest_or_refuses(&s, "u-limit").await;
+        registry::ended_sessions_are_not_listed(&s, "u-end").await;
+        registry::the_limit_holds_under_a_race(
+            Arc::new(RedisStore::new(&url, &prefix).unwrap()),
+            "u-race",
+        )
+        .await;
+        super::contract::activity_is_recorded_and_idle_ends_for_good(&s, "u-idle").await;
+        // A batch across many users lands on many slots: written all the same.
+        let t = crate::clock::now_millis();
+        let batch: Vec<_> = (0..64)
+            .map(|i| super::Activity {
+                user: format!("u-spread-{i}"),
+                sid: format!("s{i}"),
+                at: t + i,
+                ttl: 60_000,
+            })
+            .collect();
+        use crate::service::store::OneTimeStore as _;
+        s.record_activity(&batch).await.unwrap();
+        for a in &batch {
+            assert_eq!(
+                s.check_idle(a, 0, t - 1).await.unwrap(),
+                super::IdleCheck::Active { last: a.at },
+                "{}",
+                a.user
+            );
+        }
+    }
+}
