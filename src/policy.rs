@@ -631,6 +631,14 @@ mod tests {
         .unwrap();
         assert_eq!(p.idle_timeout, Some(900));
         assert_eq!(Policy::default().idle_timeout, None);
+        // The cluster object, as the API server hands it to `--policy-ref`.
+        let tp: crate::crd::TokenPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "auth.tokenpolicy.io/v1alpha1", "kind": "TokenPolicy",
+            "metadata": {"name": "a", "namespace": "team"},
+            "spec": {"sessionIdleTimeout": "10m"}
+        }))
+        .unwrap();
+        assert_eq!(Policy::from_spec(&tp.spec).unwrap().idle_timeout, Some(600));
         let with = |idle: &str, session: &str| {
             let mut s = spec(session, "1s", "0s");
             s.session_idle_timeout = Some(idle.into());

@@ -30,8 +30,9 @@ pub enum IdleCheck {
     /// Alive: this request's activity is recorded; `last` is the latest
     /// activity the store held before it (or the floor given).
     Active { last: Millis },
-    /// Ended for idleness, now or before: for good.
-    Ended,
+    /// Ended for idleness, for good: by this very check (`just_now`), or
+    /// before it.
+    Ended { just_now: bool },
 }
 
 /// Records activity: KEYS[1] the session's activity key, KEYS[2] its
@@ -61,10 +62,11 @@ return 1
 /// token itself proves), ARGV[3] the latest last activity that means idle
 /// (now - timeout - slack), ARGV[4] ms to keep the record, ARGV[5] the sid.
 /// Idle: marks it so for good and takes the registry entry out; returns
-/// -1. Else records now and returns the last activity before it.
+/// -1 (-2 when it was so already). Else records now and returns the last
+/// activity before it.
 pub(super) const CHECK_SCRIPT: &str = r#"
 local v = redis.call('GET', KEYS[1])
-if v == 'idle' then return -1 end
+if v == 'idle' then return -2 end
 local last = tonumber(ARGV[2])
 local n = tonumber(v or '')
 if n ~= nil and n > last then last = n end
@@ -168,10 +170,10 @@ pub(super) mod redis_side {
             .await
             .map_err(|_| StoreError::Unavailable("Redis did not answer in time".into()))?
             .map_err(unavailable)?;
-        Ok(if last < 0 {
-            IdleCheck::Ended
-        } else {
-            IdleCheck::Active { last }
+        Ok(match last {
+            -1 => IdleCheck::Ended { just_now: true },
+            l if l < 0 => IdleCheck::Ended { just_now: false },
+            last => IdleCheck::Active { last },
         })
     }
 }
@@ -252,7 +254,7 @@ pub(crate) mod contract {
                 .check_idle(&act(user, "b", t + 20_000), t, t + 700)
                 .await
                 .unwrap(),
-            IdleCheck::Ended
+            IdleCheck::Ended { just_now: true }
         );
         let listed = store.list_sessions(user, t).await.unwrap();
         assert_eq!(
@@ -269,7 +271,7 @@ pub(crate) mod contract {
                 .check_idle(&act(user, "b", t + 30_000), t + 30_000, 0)
                 .await
                 .unwrap(),
-            IdleCheck::Ended
+            IdleCheck::Ended { just_now: false }
         );
         // Another session of the user is untouched.
         assert_eq!(

@@ -390,7 +390,9 @@ impl OneTimeStore for MemoryStore {
         let now = Instant::now();
         let mut m = self.lock();
         let held = match m.activity.get(&a.sid) {
-            Some((None, until)) if *until > now => return Ok(IdleCheck::Ended),
+            Some((None, until)) if *until > now => {
+                return Ok(IdleCheck::Ended { just_now: false });
+            }
             Some((Some(last), until)) if *until > now => *last,
             _ => floor,
         };
@@ -403,7 +405,7 @@ impl OneTimeStore for MemoryStore {
                 list.retain(|e| e.sid != a.sid);
             }
             m.forget_if_empty(&a.user);
-            return Ok(IdleCheck::Ended);
+            return Ok(IdleCheck::Ended { just_now: true });
         }
         m.record(a, now);
         Ok(IdleCheck::Active { last })

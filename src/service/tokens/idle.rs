@@ -17,7 +17,8 @@
 //!   the session is over only if the shared last activity is the timeout
 //!   plus the slack old; then it is over for good, on every replica.
 //!
-//! [`TokenService::idle_end`] is where an idle end is decided.
+//! [`TokenService::idle_decision`] is where an idle end is decided (and
+//! told, once, by the replica that made it).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -311,7 +312,6 @@ fn sweep(inner: &Inner, now: Millis) {
 impl TokenService {
     /// Rule 2's idle clause: whether the session of `c` ended for
     /// inactivity (`IDLE_SESSION`); if not, this request is its activity.
-    /// The one place where an idle end is decided.
     pub(super) async fn idle_end(
         &self,
         c: &Claims,
@@ -335,18 +335,39 @@ impl TokenService {
             at: now,
             ttl: ends.saturating_sub(now).max(1_000),
         };
-        let idle_before = rules::idle_bound(t, now);
-        match self.store.check_idle(&a, floor, idle_before).await? {
+        match self.idle_decision(&c.sub, &a, floor, t, now).await? {
             IdleCheck::Active { .. } => {
                 self.idle.checked(c, user, t, ends, now);
                 Ok(())
             }
-            IdleCheck::Ended => {
+            IdleCheck::Ended { .. } => {
                 self.idle.ended(c, user, ends);
-                tracing::info!(user = ?c.sub, sid = %c.sid, "session ended after inactivity");
                 Err(idle_error())
             }
         }
+    }
+
+    /// Where an idle end is decided, in one atomic store step (see
+    /// [`OneTimeStore::check_idle`]): the session of `a` (of user `sub`)
+    /// ends if its shared last activity, at least `floor`, is the timeout
+    /// `t` plus the slack old at `now`; else `a` is its activity. An end
+    /// is told once, by the replica whose check made it (`just_now`).
+    async fn idle_decision(
+        &self,
+        sub: &str,
+        a: &Activity,
+        floor: Millis,
+        t: u64,
+        now: Millis,
+    ) -> Result<IdleCheck, ApiError> {
+        let answer = self
+            .store
+            .check_idle(a, floor, rules::idle_bound(t, now))
+            .await?;
+        if answer == (IdleCheck::Ended { just_now: true }) {
+            tracing::info!(user = ?sub, sid = %a.sid, "session ended after inactivity");
+        }
+        Ok(answer)
     }
 
     /// Before a login claims the per-user limit: the user's sessions that
@@ -355,6 +376,7 @@ impl TokenService {
     /// nobody uses any more do not hold the user's places.
     pub(super) async fn end_idle_sessions(
         &self,
+        of: &Claims,
         user: &str,
         policy: &Policy,
         now: Millis,
@@ -365,7 +387,6 @@ impl TokenService {
         if policy.max_sessions_per_user == 0 {
             return Ok(());
         }
-        let idle_before = rules::idle_bound(t, now);
         for e in self.store.list_sessions(user, now).await? {
             if !rules::idle_shared(e.last_active.max(e.started), t, now) {
                 continue;
@@ -376,9 +397,7 @@ impl TokenService {
                 at: now,
                 ttl: e.ends.saturating_sub(now).max(1_000),
             };
-            if self.store.check_idle(&a, e.started, idle_before).await? == IdleCheck::Ended {
-                tracing::info!(sid = %e.sid, "session ended after inactivity");
-            }
+            self.idle_decision(&of.sub, &a, e.started, t, now).await?;
         }
         Ok(())
     }

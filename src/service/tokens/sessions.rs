@@ -82,7 +82,7 @@ impl TokenService {
             user_agent: client.user_agent.clone(),
         };
         let user = claims_user(claims);
-        self.end_idle_sessions(&user, policy, now).await?;
+        self.end_idle_sessions(claims, &user, policy, now).await?;
         match self
             .store
             .register_session(&user, &entry, limit_of(policy), now)
