@@ -109,13 +109,16 @@ cluster_pids=()
 cluster_nodes=()
 for i in 1 2 3; do
   p=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+  # The bus port is given, not port + 10000 (which a high free port overflows).
+  bus=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
   mkdir -p "$cluster_dir/$i"
   redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
-    --cluster-enabled yes --cluster-config-file "$cluster_dir/$i/nodes.conf" --dir "$cluster_dir/$i" \
+    --cluster-enabled yes --cluster-port "$bus" \
+    --cluster-config-file "$cluster_dir/$i/nodes.conf" --dir "$cluster_dir/$i" \
     >"$cluster_dir/$i.log" 2>&1 &
   cluster_pids+=($!)
   cluster_nodes+=("127.0.0.1:$p")
-  for _ in $(seq 50); do redis-cli -p "$p" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  for _ in $(seq 100); do redis-cli -p "$p" ping >/dev/null 2>&1 && break; sleep 0.1; done
 done
 trap 'kill $redis_pid "${cluster_pids[@]}" 2>/dev/null || true' EXIT
 redis-cli --cluster create "${cluster_nodes[@]}" --cluster-yes >/dev/null
