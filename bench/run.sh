@@ -31,6 +31,8 @@ if ((${#need[@]})); then apt-get update -qq && apt-get install -y -qq "${need[@]
 command -v openssl >/dev/null || { apt-get install -y -qq openssl >/dev/null; }
 
 . bench/lib.sh
+# Calls of one Redis command so far (INFO commandstats), scripts' own included.
+cmdstat() { redis-cli -p "$rport" info commandstats | awk -F'[=,:]' -v c="cmdstat_$1" '$1 == c {print $3}' | grep . || echo 0; }
 
 # Redis, a shared key, users and policies.
 rport=$(free_port)
@@ -84,7 +86,12 @@ start() { # name, policy, extra args... -> prints the port
 read -r pa pida < <(start a "$work/oidc.yaml" --oidc-client-secret-file "$work/oidc-secret"); wait_http "127.0.0.1:$pa/readyz"
 read -r pb pidb < <(start b examples/tokenpolicy.yaml); wait_http "127.0.0.1:$pb/readyz"
 read -r ps pids_ < <(start short "$work/short.yaml"); wait_http "127.0.0.1:$ps/readyz"
-pids+=("$pida" "$pidb" "$pids_")
+# The same policy with an idle timeout (30m: longer than the logins above
+# take on a busy machine, so that no bench session is idle yet): verify
+# keeps recording activity, one write per session per 88.75 s at most.
+{ cat examples/tokenpolicy.yaml; echo '  sessionIdleTimeout: 30m'; } >"$work/idle.yaml"
+read -r pi pidi < <(start idle "$work/idle.yaml"); wait_http "127.0.0.1:$pi/readyz"
+pids+=("$pida" "$pidb" "$pids_" "$pidi")
 
 echo "logging in: $distinct sessions for verify, 2 x $chains for refresh chains..." >&2
 python3 bench/tokens.py "$pa" bench bench-password "$distinct" >"$work/tokens"
@@ -143,7 +150,19 @@ for round in $(seq "$rounds"); do
   row "/v1/verify, 1 OIDC session's token" healthz -H "Authorization: Bearer $oidc_one" "http://127.0.0.1:$pa/v1/verify"
   VERIFY_PATH=/healthz TOKENS="$work/tokens" row "/healthz, $distinct tokens' requests" healthz -s bench/lua/verify-random.lua "http://127.0.0.1:$pa/healthz"
   TOKENS="$work/tokens" row "/v1/verify, $distinct tokens at random" healthz-lua -s bench/lua/verify-random.lua "http://127.0.0.1:$pa/v1/verify"
+  # The same two on the replica with the idle timeout. Its activity writes
+  # to Redis are the script calls less the epoch checks (one TIME each),
+  # counted from the first round's rows to the last's: per session and
+  # minute of that wall time, the sessions being used in every round.
+  if [ "$round" = 1 ]; then e0=$(cmdstat evalsha); m0=$(cmdstat time); i0=$(date +%s.%N); fi
+  row "/v1/verify, 1 token, idle timeout" healthz "${auth[@]}" "http://127.0.0.1:$pi/v1/verify"
+  TOKENS="$work/tokens" row "/v1/verify, $distinct tokens at random, idle timeout" healthz-lua -s bench/lua/verify-random.lua "http://127.0.0.1:$pi/v1/verify"
 done
+sleep 0.5   # the last flush
+e1=$(cmdstat evalsha); m1=$(cmdstat time); i1=$(date +%s.%N)
+writes=$(( (e1 - e0) - (m1 - m0) ))
+per_min=$(python3 -c "print(f'{$writes/$distinct/(($i1-$i0)/60):.2f}')")
+echo "idle timeout: activity writes/s, $distinct sessions|-|$(python3 -c "print(round($writes/($i1-$i0)))")|-|writes=$writes per_session_per_minute=$per_min|1" >>"$results"
 round=1
 row "/v1/verify, invalid signature" healthz -H "Authorization: Bearer $invalid" "http://127.0.0.1:$pa/v1/verify"
 row "/v1/verify, expired, renewable" healthz -H "Authorization: Bearer $expired" "http://127.0.0.1:$ps/v1/verify"

@@ -62,6 +62,19 @@ const TOKEN_BOUNDS: &str = concat!(
     cel_seconds!("self"),
     " <= 604800"
 );
+/// `sessionIdleTimeout`, when set, lies within the session.
+const IDLE_WITHIN_SESSION: &str = concat!(
+    "!has(self.sessionIdleTimeout) || ",
+    cel_seconds!("self.sessionIdleTimeout"),
+    " <= ",
+    cel_field!("sessionExpirationTime", crate::default_session_secs!())
+);
+const IDLE_BOUNDS: &str = concat!(
+    cel_seconds!("self"),
+    " >= 10 && ",
+    cel_seconds!("self"),
+    " <= 31536000"
+);
 const RENEW_BOUNDS: &str = concat!(cel_seconds!("self"), " <= 604800");
 const GRACE_BOUNDS: &str = concat!(cel_seconds!("self"), " <= 60");
 
@@ -103,6 +116,7 @@ fn default_replicas() -> i32 {
 #[x_kube(
     validation = Rule::new(TOKEN_WITHIN_SESSION).message("tokenExpirationTime must not be longer than sessionExpirationTime"),
     validation = Rule::new(RENEW_WITHIN_SESSION).message("expiredTokenRenewLimit must not be longer than sessionExpirationTime"),
+    validation = Rule::new(IDLE_WITHIN_SESSION).message("sessionIdleTimeout must not be longer than sessionExpirationTime"),
     validation = Rule::new("self.replicas <= 1 || has(self.redis)").message("replicas above 1 need redis: the one-time refresh state must be shared"),
     validation = Rule::new("!has(self.oidc) || has(self.externalURL)").message("oidc needs externalURL: the provider sends the browser back to <externalURL>/v1/oidc/callback")
 )]
@@ -162,6 +176,17 @@ pub struct TokenPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = "^(RevokeOldest|RefuseNew)$"))]
     pub session_limit_action: Option<String>,
+
+    /// A session with no activity (a verify, refresh or API call carrying
+    /// one of its tokens, on any replica) for this long ends (10s up to the
+    /// session time). Absent: no idle timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 32),
+        regex(pattern = crate::duration::PATTERN)
+    )]
+    #[x_kube(validation = Rule::new(IDLE_BOUNDS).message("sessionIdleTimeout must be between 10s and 365d"))]
+    pub session_idle_timeout: Option<String>,
 
     /// `iss` of issued tokens. Default `tokenpolicy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -250,6 +275,7 @@ impl Default for TokenPolicySpec {
             revoke_session_on_reuse: None,
             max_sessions_per_user: None,
             session_limit_action: None,
+            session_idle_timeout: None,
             issuer: None,
             audience: None,
             cookie: None,
@@ -513,6 +539,7 @@ mod tests {
             [
                 "tokenExpirationTime must not be longer than sessionExpirationTime",
                 "expiredTokenRenewLimit must not be longer than sessionExpirationTime",
+                "sessionIdleTimeout must not be longer than sessionExpirationTime",
                 "replicas above 1 need redis: the one-time refresh state must be shared",
                 "oidc needs externalURL: the provider sends the browser back to <externalURL>/v1/oidc/callback"
             ]
@@ -650,6 +677,59 @@ mod tests {
             assert!(errors.contains(message), "expected {message:?} in {errors}");
             assert!(Policy::from_spec(&spec).is_err());
         }
+    }
+
+    #[test]
+    fn the_idle_timeout_is_checked_by_cel_as_by_the_service() {
+        let with = |session: &str, idle: &str| {
+            let mut spec = durations(session, "1s", "0s", "0s");
+            spec.session_idle_timeout = Some(idle.into());
+            let ok = Policy::from_spec(&spec).is_ok();
+            (cel_errors(&policy(spec)), ok)
+        };
+        for (session, idle) in [
+            ("10s", "10s"),
+            ("8h", "15m"),
+            ("365d", "365d"),
+            ("1d", "1d"),
+        ] {
+            assert_eq!(
+                with(session, idle),
+                (String::new(), true),
+                "{session} {idle}"
+            );
+        }
+        for (session, idle, message) in [
+            (
+                "8h",
+                "9s",
+                "sessionIdleTimeout must be between 10s and 365d",
+            ),
+            (
+                "8h",
+                "0s",
+                "sessionIdleTimeout must be between 10s and 365d",
+            ),
+            (
+                "1h",
+                "1h1s",
+                "sessionIdleTimeout must not be longer than sessionExpirationTime",
+            ),
+            (
+                "1d",
+                "2d",
+                "sessionIdleTimeout must not be longer than sessionExpirationTime",
+            ),
+        ] {
+            let (errors, ok) = with(session, idle);
+            assert!(errors.contains(message), "{session} {idle}: {errors}");
+            assert!(!ok, "{session} {idle}: the service accepted it");
+        }
+        // Absent: off, and nothing to check.
+        assert_eq!(
+            cel_errors(&policy(durations("8h", "30m", "10m", "10s"))),
+            ""
+        );
     }
 
     /// Samples: every TokenPolicy under examples/ passes both checks; every

@@ -14,6 +14,8 @@ pub const SESSION_BOUNDS: (u64, u64) = (1, 365 * DAY);
 pub const TOKEN_BOUNDS: (u64, u64) = (1, 7 * DAY);
 pub const RENEW_LIMIT_BOUNDS: (u64, u64) = (0, 7 * DAY);
 pub const GRACE_BOUNDS: (u64, u64) = (0, MINUTE);
+/// `sessionIdleTimeout`, when set (and never longer than the session).
+pub const IDLE_BOUNDS: (u64, u64) = (10, 365 * DAY);
 
 pub use crate::crd::DEFAULT_OIDC_SCOPES;
 
@@ -254,6 +256,9 @@ pub struct Policy {
     /// Live sessions per user at most (0: no limit).
     pub max_sessions_per_user: u32,
     pub session_limit_action: SessionLimitPolicy,
+    /// `sessionIdleTimeout` in seconds: a session with no activity for this
+    /// long ends (rule 2). `None`: no idle timeout.
+    pub idle_timeout: Option<u64>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub cookie: Cookie,
@@ -275,6 +280,7 @@ impl Default for Policy {
             revoke_session_on_reuse: true,
             max_sessions_per_user: 0,
             session_limit_action: SessionLimitPolicy::RevokeOldest,
+            idle_timeout: None,
             issuer: None,
             audience: None,
             cookie: Cookie::default(),
@@ -467,7 +473,25 @@ impl Policy {
                 ));
             }
         };
+        let idle_timeout = spec
+            .session_idle_timeout
+            .as_deref()
+            .map(|v| duration_field("sessionIdleTimeout", v, IDLE_BOUNDS))
+            .transpose()?;
+        if let Some(idle) = idle_timeout
+            && idle > session
+        {
+            return Err(field(
+                "sessionIdleTimeout",
+                format!(
+                    "must not be longer than sessionExpirationTime ({} > {})",
+                    format_seconds(idle),
+                    format_seconds(session)
+                ),
+            ));
+        }
         Ok(Policy {
+            idle_timeout,
             session,
             token,
             renew_limit,
@@ -595,6 +619,46 @@ mod tests {
         assert_eq!(
             Policy::from_spec(&s).unwrap_err().to_string(),
             "spec.sessionLimitAction: \"Oldest\" is not RevokeOldest or RefuseNew"
+        );
+    }
+
+    #[test]
+    fn the_idle_timeout_is_read_and_checked() {
+        let p = Policy::from_yaml(
+            "apiVersion: auth.tokenpolicy.io/v1alpha1\nkind: TokenPolicy\nspec:\n  \
+             sessionIdleTimeout: 15m\n",
+        )
+        .unwrap();
+        assert_eq!(p.idle_timeout, Some(900));
+        assert_eq!(Policy::default().idle_timeout, None);
+        // The cluster object, as the API server hands it to `--policy-ref`.
+        let tp: crate::crd::TokenPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "auth.tokenpolicy.io/v1alpha1", "kind": "TokenPolicy",
+            "metadata": {"name": "a", "namespace": "team"},
+            "spec": {"sessionIdleTimeout": "10m"}
+        }))
+        .unwrap();
+        assert_eq!(Policy::from_spec(&tp.spec).unwrap().idle_timeout, Some(600));
+        let with = |idle: &str, session: &str| {
+            let mut s = spec(session, "1s", "0s");
+            s.session_idle_timeout = Some(idle.into());
+            Policy::from_spec(&s).map(|p| p.idle_timeout)
+        };
+        assert_eq!(with("10s", "10s"), Ok(Some(10)));
+        assert_eq!(with("8h", "8h"), Ok(Some(28_800)));
+        assert_eq!(
+            with("9s", "8h").unwrap_err().to_string(),
+            "spec.sessionIdleTimeout: 9s is out of range: must be between 10s and 365d"
+        );
+        assert_eq!(
+            with("2h", "1h").unwrap_err().to_string(),
+            "spec.sessionIdleTimeout: must not be longer than sessionExpirationTime (2h > 1h)"
+        );
+        assert!(
+            with("1.5m", "1h")
+                .unwrap_err()
+                .to_string()
+                .starts_with("spec.sessionIdleTimeout:")
         );
     }
 

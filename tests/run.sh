@@ -113,6 +113,36 @@ cargo test --locked --lib -- --ignored --exact service::store::redis::provider::
 
 kill $redis_pid 2>/dev/null || true
 
+# A real Redis Cluster (three masters on free loopback ports) for the
+# registry and activity contracts: every key of one user's sessions must
+# share one slot.
+cluster_dir=$(mktemp -d)
+cluster_pids=()
+cluster_nodes=()
+for i in 1 2 3; do
+  p=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+  # The bus port is given, not port + 10000 (which a high free port overflows).
+  bus=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+  mkdir -p "$cluster_dir/$i"
+  redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
+    --cluster-enabled yes --cluster-port "$bus" \
+    --cluster-config-file "$cluster_dir/$i/nodes.conf" --dir "$cluster_dir/$i" \
+    >"$cluster_dir/$i.log" 2>&1 &
+  cluster_pids+=($!)
+  cluster_nodes+=("127.0.0.1:$p")
+  for _ in $(seq 100); do redis-cli -p "$p" ping >/dev/null 2>&1 && break; sleep 0.1; done
+done
+trap 'kill $redis_pid "${cluster_pids[@]}" 2>/dev/null || true' EXIT
+redis-cli --cluster create "${cluster_nodes[@]}" --cluster-yes >/dev/null
+for _ in $(seq 100); do
+  redis-cli -p "${cluster_nodes[0]##*:}" cluster info | grep -q 'cluster_state:ok' && break; sleep 0.1
+done
+step "registry contract on a Redis Cluster"
+TOKENPOLICY_TEST_REDIS_CLUSTER="redis+cluster://$(IFS=,; echo "${cluster_nodes[*]}")" \
+  cargo test --locked --lib -- --ignored --exact service::store::activity::cluster_tests::redis_cluster_keeps_the_registry_contract
+kill "${cluster_pids[@]}" 2>/dev/null || true
+rm -rf "$cluster_dir"
+
 step "integration tests (real redis-server, two replicas; nginx, Traefik, Caddy; chromium)"
 export TOKENPOLICY_BIN="$CARGO_TARGET_DIR/debug/tokenpolicy"
 # The store soak (about 60 s, test_store_soak.py); TOKENPOLICY_SOAK=0 skips it.

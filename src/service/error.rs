@@ -49,10 +49,12 @@ pub enum Code {
     AdminForbidden,
     /// The admin API: the Kubernetes API server cannot review the token now.
     ReviewUnavailable,
+    /// The session saw no activity for `sessionIdleTimeout`.
+    IdleSession,
 }
 
 impl Code {
-    pub const ALL: [Code; 29] = [
+    pub const ALL: [Code; 30] = [
         Code::EmptyToken,
         Code::InvalidToken,
         Code::ExpiredToken,
@@ -82,6 +84,7 @@ impl Code {
         Code::AdminUnauthenticated,
         Code::AdminForbidden,
         Code::ReviewUnavailable,
+        Code::IdleSession,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -115,6 +118,7 @@ impl Code {
             Code::AdminUnauthenticated => "ADMIN_UNAUTHENTICATED",
             Code::AdminForbidden => "ADMIN_FORBIDDEN",
             Code::ReviewUnavailable => "REVIEW_UNAVAILABLE",
+            Code::IdleSession => "IDLE_SESSION",
         }
     }
 
@@ -248,12 +252,13 @@ mod contract {
                 | InvalidLogoutToken
                 | AdminUnauthenticated
                 | AdminForbidden
-                | ReviewUnavailable => seen.insert(c),
+                | ReviewUnavailable
+                | IdleSession => seen.insert(c),
             };
         }
         assert_eq!(
             seen.len(),
-            29,
+            30,
             "a code is missing from Code::ALL or listed twice"
         );
     }

@@ -19,6 +19,55 @@ pub fn session_end(c: &Claims, p: &Policy) -> i64 {
     c.auth_time.saturating_add(p.session as i64)
 }
 
+/// Rule 2, the idle clause: how late an idle end may come, at most, past
+/// the timeout `t` (seconds): the larger of 5 s and `t / 20`.
+pub fn idle_slack(t: u64) -> Millis {
+    (ms(t as i64) / 20).max(5_000)
+}
+
+/// What a replica's view of the shared last activity may lag behind the
+/// truth, beside its write slice: one flush tick of the background writer,
+/// the write's own way to the store, replica clocks a little apart, and
+/// activity counted from a token's whole-second `iat`.
+pub const IDLE_ALLOWANCE: Millis = 1_250;
+
+/// How often one replica writes one session's activity to the store at
+/// most: the slack minus the allowance (so that the shared last activity
+/// lags the true one by less than the slack).
+pub fn idle_write_slice(t: u64) -> Millis {
+    idle_slack(t) - IDLE_ALLOWANCE
+}
+
+/// Rule 2, the idle clause, as one replica sees it first: activity it saw
+/// itself at `known` (ms) keeps the session alive until `known + t`.
+/// Past that, only the shared last activity can tell ([`idle_shared`]).
+pub fn idle_locally(known: Millis, t: u64, now: Millis) -> bool {
+    now >= known.saturating_add(ms(t as i64))
+}
+
+/// Rule 2, the idle clause, from the shared last activity `last` (ms, the
+/// latest that every replica has written, each at most one write slice
+/// plus the allowance behind its own): the session is over once
+/// `now >= last + t + slack`. Never before the timeout, since no activity
+/// can be newer than `last` by the slack or more; never later than the
+/// timeout plus the slack after the true last activity.
+pub fn idle_shared(last: Millis, t: u64, now: Millis) -> bool {
+    last <= idle_bound(t, now)
+}
+
+/// [`idle_shared`] as the store applies it: the latest shared last activity
+/// (ms) that means the session is over at `now`.
+pub fn idle_bound(t: u64, now: Millis) -> Millis {
+    now.saturating_sub(ms(t as i64))
+        .saturating_sub(idle_slack(t))
+}
+
+/// The latest moment the token itself proves activity at: its session's
+/// login and its own issue (a refresh), both whole seconds.
+pub fn token_activity(c: &Claims) -> Millis {
+    ms(c.auth_time.max(c.iat))
+}
+
 /// Rule 1: when the token stops being valid, under the policy in force now.
 pub fn token_end(c: &Claims, p: &Policy) -> i64 {
     c.exp.min(c.iat.saturating_add(p.token as i64))
@@ -433,6 +482,155 @@ mod tests {
         );
         let extreme = claims(i64::MIN, i64::MIN, i64::MAX);
         let _ = standing(&extreme, &p, ms(T0), i64::MAX);
+    }
+
+    #[test]
+    fn rule2_idle_slack_is_5s_or_a_twentieth() {
+        assert_eq!(idle_slack(10), 5_000);
+        assert_eq!(idle_slack(100), 5_000);
+        assert_eq!(idle_slack(101), 5_050);
+        assert_eq!(idle_slack(3_600), 180_000);
+        assert_eq!(idle_write_slice(10), 3_750);
+        assert!(idle_write_slice(10) + IDLE_ALLOWANCE <= idle_slack(10));
+    }
+
+    #[test]
+    fn rule2_idle_locally_until_known_plus_timeout() {
+        let known = ms(T0);
+        assert!(!idle_locally(known, 10, known + 9_999));
+        assert!(idle_locally(known, 10, known + 10_000));
+        assert!(!idle_locally(i64::MAX, 10, 0));
+    }
+
+    #[test]
+    fn rule2_idle_shared_at_timeout_plus_slack() {
+        let last = ms(T0);
+        assert!(!idle_shared(last, 10, last + 10_000));
+        assert!(!idle_shared(last, 10, last + 14_999));
+        assert!(idle_shared(last, 10, last + 15_000));
+        assert!(!idle_shared(last, 3_600, last + 3_779_999));
+        assert!(idle_shared(last, 3_600, last + 3_780_000));
+        let _ = idle_shared(i64::MAX, u64::MAX, i64::MIN);
+    }
+
+    #[test]
+    fn rule2_token_activity_is_the_later_of_login_and_issue() {
+        assert_eq!(token_activity(&claims(T0, T0 + 5, T0 + 60)), ms(T0 + 5));
+        assert_eq!(token_activity(&claims(T0, T0, T0 + 60)), ms(T0));
+    }
+
+    /// Two replicas, each deciding as the token service does: accept on
+    /// its own recent activity; else read the shared last activity (a
+    /// check that also records this request, or ends the session for good);
+    /// write its own activity at most once per write slice, the write
+    /// landing up to a flush tick and a write's way later.
+    #[derive(Debug, Default, Clone, Copy)]
+    struct Replica {
+        known: Millis,
+        written: Millis,
+        pending: Option<(Millis, Millis)>, // (value, lands at)
+    }
+
+    fn simulate(t: u64, login: Millis, events: &[(bool, Millis, Millis)]) -> Result<(), String> {
+        let slice = idle_write_slice(t);
+        let slack = idle_slack(t);
+        let mut replicas = [
+            Replica {
+                known: login,
+                written: login,
+                pending: None,
+            },
+            Replica::default(),
+        ];
+        let mut shared: Option<Millis> = None; // None: nothing written yet
+        let mut ended = false;
+        let mut truth = login; // the last accepted activity
+        let mut now = login;
+        let floor = login.div_euclid(1_000) * 1_000;
+        for &(on_b, wait, delay) in events {
+            now += wait;
+            // Writes that have landed by now.
+            for r in replicas.iter_mut() {
+                if let Some((v, at)) = r.pending
+                    && at <= now
+                {
+                    if !ended {
+                        shared = Some(shared.unwrap_or(v).max(v));
+                    }
+                    r.pending = None;
+                }
+            }
+            let r = &mut replicas[usize::from(on_b)];
+            let known = r.known.max(floor);
+            let accepted = if !idle_locally(known, t, now) {
+                true
+            } else if ended {
+                false
+            } else {
+                let last = shared.unwrap_or(floor).max(floor);
+                if idle_shared(last, t, now) {
+                    ended = true;
+                    false
+                } else {
+                    shared = Some(now.max(last));
+                    r.written = now;
+                    true
+                }
+            };
+            if accepted {
+                if now >= truth + ms(t as i64) + slack {
+                    return Err(format!(
+                        "alive at {now}, {} ms after the last activity",
+                        now - truth
+                    ));
+                }
+                r.known = r.known.max(now);
+                if r.pending.is_none() && r.known >= r.written + slice {
+                    r.written = r.known;
+                    r.pending = Some((r.known, now + delay));
+                }
+                truth = now;
+            } else if now < truth + ms(t as i64) {
+                return Err(format!(
+                    "ended at {now}, {} ms after the last activity",
+                    now - truth
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rule2_idle_simulation_catches_a_missing_margin() {
+        // Activity on A only, then B asks just past the timeout: B must
+        // not end it (A's last writes may not have landed yet).
+        let t = 10;
+        let login = ms(T0);
+        let mut events = Vec::new();
+        for _ in 0..20 {
+            events.push((false, 900, 1_000));
+        }
+        events.push((true, 9_000, 0));
+        assert_eq!(simulate(t, login, &events), Ok(()));
+    }
+
+    proptest! {
+        /// Rule 2's idle clause across two replicas: no session ends
+        /// before the timeout after its last activity, and none is still
+        /// alive the timeout plus the slack after it.
+        #[test]
+        fn rule2_idle_ends_never_early_and_within_the_slack(
+            t in prop_oneof![Just(10u64), 10u64..400, Just(3_600u64)],
+            events in proptest::collection::vec(
+                (any::<bool>(), 0i64..30_000, 0i64..1_000), 1..120),
+            login_ms in 0i64..1_000,
+        ) {
+            let scaled: Vec<_> = events
+                .iter()
+                .map(|&(b, w, d)| (b, w * (t as i64) / 10, d))
+                .collect();
+            prop_assert_eq!(simulate(t, ms(T0) + login_ms, &scaled), Ok(()));
+        }
     }
 
     proptest! {

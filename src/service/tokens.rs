@@ -21,6 +21,7 @@ use crate::service::users::Users;
 
 pub mod admin;
 mod audited;
+mod idle;
 mod login;
 pub mod provider;
 pub mod sessions;
@@ -164,6 +165,8 @@ pub struct TokenService {
     hashing: HashPool,
     /// Tokens whose signature verified already (see `verified.rs`).
     verified: Verified,
+    /// Session activity, for the idle timeout (see `tokens/idle.rs`).
+    idle: idle::IdleTracker,
     pub metrics: Metrics,
     /// Asks the identity provider at each renewal of its sessions
     /// (`recheckOnRenew`; see `tokens/provider.rs`).
@@ -193,6 +196,7 @@ impl TokenService {
             users: ArcSwap::from_pointee(users),
             user_ends: Arc::new(DashMap::new()),
             keys,
+            idle: idle::IdleTracker::new(store.clone()),
             store,
             leeway,
             throttle,
@@ -232,7 +236,13 @@ impl TokenService {
     /// Applies a changed policy to every later decision, including tokens
     /// and sessions that exist already (rules 1 and 2).
     pub fn set_policy(&self, policy: Policy) {
-        self.policy.store(Arc::new(policy));
+        self.set_policy_at(policy, crate::clock::now_millis());
+    }
+
+    /// [`TokenService::set_policy`], the change seen at `now`.
+    pub fn set_policy_at(&self, policy: Policy, now: Millis) {
+        let old = self.policy.swap(Arc::new(policy));
+        self.idle.policy_changed(&old, &self.policy.load(), now);
     }
 
     /// A removed user or a changed password ends that user's sessions at
@@ -460,6 +470,7 @@ impl TokenService {
         if self.store.is_revoked(&claims.sid).await? {
             return Err(ApiError::new(Code::RevokedSession, "session was revoked"));
         }
+        self.idle_end(&claims, policy, now).await?;
         Ok((claims, standing))
     }
 

@@ -17,6 +17,8 @@ pub enum Notice {
     SignedOut,
     /// The session or the token ran out.
     SessionExpired,
+    /// The session ended after `sessionIdleTimeout` without activity.
+    Inactive,
 }
 
 impl Notice {
@@ -25,6 +27,7 @@ impl Notice {
         match value {
             "signed-out" => Some(Notice::SignedOut),
             "session-expired" => Some(Notice::SessionExpired),
+            "inactive" => Some(Notice::Inactive),
             _ => None,
         }
     }
@@ -33,6 +36,7 @@ impl Notice {
         match self {
             Notice::SignedOut => "signed-out",
             Notice::SessionExpired => "session-expired",
+            Notice::Inactive => "inactive",
         }
     }
 
@@ -41,6 +45,7 @@ impl Notice {
         match code {
             Code::ExpiredSession | Code::ExpiredToken => Some(Notice::SessionExpired),
             Code::RevokedSession | Code::TokenAlreadyRefreshed => Some(Notice::SignedOut),
+            Code::IdleSession => Some(Notice::Inactive),
             _ => None,
         }
     }
@@ -49,6 +54,7 @@ impl Notice {
         match self {
             Notice::SignedOut => "You have been signed out.",
             Notice::SessionExpired => "Your session has expired. Please sign in again.",
+            Notice::Inactive => "You were signed out after inactivity. Please sign in again.",
         }
     }
 }
@@ -59,13 +65,19 @@ mod tests {
 
     #[test]
     fn only_fixed_reasons_are_understood() {
-        for n in [Notice::SignedOut, Notice::SessionExpired] {
+        for n in [Notice::SignedOut, Notice::SessionExpired, Notice::Inactive] {
             assert_eq!(Notice::from_param(n.param()), Some(n));
         }
         for other in ["", "Signed-Out", "signed-out ", "<script>", "expired"] {
             assert_eq!(Notice::from_param(other), None, "{other:?}");
         }
         assert_ne!(Notice::SignedOut.text(), Notice::SessionExpired.text());
+        assert!(
+            Notice::Inactive
+                .text()
+                .contains("signed out after inactivity")
+        );
+        assert_ne!(Notice::Inactive.text(), Notice::SessionExpired.text());
     }
 
     #[test]
@@ -81,6 +93,10 @@ mod tests {
         assert_eq!(
             Notice::from_refusal(Code::RevokedSession),
             Some(Notice::SignedOut)
+        );
+        assert_eq!(
+            Notice::from_refusal(Code::IdleSession),
+            Some(Notice::Inactive)
         );
         // A forged or broken cookie says nothing about the person's session.
         assert_eq!(Notice::from_refusal(Code::InvalidToken), None);
@@ -175,6 +191,53 @@ mod http_tests {
         );
         let c = set_cookie(&crate::policy::Policy::default().cookie, "", 0);
         assert!(c.to_str().unwrap().contains("Max-Age=0;"));
+    }
+
+    /// A session that ended for inactivity: the page says so, not "expired".
+    #[tokio::test]
+    async fn signin_page_tells_an_idle_end_from_an_expired_session() {
+        use crate::service::token::{Key, KeySet};
+        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
+        let policy = crate::policy::Policy {
+            idle_timeout: Some(10),
+            ..crate::policy::Policy::default()
+        };
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let users = crate::service::users::Users::parse(&format!("alice:{hash}\n"), "t").unwrap();
+        let pwv = users.get("alice").unwrap().password_version.clone();
+        let service = crate::service::tokens::TokenService::new(
+            policy,
+            users,
+            keys,
+            Arc::new(crate::service::store::MemoryStore::new()),
+            0,
+            crate::service::tokens::Throttle::default(),
+        );
+        let app = Arc::new(App {
+            service: Arc::new(service),
+            config: HttpConfig::default(),
+        });
+        let now = now_millis() / 1_000;
+        let keys = app.service.keys();
+        // Signed in a minute ago, no activity since; the timeout is 10 s.
+        let token = keys.sign(&crate::service::token::Claims {
+            iss: keys.issuer().into(),
+            aud: keys.audience().into(),
+            sub: "alice".into(),
+            sid: "s-idle".into(),
+            jti: "j-idle".into(),
+            iat: now - 60,
+            exp: now + 600,
+            auth_time: now - 60,
+            pwv: Some(pwv),
+            ..Default::default()
+        });
+        let cookie = format!("__Host-tokenpolicy={token}");
+        let (_, body) = page(app.clone(), "/v1/login", Some(&cookie)).await;
+        assert!(body.contains(Notice::Inactive.text()), "{body}");
+        assert!(!body.contains(Notice::SessionExpired.text()), "{body}");
+        let (_, body) = page(app, "/v1/login?reason=inactive", None).await;
+        assert!(body.contains("signed out after inactivity"), "{body}");
     }
 
     #[tokio::test]

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    Claim, DEFAULT_MAX_REVOCATIONS, LimitAction, OneTimeStore, RefreshRecord, Registered, Revoked,
-    SessionEntry, SessionLimit, StoreError, Take,
+    Activity, Claim, DEFAULT_MAX_REVOCATIONS, IdleCheck, LimitAction, OneTimeStore, RefreshRecord,
+    Registered, Revoked, SessionEntry, SessionLimit, StoreError, Take,
 };
 use crate::clock::Millis;
 
@@ -35,6 +35,9 @@ struct Maps {
     sessions_swept: Option<Instant>,
     /// Session id -> (its owner, until): see `set_session_owner`.
     owners: HashMap<String, (String, Instant)>,
+    /// Session id -> (last activity in ms, or `None` once ended for
+    /// idleness; kept until): see `activity.rs`.
+    activity: HashMap<String, (Option<Millis>, Instant)>,
 }
 
 impl Maps {
@@ -73,7 +76,39 @@ impl Maps {
             self.user_ends.retain(|_, (_, until)| *until > now);
             self.failures.retain(|_, (_, until)| *until > now);
             self.owners.retain(|_, (_, until)| *until > now);
+            self.activity.retain(|_, (_, until)| *until > now);
         }
+    }
+
+    /// Brings `sid`'s registry entry's last activity up to `at`.
+    fn touch_entry(&mut self, user: &str, sid: &str, at: Millis) {
+        if let Some(e) = self
+            .sessions
+            .get_mut(user)
+            .and_then(|l| l.iter_mut().find(|e| e.sid == sid))
+        {
+            e.last_active = e.last_active.max(at);
+        }
+    }
+
+    /// Records `a` unless the session ended for idleness.
+    fn record(&mut self, a: &Activity, now: Instant) {
+        self.sweep(now);
+        let until = after(now, a.ttl);
+        match self.activity.get_mut(&a.sid) {
+            Some((None, _)) => return,
+            Some((Some(last), kept)) => {
+                if *last >= a.at {
+                    return;
+                }
+                *last = a.at;
+                *kept = (*kept).max(until);
+            }
+            None => {
+                self.activity.insert(a.sid.clone(), (Some(a.at), until));
+            }
+        }
+        self.touch_entry(&a.user, &a.sid, a.at);
     }
 
     /// The failure counter of `key` (count, window end), started afresh
@@ -336,6 +371,45 @@ impl OneTimeStore for MemoryStore {
             .filter(|(_, until)| *until > now)
             .map(|(owner, _)| owner.clone()))
     }
+
+    async fn record_activity(&self, batch: &[Activity]) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut m = self.lock();
+        for a in batch {
+            m.record(a, now);
+        }
+        Ok(())
+    }
+
+    async fn check_idle(
+        &self,
+        a: &Activity,
+        floor: Millis,
+        idle_before: Millis,
+    ) -> Result<IdleCheck, StoreError> {
+        let now = Instant::now();
+        let mut m = self.lock();
+        let held = match m.activity.get(&a.sid) {
+            Some((None, until)) if *until > now => {
+                return Ok(IdleCheck::Ended { just_now: false });
+            }
+            Some((Some(last), until)) if *until > now => *last,
+            _ => floor,
+        };
+        let last = held.max(floor);
+        if last <= idle_before {
+            m.sweep(now);
+            m.activity
+                .insert(a.sid.clone(), (None, after(now, a.ttl.max(1))));
+            if let Some(list) = m.sessions.get_mut(&a.user) {
+                list.retain(|e| e.sid != a.sid);
+            }
+            m.forget_if_empty(&a.user);
+            return Ok(IdleCheck::Ended { just_now: true });
+        }
+        m.record(a, now);
+        Ok(IdleCheck::Active { last })
+    }
 }
 
 #[cfg(test)]
@@ -361,6 +435,10 @@ mod tests {
         crate::service::store::registry::contract::ended_sessions_are_not_listed(&s, "u-end").await;
         crate::service::store::registry::contract::owners_expire_with_their_session(&s, "owner")
             .await;
+        crate::service::store::activity::contract::activity_is_recorded_and_idle_ends_for_good(
+            &s, "u-idle",
+        )
+        .await;
         crate::service::store::registry::contract::the_limit_holds_under_a_race(
             std::sync::Arc::new(MemoryStore::new()),
             "u-race",

@@ -8,11 +8,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
 
+pub mod activity;
 pub mod memory;
 pub mod provider;
 pub mod redis;
 pub mod registry;
 
+pub use activity::{Activity, IdleCheck};
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
 pub use registry::{LimitAction, Registered, SessionEntry, SessionLimit};
@@ -175,6 +177,25 @@ pub trait OneTimeStore: Send + Sync + 'static {
 
     /// What [`OneTimeStore::set_session_owner`] recorded for `sid`, while kept.
     async fn session_owner(&self, sid: &str) -> Result<Option<String>, StoreError>;
+    /// Records sessions' latest activity (the idle timeout, see
+    /// `activity.rs`): never moves one back, never undoes an idle end.
+    async fn record_activity(&self, _batch: &[Activity]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// In one atomic step: the session of `a` is idle if its latest
+    /// activity (at least `floor`) is at or before `idle_before`; then it
+    /// ends for good (and leaves the registry). Else `a` is recorded.
+    async fn check_idle(
+        &self,
+        _a: &Activity,
+        _floor: Millis,
+        _idle_before: Millis,
+    ) -> Result<IdleCheck, StoreError> {
+        Err(StoreError::Unavailable(
+            "this store keeps no session activity".into(),
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -83,6 +83,7 @@ impl TokenService {
             user_agent: client.user_agent.clone(),
         };
         let user = claims_user(claims);
+        self.end_idle_sessions(claims, &user, policy, now).await?;
         match self
             .store
             .register_session(&user, &entry, limit_of(policy), now)
@@ -195,13 +196,21 @@ impl TokenService {
             .user_end(&super::user_id(claims.idp.as_deref(), &claims.sub))
             .await?;
         // A policy shortened since login ends sessions sooner (rule 2).
-        let session = self.policy.load().session as i64;
+        let policy = self.policy.load();
+        let session = policy.session as i64;
+        // An idle session is not listed (rule 2), as the registry shows it.
+        let idle = |e: &SessionEntry| {
+            policy
+                .idle_timeout
+                .is_some_and(|t| rules::idle_shared(e.last_active.max(e.started), t, now))
+        };
         let mut live = Vec::with_capacity(listed.len());
         for e in listed {
             let auth_time = e.started.div_euclid(1_000);
             if e.ends <= now
                 || auth_time.saturating_add(session).saturating_mul(1_000) <= now
                 || ended.is_some_and(|end| auth_time <= end)
+                || idle(&e)
             {
                 continue;
             }

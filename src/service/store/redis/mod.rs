@@ -31,9 +31,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
+use super::activity::redis_side;
 use super::{
-    Claim, DEFAULT_MAX_REVOCATIONS, LimitAction, OneTimeStore, RefreshRecord, Registered, Revoked,
-    SessionEntry, SessionLimit, StoreError, Take,
+    Activity, Claim, DEFAULT_MAX_REVOCATIONS, IdleCheck, LimitAction, OneTimeStore, RefreshRecord,
+    Registered, Revoked, SessionEntry, SessionLimit, StoreError, Take,
 };
 use crate::clock::Millis;
 
@@ -106,6 +107,17 @@ impl Keys {
     fn registry(&self, user: &str) -> (String, String) {
         let base = format!("{}:{{reg-{user}}}", self.prefix);
         (format!("{base}:sessions"), format!("{base}:session:"))
+    }
+
+    /// A session's activity key and its registry keys, under the user's
+    /// hash tag (see `activity.rs`).
+    fn activity(&self, a: &Activity) -> redis_side::Keys {
+        let (index, entries) = self.registry(&a.user);
+        redis_side::Keys {
+            activity: format!("{}:{{reg-{}}}:active:{}", self.prefix, a.user, a.sid),
+            entry: format!("{entries}{}", a.sid),
+            index,
+        }
     }
 
     /// Login attempt counters hash what came from outside (user names,
@@ -483,6 +495,19 @@ impl OneTimeStore for RedisStore {
     async fn session_owner(&self, sid: &str) -> Result<Option<String>, StoreError> {
         owner::get(&self.conn, &self.keys.owner(sid)).await
     }
+
+    async fn record_activity(&self, batch: &[Activity]) -> Result<(), StoreError> {
+        redis_side::record(&self.conn, batch, |a| self.keys.activity(a)).await
+    }
+
+    async fn check_idle(
+        &self,
+        a: &Activity,
+        floor: Millis,
+        idle_before: Millis,
+    ) -> Result<IdleCheck, StoreError> {
+        redis_side::check(&self.conn, a, self.keys.activity(a), floor, idle_before).await
+    }
 }
 
 #[cfg(test)]
@@ -616,6 +641,10 @@ mod tests {
         registry::ended_sessions_are_not_listed(&s, "u-end").await;
         let racing = std::sync::Arc::new(RedisStore::new(&url, &prefix).unwrap());
         registry::the_limit_holds_under_a_race(racing, "u-race").await;
+        crate::service::store::activity::contract::activity_is_recorded_and_idle_ends_for_good(
+            &s, "u-idle",
+        )
+        .await;
     }
 
     /// 10,000 sessions that have ended leave no key behind in Redis: every
