@@ -19,7 +19,7 @@ ARG RUNTIME_BASE=gcr.io/distroless/cc-debian12:nonroot
 
 FROM ${BUILD_BASE} AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock askama.toml ./
 COPY src ./src
 # Cargo reads every target that Cargo.toml names, the bench included.
 COPY benches ./benches
