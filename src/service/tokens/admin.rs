@@ -9,6 +9,7 @@
 
 use super::TokenService;
 use super::sessions::claims_user;
+use crate::service::audit::{Event, Reason, Who};
 use crate::service::error::{ApiError, Code};
 use crate::service::rules::{self, Millis};
 use crate::service::store::{SessionEntry, StoreError};
@@ -124,7 +125,7 @@ impl TokenService {
         }
         self.end_entry_of(key, &entry, now).await?;
         self.store.remove_session(user, sid).await?;
-        self.admin_revoked(admin, &entry);
+        self.admin_revoked(admin, &entry, Reason::AdminSession, now);
         Ok(())
     }
 
@@ -158,7 +159,7 @@ impl TokenService {
                 continue;
             }
             self.end_entry_of(&key, e, now).await?;
-            self.admin_revoked(admin, e);
+            self.admin_revoked(admin, e, Reason::AdminUser, now);
             ended += 1;
         }
         Ok(ended)
@@ -167,8 +168,19 @@ impl TokenService {
     /// Where an admin's revocation of one session happens, once per
     /// session: `admin` is who did it (their Kubernetes user name, or
     /// `admin-token` for `--admin-token-file`).
-    fn admin_revoked(&self, admin: &str, entry: &SessionEntry) {
+    fn admin_revoked(&self, admin: &str, entry: &SessionEntry, why: Reason, now: Millis) {
         tracing::info!(admin = ?admin, sid = %entry.sid, method = %entry.method, "session ended by an admin");
+        let who = Who {
+            provider: entry.idp.as_deref(),
+            ..Who::default().sid(&entry.sid)
+        };
+        self.audit.emit(Event::session_revoked_by_admin(
+            now,
+            who,
+            &super::nobody(),
+            admin,
+            why,
+        ));
     }
 }
 

@@ -28,6 +28,7 @@ use dashmap::DashMap;
 
 use super::TokenService;
 use crate::policy::Policy;
+use crate::service::audit::{Event, Who};
 use crate::service::error::{ApiError, Code};
 use crate::service::rules::{self, Millis};
 use crate::service::store::{Activity, IdleCheck, OneTimeStore};
@@ -366,6 +367,11 @@ impl TokenService {
             .await?;
         if answer == (IdleCheck::Ended { just_now: true }) {
             tracing::info!(user = ?sub, sid = %a.sid, "session ended after inactivity");
+            self.audit.emit(Event::session_idle(
+                now,
+                Who::named(sub).sid(&a.sid),
+                &super::nobody(),
+            ));
         }
         Ok(answer)
     }

@@ -17,6 +17,7 @@ use async_trait::async_trait;
 
 use super::{TokenService, merge_end, user_id, user_key};
 use crate::policy::Policy;
+use crate::service::audit::{By, Event, Reason, Who};
 use crate::service::error::{ApiError, Code};
 use crate::service::rules::{self, Millis};
 use crate::service::store::Revoked;
@@ -125,6 +126,22 @@ impl TokenService {
     /// Ends, on every replica, the sessions the identity provider ended:
     /// the one whose renewal it refused, those a provider session started,
     /// or every session of one of its users. Answers how many were ended.
+    /// The audit line of a session the provider's back-channel logout ended.
+    fn provider_revoked(&self, issuer: &str, sub: &str, sid: &str, now: Millis) {
+        let who = Who {
+            user: Some(sub),
+            provider: Some(issuer),
+            sid: Some(sid),
+        };
+        self.audit.emit(Event::session_revoked(
+            now,
+            who,
+            &super::nobody(),
+            By::Provider,
+            Reason::BackchannelLogout,
+        ));
+    }
+
     pub async fn end_by_provider(
         &self,
         end: ProviderEnd<'_>,
@@ -135,6 +152,13 @@ impl TokenService {
                 self.revoke(claims, now).await?;
                 self.metrics.revocations.inc();
                 tracing::warn!(user = ?claims.sub, sid = %claims.sid, "the identity provider refused the renewal: session revoked");
+                self.audit.emit(Event::session_revoked(
+                    now,
+                    Who::of(claims),
+                    &super::nobody(),
+                    By::Provider,
+                    Reason::RenewalRefused,
+                ));
                 Ok(1)
             }
             ProviderEnd::ProviderSession { issuer, sessions } => {
@@ -142,6 +166,7 @@ impl TokenService {
                     self.revoke_for_provider(issuer, &s.sub, &s.sid, s.auth_time, now)
                         .await?;
                     tracing::info!(user = ?s.sub, sid = %s.sid, "back-channel logout: session revoked");
+                    self.provider_revoked(issuer, &s.sub, &s.sid, now);
                 }
                 Ok(sessions.len())
             }
@@ -151,6 +176,7 @@ impl TokenService {
                 for e in &entries {
                     self.revoke_for_provider(issuer, sub, &e.sid, e.started.div_euclid(1_000), now)
                         .await?;
+                    self.provider_revoked(issuer, sub, &e.sid, now);
                 }
                 // Sessions the registry does not hold end too: every session
                 // of the user started before this second (a login of this
