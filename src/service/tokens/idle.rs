@@ -492,6 +492,33 @@ mod tests {
         assert!(s.verify(&other.token, true, last + 17_000).await.is_ok());
     }
 
+    /// An idle end is written to the audit trail once, by the replica whose
+    /// check ended it: later refusals of the same session write nothing.
+    #[tokio::test]
+    async fn an_idle_end_is_audited_once() {
+        let path = std::env::temp_dir().join(format!("tp-idle-{}.jsonl", uuid::Uuid::new_v4()));
+        let store: Arc<dyn OneTimeStore> = Arc::new(MemoryStore::new());
+        let s = replica(store, &Key::generate().to_pem(), idle_policy(10));
+        let log = crate::service::audit::AuditLog::open(path.to_str().unwrap(), &s.metrics.audit)
+            .unwrap();
+        let s = s.with_audit_log(log);
+        let t = s.login("alice", "pw", None, || T0).await.unwrap();
+        for at in [T0 + 30_000, T0 + 31_000, T0 + 32_000] {
+            assert_eq!(code(s.verify(&t.token, true, at).await), "IDLE_SESSION");
+        }
+        s.audit_log().flush(Duration::from_secs(5));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let idle: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|e| e["event"] == "session_idle")
+            .collect();
+        std::fs::remove_file(&path).ok();
+        assert_eq!(idle.len(), 1, "{text}");
+        assert_eq!(idle[0]["sid"], t.claims.sid.as_str());
+        assert_eq!(idle[0]["user"], "alice");
+    }
+
     /// Off (no `sessionIdleTimeout`): nothing ends for inactivity, and no
     /// activity is recorded.
     #[tokio::test]
