@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod client;
 pub mod error;
 pub mod hashing;
 pub mod http;

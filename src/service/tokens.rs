@@ -62,24 +62,7 @@ pub struct Issued {
     pub session_end: i64,
 }
 
-/// Who is at the other end of a request that starts or acts on a session:
-/// for the login throttle, the session registry and the audit trail.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Client {
-    /// The client's address (see `--trusted-proxies`).
-    pub addr: Option<std::net::IpAddr>,
-    /// Its `User-Agent`, as sent (at most a few hundred bytes are kept).
-    pub user_agent: Option<String>,
-}
-
-impl From<Option<std::net::IpAddr>> for Client {
-    fn from(addr: Option<std::net::IpAddr>) -> Self {
-        Client {
-            addr,
-            user_agent: None,
-        }
-    }
-}
+pub use crate::service::client::Client;
 
 /// Who a new session is for, as the way in established it (see
 /// [`TokenService::start_session`]).

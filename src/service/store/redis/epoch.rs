@@ -23,17 +23,17 @@ use std::time::Duration;
 
 use super::cache::Cache;
 use super::conn::RedisConn;
+pub(super) use super::lag::STALE_AFTER;
 use super::{Keys, scripts, timed};
 use crate::clock::{Millis, now_millis};
 use crate::service::store::StoreError;
 
 /// How often the watch task checks the epoch and publishes a heartbeat.
 pub(super) const BEAT: Duration = Duration::from_millis(250);
-/// A subscription silent for this long is treated as lost.
-pub(super) const STALE_AFTER: Millis = 1_000;
 /// Heartbeat payload prefix on the revocation channel (revocations start
 /// with a number, so older replicas ignore heartbeats).
 pub(super) const HEARTBEAT: &str = "hb";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Epoch {
     /// The whole value of the epoch key.

@@ -19,7 +19,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::cache::Cache;
-use super::epoch::STALE_AFTER;
+use crate::clock::Millis;
+
+/// A subscription silent for this long is treated as lost.
+pub(super) const STALE_AFTER: Millis = 1_000;
 
 /// Default of `--max-revocation-lag`.
 pub const DEFAULT_MAX_REVOCATION_LAG: Duration = Duration::from_secs(10);
