@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::Shared;
-use crate::clock::{now_millis, rfc3339};
+use crate::clock::now_millis;
 use crate::service::admin::{AdminAuth, Verb};
 use crate::service::error::{ApiError, Code};
 use crate::service::tokens::admin::NamedUser;
@@ -89,21 +89,7 @@ pub(super) async fn list(
     who?;
     let user = named_user(&query)?;
     let entries = app.service.admin_sessions(&user, now_millis()).await?;
-    let sessions: Vec<_> = entries
-        .iter()
-        .map(|e| {
-            serde_json::json!({
-                "sid": e.sid,
-                "method": e.method,
-                "provider": e.idp,
-                "started_at": rfc3339(e.started.div_euclid(1_000)),
-                "expires_at": rfc3339(e.ends.div_euclid(1_000)),
-                "last_active_at": rfc3339(e.last_active.div_euclid(1_000)),
-                "client_address": e.addr,
-                "user_agent": e.user_agent,
-            })
-        })
-        .collect();
+    let sessions: Vec<_> = entries.iter().map(super::sessions::entry_json).collect();
     Ok(no_store(
         axum::Json(serde_json::json!({
             "user": user.name,

@@ -20,17 +20,9 @@ pub(super) async fn list(State(app): Shared, headers: HeaderMap) -> Result<Respo
         .sessions
         .iter()
         .map(|e| {
-            serde_json::json!({
-                "sid": e.sid,
-                "current": e.sid == list.current,
-                "method": e.method,
-                "provider": e.idp,
-                "started_at": rfc3339(e.started.div_euclid(1_000)),
-                "expires_at": rfc3339(e.ends.div_euclid(1_000)),
-                "last_active_at": rfc3339(e.last_active.div_euclid(1_000)),
-                "client_address": e.addr,
-                "user_agent": e.user_agent,
-            })
+            let mut v = entry_json(e);
+            v["current"] = serde_json::Value::Bool(e.sid == list.current);
+            v
         })
         .collect();
     let mut resp = axum::Json(serde_json::json!({ "sessions": sessions })).into_response();
@@ -80,4 +72,19 @@ pub(super) fn everywhere(query: &RawQuery) -> Result<bool, ApiError> {
         }
     }
     Ok(all)
+}
+
+/// One session as the session APIs list it (the caller's own, and the
+/// admin's): never a token or a credential.
+pub(super) fn entry_json(e: &crate::service::store::SessionEntry) -> serde_json::Value {
+    serde_json::json!({
+        "sid": e.sid,
+        "method": e.method,
+        "provider": e.idp,
+        "started_at": rfc3339(e.started.div_euclid(1_000)),
+        "expires_at": rfc3339(e.ends.div_euclid(1_000)),
+        "last_active_at": rfc3339(e.last_active.div_euclid(1_000)),
+        "client_address": e.addr,
+        "user_agent": e.user_agent,
+    })
 }
