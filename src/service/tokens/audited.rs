@@ -112,9 +112,7 @@ mod tests {
     use crate::policy::Policy;
     use crate::service::audit::AuditLog;
     use crate::service::store::{MemoryStore, OneTimeStore};
-    use crate::service::token::{Key, KeySet};
-    use crate::service::tokens::Throttle;
-    use crate::service::users::Users;
+    use crate::service::token::Key;
 
     const T0: Millis = 1_800_000_000_000;
 
@@ -136,20 +134,14 @@ mod tests {
         ["a", "b"]
             .into_iter()
             .map(|name| {
-                let keys = KeySet::new(
-                    vec![Key::from_pem(&pem, "k").unwrap()],
-                    "tokenpolicy",
-                    "tokenpolicy",
-                )
-                .unwrap();
-                let s = TokenService::new(
-                    short(),
-                    Users::parse(&format!("alice:{hash}\n"), "t").unwrap(),
-                    keys,
-                    store.clone(),
-                    0,
-                    Throttle::default(),
-                );
+                let s = crate::testing::service()
+                    .policy(short())
+                    .users(crate::testing::users(&format!("alice:{hash}\n")))
+                    .keys(crate::testing::keys_of(vec![
+                        Key::from_pem(&pem, "k").unwrap(),
+                    ]))
+                    .store(store.clone())
+                    .build();
                 let path = dir.join(format!("{name}.jsonl"));
                 let log = AuditLog::open(path.to_str().unwrap(), &s.metrics.audit).unwrap();
                 (s.with_audit_log(log), path)

@@ -415,9 +415,8 @@ mod tests {
 
     use super::*;
     use crate::service::store::MemoryStore;
-    use crate::service::token::{Key, KeySet};
-    use crate::service::tokens::{Client, Throttle};
-    use crate::service::users::Users;
+    use crate::service::token::Key;
+    use crate::service::tokens::Client;
 
     const T0: Millis = 1_800_000_000_000;
 
@@ -437,14 +436,14 @@ mod tests {
         std::sync::LazyLock::new(|| bcrypt::hash("pw", 4).unwrap());
 
     fn replica(store: Arc<dyn OneTimeStore>, key: &str, policy: Policy) -> TokenService {
-        let users = Users::parse(&format!("alice:{}\n", *HASH), "test").unwrap();
-        let keys = KeySet::new(
-            vec![Key::from_pem(key, "k").unwrap()],
-            "tokenpolicy",
-            "tokenpolicy",
-        )
-        .unwrap();
-        let s = TokenService::new(policy, users, keys, store, 0, Throttle::default());
+        let s = crate::testing::service()
+            .policy(policy)
+            .users(crate::testing::users(&format!("alice:{}\n", *HASH)))
+            .keys(crate::testing::keys_of(vec![
+                Key::from_pem(key, "k").unwrap(),
+            ]))
+            .store(store)
+            .build();
         s.idle.without_writer();
         s
     }
