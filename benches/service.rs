@@ -19,10 +19,10 @@ use tokenpolicy::clock::{Millis, now_millis};
 use tokenpolicy::policy::Policy;
 use tokenpolicy::service::audit::AuditLog;
 use tokenpolicy::service::http::{App, HttpConfig, router};
+use tokenpolicy::service::jwt::{Claims, Key, KeySet};
 use tokenpolicy::service::rules;
+use tokenpolicy::service::session::{Throttle, TokenService};
 use tokenpolicy::service::store::{MemoryStore, OneTimeStore, RefreshRecord};
-use tokenpolicy::service::token::{Claims, Key, KeySet};
-use tokenpolicy::service::tokens::{Throttle, TokenService};
 use tokenpolicy::testing;
 use tower::ServiceExt as _;
 

@@ -1,7 +1,7 @@
 //! A signing key: Ed25519 (`EdDSA`) or P-256 (`ES256`), read from and written
 //! as PKCS#8 PEM, with its RFC 7638 thumbprint as `kid`, its public JWK, and
 //! the one JWS header that tokens signed with it carry. A leaf shared by the
-//! token service (which signs and verifies with it, `service/token.rs`) and
+//! token service (which signs and verifies with it, `service/jwt.rs`) and
 //! the operator (which generates keys and names them by kid).
 
 use base64::Engine;

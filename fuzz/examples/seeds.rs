@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use tokenpolicy::service::token::Claims;
+use tokenpolicy::service::jwt::Claims;
 use tokenpolicy_fuzz::{AUDIENCE, ISSUER, ed25519_key, keyset, p256_key};
 
 fn write(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) {

@@ -9,7 +9,7 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use tokenpolicy::service::token::KeySet;
+use tokenpolicy::service::jwt::KeySet;
 use tokenpolicy_fuzz::{ed25519_key, keyset, p256_key};
 
 struct Sets {

@@ -2,7 +2,7 @@
 //! that the committed seed tokens verify and the fuzzer starts from the
 //! inside of the signature check, not only from its door.
 
-use tokenpolicy::service::token::{Key, KeySet};
+use tokenpolicy::service::jwt::{Key, KeySet};
 
 pub const ISSUER: &str = "tokenpolicy-fuzz";
 pub const AUDIENCE: &str = "fuzz";

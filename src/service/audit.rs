@@ -30,7 +30,7 @@ use serde::Serialize;
 use crate::clock::Millis;
 use crate::service::client::Client;
 use crate::service::error::Code;
-use crate::service::token::Claims;
+use crate::service::jwt::Claims;
 
 /// A name set: an enum whose every value has a documented name, and the
 /// list of them all (so that a test can check each is documented).

@@ -2,13 +2,12 @@
 //!
 //! - [`rules`]: the policy arithmetic, pure;
 //! - [`audit`]: the audit trail (`--audit-log`) and its counters;
-//! - [`token`]: signing and verifying tokens, the key ring;
+//! - [`jwt`]: signing and verifying tokens, the key ring;
 //! - [`store`]: the one-time refresh claims and revocations (in-process or Redis);
 //! - [`users`]: the users file and password hashes; [`hashing`]: the threads
 //!   that check passwords;
-//! - [`users`]: the users file and password hashes;
-//! - [`verified`]: the cache of tokens whose signature verified;
-//! - [`tokens`]: login, refresh, logout and verify, tying the above together;
+//! - [`verified_cache`]: the cache of tokens whose signature verified;
+//! - [`session`]: login, refresh, logout and verify, tying the above together;
 //! - [`http`]: the HTTP API and forward-auth;
 //! - [`listen`]: connections: timeouts, the connection cap, graceful shutdown;
 //! - [`admin`]: who may call the admin API (an admin token, or the
@@ -22,14 +21,14 @@ pub mod client;
 pub mod error;
 pub mod hashing;
 pub mod http;
+pub mod jwt;
 pub mod listen;
 pub mod metrics;
 pub mod oidc;
 pub mod policy_watch;
 pub mod rules;
 pub mod serve;
+pub mod session;
 pub mod store;
-pub mod token;
-pub mod tokens;
 pub mod users;
-pub mod verified;
+pub mod verified_cache;

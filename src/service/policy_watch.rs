@@ -11,7 +11,7 @@ use kube::{Api, Client};
 
 use crate::crd::TokenPolicy;
 use crate::policy::Policy;
-use crate::service::tokens::TokenService;
+use crate::service::session::TokenService;
 
 /// `NAMESPACE/NAME`, each a DNS-1123 name.
 pub fn parse_ref(s: &str) -> Result<(String, String), String> {
@@ -200,7 +200,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let s = crate::service::tokens::tests_support::service();
+        let s = crate::service::session::tests_support::service();
         s.set_users(users);
         Arc::new(s)
     }

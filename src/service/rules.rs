@@ -6,7 +6,7 @@
 //! what a claim's outcome means.
 
 use crate::policy::Policy;
-use crate::service::token::Claims;
+use crate::service::jwt::Claims;
 
 pub use crate::clock::Millis;
 

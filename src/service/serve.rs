@@ -16,16 +16,16 @@ use crate::service::http::oidc::OidcLogin;
 use crate::service::http::{
     App, HttpConfig, TrustedProxies, admin_router, forward_auth_router, public_router, router,
 };
+use crate::service::jwt::{Key, KeySet};
 use crate::service::listen::{self, Draining, Limits};
 use crate::service::oidc::Provider;
 use crate::service::oidc::flow::Sealer;
 use crate::service::oidc::recheck::ProviderSessions;
 use crate::service::oidc::vault::Vault;
+use crate::service::session::{Throttle, TokenService};
 use crate::service::store::provider::{MemoryProviderStore, ProviderStore};
 use crate::service::store::redis::RedisTls;
 use crate::service::store::{MemoryStore, OneTimeStore, RedisStore};
-use crate::service::token::{Key, KeySet};
-use crate::service::tokens::{Throttle, TokenService};
 use crate::service::users::Users;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -244,7 +244,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "TOKENPOLICY_VERIFIED_CACHE_SIZE",
-        default_value_t = crate::service::verified::DEFAULT_ENTRIES
+        default_value_t = crate::service::verified_cache::DEFAULT_ENTRIES
     )]
     pub verified_cache_size: usize,
 

@@ -8,7 +8,7 @@ use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, PasswordHasher, Ver
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::service::token::password_version;
+use crate::service::jwt::password_version;
 
 pub const MAX_NAME_LEN: usize = 256;
 pub const MAX_PASSWORD_LEN: usize = 1_024;

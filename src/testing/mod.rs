@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use crate::clock::Millis;
 use crate::policy::Policy;
+use crate::service::jwt::{Claims, Key, KeySet};
+use crate::service::session::{Throttle, TokenService};
 use crate::service::store::{MemoryStore, OneTimeStore};
-use crate::service::token::{Claims, Key, KeySet};
-use crate::service::tokens::{Throttle, TokenService};
 use crate::service::users::Users;
 
 /// The issuer and audience of the test keys.

@@ -533,7 +533,7 @@ def test_a_user_name_cannot_forge_a_log_line(env, servers):
     srv = start(env, "logs", {"TOKENPOLICY_LOG_FORMAT": "text"})
     servers.append(srv)
     offset = srv.log_size()
-    forged = "2026-01-01T00:00:00.000000Z  INFO tokenpolicy::service::tokens: login user=admin sid=forged"
+    forged = "2026-01-01T00:00:00.000000Z  INFO tokenpolicy::service::session: login user=admin sid=forged"
     r = requests.post(srv.url + "/v1/login", json={"username": "eve\n" + forged, "password": "x"},
                       timeout=HTTP_TIMEOUT)
     assert r.status_code == 401

@@ -6,7 +6,7 @@
 use super::*;
 use crate::crd::TokenPolicyStatus;
 use crate::operator::resources::tests::policy;
-use crate::service::token::Key;
+use crate::service::jwt::Key;
 use crate::testing::api_server::{ApiServer, mock_client, not_found};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use serde_json::{Value, json};

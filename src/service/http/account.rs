@@ -32,9 +32,9 @@ use super::extract::{Source, is_form, token_and_source};
 use super::{App, Shared, origin, page, set_cookie};
 use crate::clock::{now_millis, rfc3339};
 use crate::service::error::{ApiError, Code};
+use crate::service::jwt::Claims;
+use crate::service::session::Issued;
 use crate::service::store::SessionEntry;
-use crate::service::token::Claims;
-use crate::service::tokens::Issued;
 
 /// Session ids are UUIDs; anything much longer is no session of anybody's.
 const MAX_SID_LEN: usize = 64;

@@ -14,7 +14,7 @@ use super::Shared;
 use crate::clock::now_millis;
 use crate::service::admin::{AdminAuth, Verb};
 use crate::service::error::{ApiError, Code};
-use crate::service::tokens::admin::NamedUser;
+use crate::service::session::admin::NamedUser;
 
 /// Session ids are UUIDs; anything much longer is no session of anybody's.
 const MAX_SID_LEN: usize = 64;

@@ -15,8 +15,8 @@ use crate::clock::now_millis;
 use crate::service::error::{ApiError, Code};
 use crate::service::oidc::ID_TOKEN_LEEWAY_SECS;
 use crate::service::oidc::logout_token::{LogoutTokenError, MAX_AGE_SECS};
+use crate::service::session::provider::ProviderEnd;
 use crate::service::store::Take;
-use crate::service::tokens::provider::ProviderEnd;
 
 /// The store key that takes a logout token's `jti` once, across replicas.
 fn jti_key(issuer: &str, jti: &str) -> String {

@@ -151,8 +151,8 @@ pub(super) fn client_of(
     app: &App,
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
-) -> crate::service::tokens::Client {
-    crate::service::tokens::Client {
+) -> crate::service::session::Client {
+    crate::service::session::Client {
         addr: client_ip(app, headers, peer),
         user_agent: user_agent(headers),
     }
@@ -213,7 +213,7 @@ mod tests {
     #[tokio::test]
     async fn token_sources_in_order() {
         let app = App {
-            service: Arc::new(crate::service::tokens::tests_support::service()),
+            service: Arc::new(crate::service::session::tests_support::service()),
             config: HttpConfig {
                 token_header: Some(HeaderName::from_static("x-token")),
                 ..Default::default()

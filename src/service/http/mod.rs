@@ -24,7 +24,7 @@ use crate::policy::Cookie;
 use crate::service::error::{ApiError, Code};
 use crate::service::listen::Draining;
 use crate::service::metrics::UNMATCHED;
-use crate::service::tokens::{Issued, TokenService};
+use crate::service::session::{Issued, TokenService};
 pub use crate::trusted_proxies::TrustedProxies;
 
 /// Request bodies are small JSON or form posts.

@@ -136,7 +136,7 @@ mod http_tests {
 
     fn test_app() -> Arc<App> {
         Arc::new(App {
-            service: Arc::new(crate::service::tokens::tests_support::service()),
+            service: Arc::new(crate::service::session::tests_support::service()),
             config: HttpConfig::default(),
         })
     }
@@ -168,7 +168,7 @@ mod http_tests {
         let now = now_millis() / 1_000;
         let keys = app.service.keys();
         let token = |auth_time: i64| {
-            keys.sign(&crate::service::token::Claims {
+            keys.sign(&crate::service::jwt::Claims {
                 iss: keys.issuer().into(),
                 aud: keys.audience().into(),
                 ..crate::testing::claims_at(auth_time)
@@ -196,7 +196,7 @@ mod http_tests {
     /// A session that ended for inactivity: the page says so, not "expired".
     #[tokio::test]
     async fn signin_page_tells_an_idle_end_from_an_expired_session() {
-        use crate::service::token::{Key, KeySet};
+        use crate::service::jwt::{Key, KeySet};
         let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
         let policy = crate::policy::Policy {
             idle_timeout: Some(10),
@@ -205,13 +205,13 @@ mod http_tests {
         let hash = bcrypt::hash("pw", 4).unwrap();
         let users = crate::service::users::Users::parse(&format!("alice:{hash}\n"), "t").unwrap();
         let pwv = users.get("alice").unwrap().password_version.clone();
-        let service = crate::service::tokens::TokenService::new(
+        let service = crate::service::session::TokenService::new(
             policy,
             users,
             keys,
             Arc::new(crate::service::store::MemoryStore::new()),
             0,
-            crate::service::tokens::Throttle::default(),
+            crate::service::session::Throttle::default(),
         );
         let app = Arc::new(App {
             service: Arc::new(service),
@@ -220,7 +220,7 @@ mod http_tests {
         let now = now_millis() / 1_000;
         let keys = app.service.keys();
         // Signed in a minute ago, no activity since; the timeout is 10 s.
-        let token = keys.sign(&crate::service::token::Claims {
+        let token = keys.sign(&crate::service::jwt::Claims {
             iss: keys.issuer().into(),
             aud: keys.audience().into(),
             sub: "alice".into(),
@@ -246,7 +246,7 @@ mod http_tests {
         let app = test_app();
         let now = now_millis() / 1_000;
         let keys = app.service.keys();
-        let token = keys.sign(&crate::service::token::Claims {
+        let token = keys.sign(&crate::service::jwt::Claims {
             iss: keys.issuer().into(),
             aud: keys.audience().into(),
             sid: "sid-2".into(),

@@ -17,8 +17,8 @@ use crate::service::error::{ApiError, Code};
 use crate::service::oidc::flow::{self, FLOW_TTL_SECS, Flow, Sealer};
 use crate::service::oidc::recheck::{ProviderSessions, Started};
 use crate::service::oidc::{ExchangeError, Provider, Refusal};
+use crate::service::session::Client;
 use crate::service::store::Take;
-use crate::service::tokens::Client;
 
 /// The provider, the key that seals flow cookies, and what is kept of
 /// the provider's side of each session.

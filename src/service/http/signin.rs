@@ -17,7 +17,7 @@ use super::origin::{Site, check_same_site, site_allowed};
 use super::{HttpConfig, MAX_BODY, Shared, issued_response};
 use crate::clock::now_millis;
 use crate::service::error::{ApiError, Code};
-use crate::service::tokens::Client;
+use crate::service::session::Client;
 
 /// `POST /v1/login`: JSON `{username,password}` from API clients, or the
 /// sign-in form (which then redirects to `rd`).

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tower::ServiceExt as _;
 
 use super::{App, HttpConfig, router};
-use crate::service::tokens::tests_support;
+use crate::service::session::tests_support;
 use crate::service::users::Users;
 
 const PASSWORD: &str = "alice-password";

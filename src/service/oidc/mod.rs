@@ -27,7 +27,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 use crate::policy::Oidc;
-use crate::service::tokens::SessionStart;
+use crate::service::session::SessionStart;
 use id_token::{Expect, IdTokenError, Jwk};
 use logout_token::{LogoutRequest, LogoutTokenError};
 

@@ -21,9 +21,9 @@ use sha2::{Digest as _, Sha256};
 use super::vault::Vault;
 use super::{ExchangeError, Provider};
 use crate::clock::Millis;
+use crate::service::session::provider::{ProviderCheck, Recheck};
 use crate::service::store::StoreError;
 use crate::service::store::provider::{Linked, ProviderStore, REFUSED};
-use crate::service::tokens::provider::{ProviderCheck, Recheck};
 
 /// The store's name of a provider session: a digest of the issuer and the
 /// provider's `sid`, so that any value fits a key and two providers' ids

@@ -10,7 +10,7 @@ use tower::ServiceExt as _;
 
 use super::super::{App, HttpConfig, router};
 use super::*;
-use crate::service::tokens::tests_support;
+use crate::service::session::tests_support;
 use crate::service::users::Users;
 
 const HOSTILE_USER: &str = "<img/src=x>\"&'";
@@ -337,7 +337,7 @@ async fn an_expired_but_renewable_cookie_is_renewed_on_the_page() {
     // Alice's session, its token made to have run out two seconds ago (the
     // default policy still renews it).
     let real = keys.verify(&login(&app, "alice", "a").await).expect("ours");
-    let token = keys.sign(&crate::service::token::Claims {
+    let token = keys.sign(&crate::service::jwt::Claims {
         jti: "j-renew".into(),
         iat: now - 62,
         exp: now - 2,

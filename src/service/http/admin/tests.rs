@@ -14,7 +14,7 @@ use tower::ServiceExt as _;
 
 use crate::service::admin::{AdminAuth, Decision, ReviewError, Reviewer, Verb};
 use crate::service::http::{App, HttpConfig, router};
-use crate::service::tokens::tests_support;
+use crate::service::session::tests_support;
 use crate::service::users::Users;
 
 const ADMIN_TOKEN: &str = "s3cret-admin-token";

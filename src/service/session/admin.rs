@@ -8,12 +8,12 @@
 //! alone through the owner recorded at login (digests only).
 
 use super::TokenService;
-use super::sessions::claims_user;
+use super::registry::claims_user;
 use crate::service::audit::{Event, Reason, Who};
 use crate::service::error::{ApiError, Code};
+use crate::service::jwt::Claims;
 use crate::service::rules::{self, Millis};
 use crate::service::store::{SessionEntry, StoreError};
-use crate::service::token::Claims;
 
 /// A user as an admin names them (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,9 +190,9 @@ mod tests {
 
     use super::*;
     use crate::policy::Policy;
+    use crate::service::jwt::{Key, KeySet};
+    use crate::service::session::{Client, SessionStart, Throttle};
     use crate::service::store::MemoryStore;
-    use crate::service::token::{Key, KeySet};
-    use crate::service::tokens::{Client, SessionStart, Throttle};
     use crate::service::users::Users;
 
     const T0: Millis = 1_800_000_000_000;
@@ -245,7 +245,7 @@ mod tests {
         s: &TokenService,
         sub: &str,
         at: Millis,
-    ) -> crate::service::tokens::Issued {
+    ) -> crate::service::session::Issued {
         let start = SessionStart {
             sub: sub.into(),
             idp: Some(IDP.into()),

@@ -18,8 +18,8 @@ use quick_cache::sync::Cache;
 
 use crate::clock::Millis;
 use crate::policy::Policy;
+use crate::service::jwt::Claims;
 use crate::service::rules;
-use crate::service::token::Claims;
 
 /// Default number of tokens remembered. With the default session bound,
 /// a replica that has seen 1,000,000 distinct tokens holds about 75 MiB

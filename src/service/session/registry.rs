@@ -15,9 +15,9 @@ use super::{Client, ClientFn, TokenService, nobody};
 use crate::policy::{Policy, SessionLimitPolicy};
 use crate::service::audit::{By, Event, Reason, Who};
 use crate::service::error::{ApiError, Code};
+use crate::service::jwt::Claims;
 use crate::service::rules::{self, Millis, Standing};
 use crate::service::store::{LimitAction, Registered, Revoked, SessionEntry, SessionLimit};
-use crate::service::token::Claims;
 
 /// The registry's key of a session's user: password users by name, OpenID
 /// Connect users by (provider, subject).

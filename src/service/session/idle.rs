@@ -30,9 +30,9 @@ use super::TokenService;
 use crate::policy::Policy;
 use crate::service::audit::{Event, Who};
 use crate::service::error::{ApiError, Code};
+use crate::service::jwt::Claims;
 use crate::service::rules::{self, Millis};
 use crate::service::store::{Activity, IdleCheck, OneTimeStore};
-use crate::service::token::Claims;
 
 /// How often the background writer sends the activity that is due.
 pub const FLUSH_TICK: Duration = Duration::from_millis(250);
@@ -158,7 +158,7 @@ impl IdleTracker {
         self.inner.seen.insert(
             c.sid.clone(),
             Seen {
-                user: super::sessions::registry_user(c.idp.as_deref(), &c.sub),
+                user: super::registry::registry_user(c.idp.as_deref(), &c.sub),
                 last: now,
                 written,
                 dirty,
@@ -329,7 +329,7 @@ impl TokenService {
             Local::Ended => return Err(idle_error()),
             Local::Ask => {}
         }
-        let user = super::sessions::registry_user(c.idp.as_deref(), &c.sub);
+        let user = super::registry::registry_user(c.idp.as_deref(), &c.sub);
         let a = Activity {
             user: user.clone(),
             sid: c.sid.clone(),
@@ -414,9 +414,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::service::jwt::Key;
+    use crate::service::session::Client;
     use crate::service::store::MemoryStore;
-    use crate::service::token::Key;
-    use crate::service::tokens::Client;
 
     const T0: Millis = 1_800_000_000_000;
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 use super::{Client, TokenService};
 use crate::clock::Millis;
 use crate::service::audit::{Audit, By, Event, Kind, Method, Reason, Who};
+use crate::service::jwt::Claims;
 use crate::service::store::{SessionEntry, Take};
-use crate::service::token::Claims;
 
 /// Who made the request, computed only if an event is written: verify
 /// reads no address or user agent of its own.
@@ -111,8 +111,8 @@ mod tests {
     use super::*;
     use crate::policy::Policy;
     use crate::service::audit::AuditLog;
+    use crate::service::jwt::Key;
     use crate::service::store::{MemoryStore, OneTimeStore};
-    use crate::service::token::Key;
 
     const T0: Millis = 1_800_000_000_000;
 

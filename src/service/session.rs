@@ -13,10 +13,10 @@ use crate::policy::Policy;
 use crate::service::audit::{self, Audit, AuditLog, Event, Via, Who};
 use crate::service::error::{ApiError, Code};
 use crate::service::hashing::HashPool;
+use crate::service::jwt::{Claims, KeySet, TokenError};
 use crate::service::metrics::Metrics;
 use crate::service::rules::{self, LateRefresh, Millis, Standing};
 use crate::service::store::{Claim, OneTimeStore, RefreshRecord, Revoked};
-use crate::service::token::{Claims, KeySet, TokenError};
 use crate::service::users::Users;
 
 pub mod admin;
@@ -24,8 +24,8 @@ mod audited;
 mod idle;
 mod login;
 pub mod provider;
-pub mod sessions;
-use crate::service::verified::Verified;
+pub mod registry;
+use crate::service::verified_cache::Verified;
 pub use audited::{ClientFn, nobody};
 
 /// Login throttling: at most `max_per_user` failures per user name and
@@ -146,13 +146,13 @@ pub struct TokenService {
     /// Password hashing is slow and memory-hungry on purpose: it runs on a
     /// few threads of its own, behind a bounded waiting line.
     hashing: HashPool,
-    /// Tokens whose signature verified already (see `verified.rs`).
+    /// Tokens whose signature verified already (see `verified_cache.rs`).
     verified: Verified,
-    /// Session activity, for the idle timeout (see `tokens/idle.rs`).
+    /// Session activity, for the idle timeout (see `session/idle.rs`).
     idle: idle::IdleTracker,
     pub metrics: Metrics,
     /// Asks the identity provider at each renewal of its sessions
-    /// (`recheckOnRenew`; see `tokens/provider.rs`).
+    /// (`recheckOnRenew`; see `session/provider.rs`).
     provider_check: Option<Arc<dyn provider::ProviderCheck>>,
     /// The audit trail (`--audit-log`) and its counters.
     audit: Audit,
@@ -272,7 +272,7 @@ impl TokenService {
         };
         let store = self.store.clone();
         let audit = self.audit.clone();
-        let registered = sessions::registry_user(None, &name);
+        let registered = registry::registry_user(None, &name);
         runtime.spawn(async move {
             let mut wait = Duration::from_secs(1);
             for _ in 0..8 {
@@ -709,8 +709,8 @@ impl TokenService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::jwt::Key;
     use crate::service::store::MemoryStore;
-    use crate::service::token::Key;
     use crate::testing;
 
     const T0: Millis = 1_800_000_000_000;
@@ -1056,7 +1056,7 @@ mod tests {
 }
 
 #[cfg(test)]
-#[path = "tokens/cached_tests.rs"]
+#[path = "session/cached_tests.rs"]
 mod cached_tests;
 
 #[cfg(test)]

@@ -21,9 +21,9 @@ use super::{Client, Issued, SessionStart, TokenService};
 use crate::service::audit::{Event, Limit, Method, Who};
 use crate::service::error::{ApiError, Code};
 use crate::service::hashing::{HashPool, PoolError};
+use crate::service::jwt::Claims;
 use crate::service::rules::{self, Millis};
 use crate::service::store::Take;
-use crate::service::token::Claims;
 use crate::service::users::{MAX_NAME_LEN, MAX_PASSWORD_LEN, User};
 
 fn busy(e: PoolError) -> ApiError {
@@ -320,11 +320,11 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::service::session::Throttle;
     use crate::service::store::contract::attempts_counted;
     use crate::service::store::{
         Claim, MemoryStore, OneTimeStore, RefreshRecord, Revoked, StoreError, Take,
     };
-    use crate::service::tokens::Throttle;
     use crate::testing;
 
     const T0: Millis = 1_800_000_000_000;

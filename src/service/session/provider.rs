@@ -19,10 +19,10 @@ use super::{TokenService, merge_end, user_id, user_key};
 use crate::policy::Policy;
 use crate::service::audit::{By, Event, Reason, Who};
 use crate::service::error::{ApiError, Code};
+use crate::service::jwt::Claims;
 use crate::service::rules::{self, Millis};
 use crate::service::store::Revoked;
 use crate::service::store::provider::Linked;
-use crate::service::token::Claims;
 
 /// What the provider said of a session at a renewal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,7 +171,7 @@ impl TokenService {
                 Ok(sessions.len())
             }
             ProviderEnd::Subject { issuer, sub } => {
-                let registered = super::sessions::registry_user(Some(issuer), sub);
+                let registered = super::registry::registry_user(Some(issuer), sub);
                 let entries = self.store.remove_user_sessions(&registered).await?;
                 for e in &entries {
                     self.revoke_for_provider(issuer, sub, &e.sid, e.started.div_euclid(1_000), now)
@@ -214,7 +214,7 @@ impl TokenService {
             merge_end(&self.user_ends, &key, Some(at), std::time::Instant::now());
         }
         self.metrics.revocations.inc();
-        let registered = super::sessions::registry_user(Some(issuer), sub);
+        let registered = super::registry::registry_user(Some(issuer), sub);
         if let Err(e) = self.store.remove_session(&registered, sid).await {
             tracing::warn!(error = %e, sid = %sid, "could not take an ended session out of the registry");
         }
@@ -227,9 +227,9 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::service::jwt::{Key, KeySet};
+    use crate::service::session::{Client, SessionStart, Throttle};
     use crate::service::store::{MemoryStore, OneTimeStore};
-    use crate::service::token::{Key, KeySet};
-    use crate::service::tokens::{Client, SessionStart, Throttle};
     use crate::service::users::Users;
 
     const T0: Millis = 1_800_000_000_000;

@@ -126,7 +126,7 @@ async fn a_cached_token_expires_with_its_validity() {
     let end = rules::token_end(&t.claims, &p) * 1_000;
     assert!(s.verify(&t.token, false, end - 1).await.is_ok());
     assert_eq!(code(s.verify(&t.token, false, end).await), "EXPIRED_TOKEN");
-    let gone = crate::service::verified::useful_until(&t.claims, &p);
+    let gone = crate::service::verified_cache::useful_until(&t.claims, &p);
     assert!(s.verify(&t.token, true, gone).await.is_err());
     assert!(s.verified.get(&t.token, gone).is_none());
 }

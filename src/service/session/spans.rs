@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::FmtSpan;
 
-use crate::service::token::Claims;
-use crate::service::tokens::tests_support::service;
+use crate::service::jwt::Claims;
+use crate::service::session::tests_support::service;
 
 #[derive(Clone, Default)]
 struct Buf(Arc<Mutex<Vec<u8>>>);
