@@ -234,10 +234,16 @@ pub struct ServeArgs {
     /// its hash's memory cost (argon2id default: 19 MiB).
     #[arg(long, env = "TOKENPOLICY_LOGIN_THREADS")]
     pub login_threads: Option<usize>,
-    /// Logins that may wait for a password check (default: 8 per thread);
-    /// past it, 503 SERVICE_BUSY with Retry-After.
+    /// The most logins that may wait for a password check at once, however
+    /// short their wait (default: 256 per thread); past it, 503
+    /// SERVICE_BUSY with Retry-After.
     #[arg(long, env = "TOKENPOLICY_LOGIN_QUEUE")]
     pub login_queue: Option<usize>,
+    /// The longest a login may wait for its password check to start (1s to
+    /// 60s). One that would wait longer is turned away at once, 503
+    /// SERVICE_BUSY with Retry-After (when the line will have drained).
+    #[arg(long, env = "TOKENPOLICY_LOGIN_MAX_WAIT", default_value = "3s")]
+    pub login_max_wait: String,
     /// How many verified tokens to remember, so that a token seen before
     /// skips its signature check (0: check every time). Bounds memory: about
     /// 1 KiB per entry (measured by bench/memory.sh).
@@ -593,11 +599,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .login_threads
         .unwrap_or_else(crate::service::hashing::HashPool::default_threads)
         .max(1);
+    let login_max_wait = seconds(&args.login_max_wait, "--login-max-wait")?;
+    if !(1..=60).contains(&login_max_wait.as_secs()) {
+        anyhow::bail!(
+            "--login-max-wait must be 1s to 60s, not {}",
+            args.login_max_wait
+        );
+    }
     let login_queue = args
         .login_queue
         .unwrap_or_else(|| crate::service::hashing::HashPool::default_queue(login_threads));
     let mut service = TokenService::new(policy, users, keys, store, leeway, throttle)
-        .with_login_capacity(login_threads, login_queue)
+        .with_login_capacity(login_threads, login_queue, login_max_wait)
         .with_verified_cache(args.verified_cache_size);
     if let Some(o) = &oidc {
         service = service.with_provider_check(o.sessions.clone());
@@ -610,6 +623,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let audit_log = service.audit_log().clone();
     let service = Arc::new(service);
+    // What a password check costs here, before the first burst of logins.
+    tokio::spawn({
+        let service = service.clone();
+        async move { service.calibrate_logins().await }
+    });
     watch_files(service.clone(), args.policy.clone(), args.users.clone());
     if let Some(o) = &oidc {
         o.provider.start();

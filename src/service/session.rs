@@ -183,7 +183,11 @@ impl TokenService {
             store,
             leeway,
             throttle,
-            hashing: HashPool::new(threads, HashPool::default_queue(threads)),
+            hashing: HashPool::new(
+                threads,
+                HashPool::default_queue(threads),
+                crate::service::hashing::DEFAULT_MAX_WAIT,
+            ),
             verified: Verified::default(),
             metrics,
             provider_check: None,

@@ -7,6 +7,9 @@
 * A burst of argon2id logins keeps the process's peak resident memory (read
   from /proc) under a 128 MiB pod limit, and every answer is 200, 401, 429
   or 503 with Retry-After.
+* A burst of 100 people's correct argon2id logins at once waits its turn:
+  a login is turned away (503 SERVICE_BUSY with Retry-After, at once) only
+  when it could not start its check within `--login-max-wait`.
 * An unknown user name costs what a known one costs, whatever hash kinds
   the users file mixes (medians compared as ratios, not absolute times).
 * Empty passwords and bcrypt passwords past 72 bytes never log in.
@@ -202,6 +205,64 @@ def test_argon2id_login_burst_stays_under_the_pod_memory_limit(env, start_server
             break
         time.sleep(0.2)
     assert r.status_code == 200, r.text[:200]
+
+
+def timed_fire(items: list[tuple[str, str, str]]) -> list[tuple[requests.Response, float]]:
+    """Like fire, with each answer's time from the barrier's release."""
+    barrier = threading.Barrier(len(items))
+
+    def one(item):
+        url, user, pw = item
+        barrier.wait(timeout=30)
+        t0 = time.monotonic()
+        r = login(url, user, pw)
+        return r, time.monotonic() - t0
+
+    with ThreadPoolExecutor(max_workers=len(items)) as pool:
+        return list(pool.map(one, items))
+
+
+SHIFT = 100  # people logging in at once
+
+
+def test_a_burst_of_correct_logins_waits_its_turn_rather_than_being_turned_away(env, start_server):
+    # 100 people, one argon2id hash each at the default cost (the same
+    # password, so one hash string serves them all). They all come from
+    # 127.0.0.1 here, so the per-address limit is lifted: it is the line,
+    # not the throttle, that is under test.
+    phc = _argon2_via_binary("nine-o-clock")
+    users = users_file(env, "shift", [f"worker{i}:{phc}" for i in range(SHIFT)])
+    max_wait = 3.0
+    srv = start_server("shift", None, users_file=users, extra_args=[
+        "--login-max-wait", f"{max_wait:.0f}s", "--max-failed-logins-per-address", "100000"])
+    answers = timed_fire([(srv.url, f"worker{i}", "nine-o-clock") for i in range(SHIFT)])
+    ok = [t for r, t in answers if r.status_code == 200]
+    shed = [(r, t) for r, t in answers if r.status_code == 503]
+    figures = (f"{len(ok)} logged in (slowest {max(ok, default=0):.2f}s), {len(shed)} turned away "
+               f"(slowest {max((t for _, t in shed), default=0):.2f}s, Retry-After "
+               f"{sorted({r.headers.get('Retry-After') for r, _ in shed})})")
+    print("\n[login shift] " + figures)
+    assert all(r.status_code in (200, 503) for r, _ in answers), \
+        [(r.status_code, r.text[:120]) for r, _ in answers if r.status_code not in (200, 503)]
+    assert len(ok) >= SHIFT // 2, figures
+    for r, took in shed:
+        assert error_code(r) == "SERVICE_BUSY", r.text[:200]
+        assert r.headers.get("Retry-After", "").isdigit() and int(r.headers["Retry-After"]) >= 1, dict(r.headers)
+        # Turned away without waiting past the deadline first.
+        assert took <= max_wait + 1.0, figures
+    # Every session is real: each token verifies.
+    tokens = [r.json()["access_token"] for r, _ in answers if r.status_code == 200]
+    for t in tokens[:10]:
+        v = requests.get(srv.url + "/v1/verify", headers={"Authorization": f"Bearer {t}"}, timeout=10)
+        assert v.status_code == 200, v.text[:200]
+
+
+def test_login_max_wait_out_of_bounds_is_refused_at_start(env):
+    for bad in ("0s", "61s", "soon"):
+        out = subprocess.run([str(binary_path()), "serve", "--login-max-wait", bad],
+                             capture_output=True, timeout=30, env=child_env())
+        assert out.returncode != 0, bad
+        assert b"--login-max-wait" in out.stderr, out.stderr[-400:]
 
 
 # ==========================================================================

@@ -16,6 +16,7 @@
 //! and close sessions at the rate of the network.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use super::{Client, Issued, SessionStart, TokenService};
 use crate::service::audit::{Event, Limit, Method, Who};
@@ -26,18 +27,21 @@ use crate::service::rules::{self, Millis};
 use crate::service::store::Take;
 use crate::service::users::{MAX_NAME_LEN, MAX_PASSWORD_LEN, User};
 
+/// A login the password-check line could not take in time: come back when
+/// the line would have drained (at least 1 s, at most a minute).
 fn busy(e: PoolError) -> ApiError {
     match e {
-        PoolError::Busy => ApiError::new(
+        PoolError::Busy { wait } => ApiError::new(
             Code::ServiceBusy,
             "too many logins at once; try again shortly",
-        ),
+        )
+        .retry_after(wait.as_secs_f64().ceil().clamp(1.0, 60.0) as u64),
         PoolError::Failed => ApiError::new(
             Code::ServiceBusy,
             "the password check did not run; try again",
-        ),
+        )
+        .retry_after(1),
     }
-    .retry_after(1)
 }
 
 fn too_many(retry_in: Millis) -> ApiError {
@@ -58,10 +62,24 @@ fn too_many_logins(retry_in: Millis) -> ApiError {
 
 impl TokenService {
     /// Sets how many password checks run at once (`threads`, each holding
-    /// one hash's memory) and how many may wait for one (`queue`).
-    pub fn with_login_capacity(mut self, threads: usize, queue: usize) -> Self {
-        self.hashing = HashPool::new(threads, queue);
+    /// one hash's memory), how many may wait for one at most (`queue`), and
+    /// the longest a login may wait for its check to start (`max_wait`).
+    pub fn with_login_capacity(mut self, threads: usize, queue: usize, max_wait: Duration) -> Self {
+        self.hashing = HashPool::new(threads, queue, max_wait);
         self
+    }
+
+    /// Runs one password check of the users file (an unknown name, checked
+    /// against a known user's hash) so that the login line's forecast knows
+    /// what a check costs before the first burst.
+    pub async fn calibrate_logins(&self) {
+        let users = self.users.load_full();
+        self.hashing
+            .calibrate(move || {
+                // A name no users file holds (it has a colon).
+                let _ = users.authenticate(":calibration", "calibration");
+            })
+            .await;
     }
 
     /// `clock` is read after the password check, so a token's life starts
@@ -545,7 +563,7 @@ mod tests {
         // One thread, no waiting line, a slow hash: racing logins beyond
         // the first are turned away with Retry-After, uncounted.
         let users = format!("slow:{}\n", bcrypt::hash("pw", 11).unwrap());
-        let s = Arc::new(service_with(&users).with_login_capacity(1, 0));
+        let s = Arc::new(service_with(&users).with_login_capacity(1, 0, Duration::from_secs(3)));
         let mut tasks = Vec::new();
         for _ in 0..4 {
             let s = s.clone();
@@ -680,7 +698,7 @@ mod tests {
             .user("alice", "pw")
             .store(store.clone())
             .build()
-            .with_login_capacity(1, 0);
+            .with_login_capacity(1, 0, Duration::from_secs(3));
         // The one place in line is taken.
         let place = s.hashing.admit().unwrap();
         let ip: IpAddr = "203.0.113.7".parse().unwrap();
