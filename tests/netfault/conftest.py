@@ -182,7 +182,7 @@ class SentinelSet(Hosts):
         self.spawn(f"redis-{host.name}", host, [
             redis_server(), "--bind", host.ip, "--port", str(REDIS_PORT), "--save", "",
             "--appendonly", "no", "--protected-mode", "no", "--dir", str(d), *MIN_REPLICAS,
-            *extra])
+            "--repl-diskless-sync-delay", "0", *extra])
         wait_port(host.ip, REDIS_PORT)
 
     def start_store(self) -> None:
@@ -190,8 +190,9 @@ class SentinelSet(Hosts):
         self.redis(m)
         for r in self.redis_replicas:
             self.redis(r, "--replicaof", m.ip, str(REDIS_PORT))
+        # In sync: counted by the master's min-replicas-to-write.
         wait_until("both Redis replicas in sync", lambda: info(
-            m.ip, REDIS_PORT, "replication").get("connected_slaves") == "2", timeout=20)
+            m.ip, REDIS_PORT, "replication").get("min_slaves_good_slaves") == "2", timeout=20)
         sentinel = shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel"
         for s in self.sentinels:
             d = self.workdir / s.name
