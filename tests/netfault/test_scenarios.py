@@ -267,15 +267,27 @@ def test_sentinel_split_brain(sentinel_set):
         net.heal(old)
         net.heal(a)
         h.healed(f)
-        seen["window"] = (f.start, f.end)
+        seen["fault"] = f
 
     def extra():
         rejoined = info(old.ip, REDIS_PORT, "replication")
-        t0, t1 = seen.get("window", (0.0, 0.0))
+        f = seen.get("fault")
+        t0, t1 = (f.start, f.end) if f else (0.0, 0.0)
+        # Logouts a answered 204 during the split (written to the old
+        # master), and how long after each b still accepted its session.
+        lost = []
+        for op in h.ops:
+            if op.kind == "logout" and op.status == 204 and op.replica == "a" \
+                    and t0 <= op.start <= t1:
+                later = [o.start for o in h.ops if o.replica == "b" and o.status == 200
+                         and o.sent is not None and o.sent.sid == op.sent.sid
+                         and o.start > op.end + 1.0]
+                lost.append(round(max(later) - op.end, 2) if later else 0.0)
         return {"sentinel_promoted_after_s": round(seen.get("promoted", -1), 2),
                 "old_master_refused_writes_after_s": round(seen.get("noreplicas", -1), 2),
                 "old_master_role_after": rejoined.get("role", "?"),
                 "written_on_old_master": accepted_on(h, "a", t0, t1),
+                "logouts_on_old_master_accepted_on_b_after_s": lost,
                 "min_replicas": " ".join(MIN_REPLICAS)}
 
     h = history()
