@@ -145,13 +145,24 @@ def clean_stale() -> None:
 
 
 def _used_subnets() -> set:
-    """The /24s of 10.77.0.0/16 that an address of this host is in."""
-    out = run("ip", "-o", "-4", "addr", "show", check=False).stdout
+    """The /24s of 10.77.0.0/16 that an address of this host, or a route
+    inside that /16, is in."""
     used = set()
-    for m in re.finditer(r"inet (\d+\.\d+\.\d+\.\d+)/", out):
+    addrs = run("ip", "-o", "-4", "addr", "show", check=False).stdout
+    for m in re.finditer(r"inet (\d+\.\d+\.\d+\.\d+)/", addrs):
         addr = ipaddress.ip_address(m.group(1))
         if addr in SPACE:
             used.add(int(addr.packed[2]))
+    for line in run("ip", "-4", "route", "show", check=False).stdout.splitlines():
+        try:
+            dest = ipaddress.ip_network(line.split()[0], strict=False)
+        except (IndexError, ValueError):
+            continue  # "default" and the like
+        # A route inside the /16 (a broader one loses to the bridge's /24).
+        if dest.prefixlen > SPACE.prefixlen and dest.subnet_of(SPACE):
+            for n in range(256):
+                if ipaddress.ip_network(f"10.77.{n}.0/24").overlaps(dest):
+                    used.add(n)
     return used
 
 
