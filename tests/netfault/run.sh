@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The network-fault scenarios (tests/netfault): redis-server and two
-# replicas in network namespaces of their own, faults by nftables, every
-# request judged by the history checker. Each scenario runs
-# NETFAULT_SECONDS (default 20; the long form: NETFAULT_SECONDS=60).
-# Needs root (namespaces), iproute2 and nftables.
+# The network-fault scenarios (tests/netfault): redis-server (alone, under
+# Sentinel, or as a Redis Cluster) and two replicas in network namespaces of
+# their own, faults by nftables, every request judged by the history
+# checker. Each scenario runs NETFAULT_SECONDS (default 20; the long form:
+# NETFAULT_SECONDS=60).
+# Needs root (namespaces), iproute2, nftables, redis-server and redis-sentinel.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "$(id -u)" != 0 ]; then
@@ -12,6 +13,8 @@ fi
 missing=()
 command -v ip >/dev/null || missing+=(iproute2)
 command -v nft >/dev/null || missing+=(nftables)
+command -v redis-server >/dev/null || missing+=(redis-server)
+[ -x /usr/bin/redis-sentinel ] || missing+=(redis-sentinel)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

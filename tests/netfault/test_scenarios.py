@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import POLICY, REDIS_PORT, USERS, seconds
+from conftest import MIN_REPLICAS, POLICY, REDIS_PORT, USERS, cli, info, seconds
 from history import History, Policy, Token, check
 from load import Load
 
@@ -31,14 +31,16 @@ def history() -> History:
                    recovery=RECOVERY)
 
 
-def report(name: str, h: History):
+def report(name: str, h: History, extra: dict | None = None):
     v = check(h)
+    v.figures.update(extra or {})
     print(f"\n[{name}] {v.summary()}")
     out = os.environ.get("NETFAULT_REPORT")
     if out:
         with open(out, "a") as f:
             f.write(json.dumps({"scenario": name, "seconds": seconds(), "ok": v.ok,
                                 "violations": {k: len(x) for k, x in v.violations.items()},
+                                "examples": {k: x[:3] for k, x in v.violations.items() if x},
                                 "figures": v.figures}) + "\n")
     return v
 
@@ -82,12 +84,24 @@ def schedule(warm: float, length: float):
     return time.time() + length
 
 
-def run(cluster, name: str, fault, probe_for: float = 3.0) -> tuple:
+def run(cluster, name: str, fault, probe_for: float = 3.0, extra=None) -> tuple:
     h = history()
     load = Load(h, cluster.urls, USERS, seed=hash(name) & 0xFFFF, probe_for=probe_for)
     load.run(seconds(), during=lambda: fault(h))
-    v = report(name, h)
+    v = report(name, h, extra() if extra else None)
     return h, v
+
+
+def accepted_on(h: History, replica: str, t0: float, t1: float) -> dict:
+    """What ``replica`` accepted that writes to the store (logins,
+    refreshes, logouts) between ``t0`` and ``t1``, by kind."""
+    out: dict = {}
+    for op in h.ops:
+        if op.replica == replica and t0 <= op.start and op.end <= t1 and (
+                (op.kind in ("login", "refresh") and op.status == 200)
+                or (op.kind == "logout" and op.status == 204)):
+            out[op.kind] = out.get(op.kind, 0) + 1
+    return out
 
 
 def assert_verdict(h: History, v, cluster) -> None:
@@ -218,3 +232,121 @@ def test_pubsub_link_cut_while_commands_flow(cluster):
     # The command link stayed up: b answered throughout, with no 503.
     on_b = [op for op in h.ops if op.replica == "b" and op.status == 503]
     assert not on_b, f"{len(on_b)} 503s on b although its commands flowed"
+
+
+def test_sentinel_split_brain(sentinel_set):
+    """(f) A split brain under Sentinel: the master and replica a on one
+    side of a partition (packets dropped), the Sentinels, both Redis
+    replicas and replica b on the other. The Sentinels promote a Redis
+    replica while the old master, with the recommended
+    ``min-replicas-to-write 1`` / ``min-replicas-max-lag 10``, still takes
+    a's writes until its replicas have been silent for 10 s; after the
+    heal it rejoins as a replica of the new master."""
+    ss = sentinel_set
+    net, old = ss.net, ss.master
+    a = ss.hosts["a"]
+    others = [*ss.redis_replicas, *ss.sentinels]
+    seen: dict = {}
+
+    def fault(h):
+        length = max(14.0, seconds() * 0.5)
+        end = schedule(max(3.0, seconds() * 0.15), length)
+        f = h.fault("sentinel-split", {"a", "b"}, cuts_off=True)
+        for peer in [*others, ss.hosts["b"]]:
+            net.drop(old, peer)
+        for peer in others:
+            net.drop(a, peer)
+        while time.time() < end:
+            ip = ss.master_ip()
+            if ip and ip != old.ip and "promoted" not in seen:
+                seen["promoted"] = time.time() - f.start
+            if "noreplicas" not in seen and "min_slaves_good_slaves:0" in cli(
+                    old.ip, REDIS_PORT, "INFO", "replication"):
+                seen["noreplicas"] = time.time() - f.start
+            time.sleep(0.2)
+        net.heal(old)
+        net.heal(a)
+        h.healed(f)
+        seen["fault"] = f
+
+    def extra():
+        rejoined = info(old.ip, REDIS_PORT, "replication")
+        f = seen.get("fault")
+        t0, t1 = (f.start, f.end) if f else (0.0, 0.0)
+        # Logouts a answered 204 during the split (written to the old
+        # master), and how long after each b still accepted its session.
+        lost = []
+        for op in h.ops:
+            if op.kind == "logout" and op.status == 204 and op.replica == "a" \
+                    and t0 <= op.start <= t1:
+                later = [o.start for o in h.ops if o.replica == "b" and o.status == 200
+                         and o.sent is not None and o.sent.sid == op.sent.sid
+                         and o.start > op.end + 1.0]
+                lost.append(round(max(later) - op.end, 2) if later else 0.0)
+        return {"sentinel_promoted_after_s": round(seen.get("promoted", -1), 2),
+                "old_master_refused_writes_after_s": round(seen.get("noreplicas", -1), 2),
+                "old_master_role_after": rejoined.get("role", "?"),
+                "written_on_old_master": accepted_on(h, "a", t0, t1),
+                "logouts_on_old_master_accepted_on_b_after_s": lost,
+                "min_replicas": " ".join(MIN_REPLICAS)}
+
+    h = history()
+    load = Load(h, ss.urls, USERS, seed=7, probe_for=MAX_LAG + 3)
+    load.run(seconds(), during=lambda: fault(h))
+    # The old master rejoins as a replica of the promoted one.
+    deadline = time.time() + 20
+    while time.time() < deadline and info(old.ip, REDIS_PORT, "replication").get("role") != "slave":
+        time.sleep(0.2)
+    v = report("sentinel-split", h, extra())
+    assert "promoted" in seen, "no failover during the partition: " + v.summary()
+    assert v.figures["requests"] > 100, v.summary()
+    assert v.figures["old_master_role_after"] == "slave", v.summary()
+    # No false 401, nothing past a session's end, every 503 of b (on the
+    # Sentinels' side) in the fault's window: these hold through the split.
+    late_b = [m for m in v.violations[5] if " on b at " in m]
+    assert not (v.violations[3] or v.violations[4] or late_b), v.summary() + "\n" + ss.logs()
+    # Not fixed yet (docs/src/redis.md, "Failure behaviour"): both masters
+    # take writes until the old one's replicas have been silent for
+    # min-replicas-max-lag, so claims on each side refresh a token twice (1)
+    # and logouts written to the old master are lost when it rejoins (2);
+    # after the heal a stays on the old master, answering 503, until the
+    # Sentinels demote it, longer than the recovery time (5).
+    late_a = len(v.violations[5]) - len(late_b)
+    if v.violations[1] or v.violations[2] or late_a:
+        pytest.xfail(f"split brain: {len(v.violations[1])} token(s) refreshed twice, "
+                     f"{len(v.violations[2])} acceptance(s) of logged-out sessions, "
+                     f"{late_a} 503(s) on a past the recovery time")
+
+
+def test_cluster_shard_cut_off(redis_cluster):
+    """(g) One master of a three-master Redis Cluster cut off (packets
+    dropped) from the other masters and both replicas for 10 s, then healed."""
+    rc = redis_cluster
+    net = rc.net
+    victim = rc.nodes[2]
+    peers = [*rc.nodes[:2], *rc.hosts.values()]
+    seen: dict = {}
+
+    def fault(h):
+        end = schedule(max(3.0, seconds() * 0.2), 10.0)
+        f = h.fault("cluster-shard", {"a", "b"}, cuts_off=True)
+        for peer in peers:
+            net.drop(victim, peer)
+        while time.time() < end:
+            if "down" not in seen and "cluster_state:fail" in cli(
+                    rc.nodes[0].ip, REDIS_PORT, "CLUSTER", "INFO"):
+                seen["down"] = time.time() - f.start
+            time.sleep(0.2)
+        net.heal(victim)
+        h.healed(f)
+        while time.time() < end + 15 and not all(
+                "cluster_state:ok" in cli(n.ip, REDIS_PORT, "CLUSTER", "INFO") for n in rc.nodes):
+            time.sleep(0.1)
+        seen["ok"] = time.time() - f.end
+
+    h, v = run(rc, "cluster-shard", fault, probe_for=MAX_LAG + 3, extra=lambda: {
+        "slots_cut_off": rc.slots_of(victim),
+        "cluster_fail_after_s": round(seen.get("down", -1), 2),
+        "cluster_ok_after_heal_s": round(seen.get("ok", -1), 2)})
+    assert_verdict(h, v, rc)
+    assert v.figures["503"] > 0, "the partition changed nothing: was it applied?"
