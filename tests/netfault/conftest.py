@@ -156,10 +156,12 @@ SENTINEL_PORT = 26379
 #: What the docs recommend on every Redis that may be master
 #: (docs/src/redis.md); NETFAULT_MIN_REPLICAS_MAX_LAG tries another lag.
 MIN_REPLICAS = ("--min-replicas-to-write", "1", "--min-replicas-max-lag",
-                os.environ.get("NETFAULT_MIN_REPLICAS_MAX_LAG", "10"))
-#: Failure detection of the Sentinels: short, so that a failover happens well
-#: inside a scenario's partition (NETFAULT_DOWN_AFTER_MS tries another).
-DOWN_AFTER_MS = int(os.environ.get("NETFAULT_DOWN_AFTER_MS", "1000"))
+                os.environ.get("NETFAULT_MIN_REPLICAS_MAX_LAG", "1"))
+#: Failure detection of the Sentinels, as the docs recommend it: longer than
+#: the lag above (a cut-off master stops taking writes before a replica is
+#: promoted), short enough that a failover happens well inside a scenario's
+#: partition (NETFAULT_DOWN_AFTER_MS tries another).
+DOWN_AFTER_MS = int(os.environ.get("NETFAULT_DOWN_AFTER_MS", "4000"))
 
 
 class SentinelSet(Hosts):

@@ -251,7 +251,14 @@ impl ConnectionLike for RedisConn {
             RedisConn::Sentinel(s) => Box::pin(async move {
                 let (generation, mut conn) = s.connection().await?;
                 let answer = conn.req_packed_command(cmd).await;
-                s.check(generation, answer.as_ref().err()).await;
+                // A server error (a script's write refused by a demoted
+                // master) comes back as a value, not as an error.
+                let lost = match &answer {
+                    Err(e) => Some(e.clone()),
+                    Ok(Value::ServerError(se)) => Some(RedisError::from(se.clone())),
+                    Ok(_) => None,
+                };
+                s.check(generation, lost.as_ref()).await;
                 answer
             }),
             RedisConn::Cluster(c) => Box::pin(async move {
@@ -317,9 +324,11 @@ pub fn lost_master(e: &RedisError) -> bool {
     ) {
         return true;
     }
-    // A script's write refused by a replica comes back wrapped.
+    // A script's write refused by a replica comes back wrapped; NOREPLICAS:
+    // a master cut off from its replicas (`min-replicas-to-write`), which
+    // the Sentinels are replacing.
     let text = e.to_string();
-    text.contains("READONLY") || text.contains("MASTERDOWN")
+    text.contains("READONLY") || text.contains("MASTERDOWN") || text.contains("NOREPLICAS")
 }
 
 pub struct SentinelConn {
@@ -534,6 +543,11 @@ mod tests {
             "READONLY You can't write against a read only replica.",
         ));
         assert!(lost_master(&ro));
+        let cut_off = RedisError::from((
+            redis::ErrorKind::Extension,
+            "NOREPLICAS Not enough good replicas to write.",
+        ));
+        assert!(lost_master(&cut_off));
         let other = RedisError::from((redis::ErrorKind::Client, "wrong type"));
         assert!(!lost_master(&other));
     }
