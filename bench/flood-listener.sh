@@ -17,6 +17,7 @@
 #                                    # SECONDS_PER_RUN=6, TOKENS=2000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 rounds="${ROUNDS:-2}"
 tokens="${TOKENS:-2000}"
 secs="${SECONDS_PER_RUN:-6}"  # the flood runs a second longer, around verify
@@ -24,14 +25,13 @@ secs="${SECONDS_PER_RUN:-6}"  # the flood runs a second longer, around verify
 need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v redis-server >/dev/null || need+=(redis-server)
-if ((${#need[@]})); then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
+apt_install ${need[@]+"${need[@]}"}
 
 . bench/lib.sh
 rport=$(free_port)
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
-rpid=$!
+start_redis "$rport"
+rpid=$REDIS_PID
 pids+=("$rpid")
-for _ in $(seq 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
 openssl genpkey -algorithm ed25519 -out "$work/key.pem" 2>/dev/null
 # bench / bench-password at bcrypt cost 4 (bench only); demo at cost 10.
 { grep -v '^#' examples/users.htpasswd

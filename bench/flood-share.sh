@@ -10,6 +10,7 @@
 #                                      # SECONDS_PER_RUN=6, TOKENS=2000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 rounds="${ROUNDS:-2}"
 tokens="${TOKENS:-2000}"
 secs="${SECONDS_PER_RUN:-6}"  # the flood runs a second longer, around verify
@@ -17,13 +18,12 @@ secs="${SECONDS_PER_RUN:-6}"  # the flood runs a second longer, around verify
 need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v redis-server >/dev/null || need+=(redis-server)
-if ((${#need[@]})); then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
+apt_install ${need[@]+"${need[@]}"}
 
 . bench/lib.sh
 rport=$(free_port)
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
-pids+=($!)
-for _ in $(seq 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
+start_redis "$rport"
+pids+=($REDIS_PID)
 openssl genpkey -algorithm ed25519 -out "$work/key.pem" 2>/dev/null
 # bench / bench-password at bcrypt cost 4 (bench only); demo at cost 10.
 { grep -v '^#' examples/users.htpasswd

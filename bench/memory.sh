@@ -9,21 +9,21 @@
 #   TOKENS_TOTAL=200000 bash bench/memory.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 total="${TOKENS_TOTAL:-1000000}"
 
 need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v redis-server >/dev/null || need+=(redis-server)
-if ((${#need[@]})); then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
+apt_install ${need[@]+"${need[@]}"}
 
 . bench/lib.sh
 rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 allowed() { curl -s "127.0.0.1:$1/metrics" | awk 'BEGIN {n=0} /^tokenpolicy_verify_decisions_total\{outcome="allowed"\}/ {n=$2} END {print int(n)}'; }
 
 rport=$(free_port)
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
-pids+=($!)
-for _ in $(seq 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
+start_redis "$rport"
+pids+=($REDIS_PID)
 openssl genpkey -algorithm ed25519 -out "$work/key.pem" 2>/dev/null
 hash='$2b$04$NqOsMSBf2X5Vm.ypNfpwtuIG.Ibli2MSHkpQfTRdkhQvhb7bCkSJK'
 echo "bench:$hash" >"$work/users"

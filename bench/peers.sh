@@ -40,6 +40,7 @@
 # (its default logs a line per request; ours logs none at RUST_LOG=warn).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 dur="${DURATION:-6s}"
 rounds="${ROUNDS:-3}"
 conns="${CONNECTIONS:-64}"
@@ -53,7 +54,7 @@ need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v redis-server >/dev/null || need+=(redis-server)
-if ((${#need[@]})); then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
+apt_install ${need[@]+"${need[@]}"}
 export PATH="$PATH:/usr/local/go/bin"
 command -v go >/dev/null || { echo "no go (looked in PATH and /usr/local/go/bin)" >&2; exit 1; }
 
@@ -94,10 +95,9 @@ else
   exec 8>"$work/kc-stdin"   # closing it (at exit) stops Keycloak
 fi
 rport=$(free_port)
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.log" &
-redispid=$!
+start_redis "$rport"
+redispid=$REDIS_PID
 pids+=("$redispid")
-for _ in $(seq 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
 openssl genpkey -algorithm ed25519 -out "$work/key.pem" 2>/dev/null
 for _ in $(seq 600); do
   [ -s "$work/kc.json" ] && break

@@ -17,6 +17,7 @@
 # the login flood uses the demo user's cost-10 hash, as a real flood would.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 dur="${DURATION:-6s}"
 rounds="${ROUNDS:-3}"
 conns="${CONNECTIONS:-64}"
@@ -27,8 +28,8 @@ need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v redis-server >/dev/null || need+=(redis-server)
-if ((${#need[@]})); then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
-command -v openssl >/dev/null || { apt-get install -y -qq openssl >/dev/null; }
+apt_install ${need[@]+"${need[@]}"}
+command -v openssl >/dev/null || apt_install openssl
 
 . bench/lib.sh
 # Calls of one Redis command so far (INFO commandstats), scripts' own included.
@@ -36,9 +37,8 @@ cmdstat() { redis-cli -p "$rport" info commandstats | awk -F'[=,:]' -v c="cmdsta
 
 # Redis, a shared key, users and policies.
 rport=$(free_port)
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.log" &
-pids+=($!)
-for _ in $(seq 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
+start_redis "$rport"
+pids+=($REDIS_PID)
 openssl genpkey -algorithm ed25519 -out "$work/key.pem" 2>/dev/null
 # bench / bench-password at bcrypt cost 4 (bench only); demo at cost 10.
 { grep -v '^#' examples/users.htpasswd

@@ -7,7 +7,7 @@
 #   bash bench/verify-load.sh            # needs wrk and redis-server (Debian packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/tokenpolicy-target}"
+. scripts/lib.sh
 cargo build --release --quiet
 bin="$CARGO_TARGET_DIR/release/tokenpolicy"
 dur="${DURATION:-5s}"
@@ -15,12 +15,10 @@ work=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
 rport=$(free_port)
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
-pids+=($!)
-for _ in $(seq 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
+start_redis "$rport"
+pids+=($REDIS_PID)
 
 port=""
 start() { # name, extra args... -> sets $port (no subshell: the pids and trap stay here)

@@ -1,8 +1,6 @@
-//! Every rejection the service gives: a stable code, a status, one JSON
-//! shape, and `WWW-Authenticate` on 401s, rendered in one place.
-
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+//! Every rejection the service gives: a stable code and its message.
+//! How a rejection looks on the wire (status, headers, JSON body) is
+//! `http::error`'s.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Code {
@@ -121,31 +119,6 @@ impl Code {
             Code::IdleSession => "IDLE_SESSION",
         }
     }
-
-    pub fn status(self) -> StatusCode {
-        match self {
-            Code::TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
-            Code::StoreUnavailable
-            | Code::ServiceBusy
-            | Code::ShuttingDown
-            | Code::ProviderUnavailable
-            | Code::ReviewUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Code::CrossSiteRequest
-            | Code::ForbiddenUser
-            | Code::ForbiddenGroup
-            | Code::AdminForbidden => StatusCode::FORBIDDEN,
-            Code::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Code::InvalidRequest
-            | Code::InvalidRedirect
-            | Code::InvalidState
-            | Code::InvalidLogoutToken => StatusCode::BAD_REQUEST,
-            Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Code::SessionLimit => StatusCode::CONFLICT,
-            Code::SessionNotFound => StatusCode::NOT_FOUND,
-            _ => StatusCode::UNAUTHORIZED,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,30 +158,6 @@ impl From<crate::service::store::StoreError> for ApiError {
             "the session store is unavailable; try again shortly",
         )
         .retry_after(1)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "error": { "code": self.code.as_str(), "message": self.message }
-        });
-        let mut resp = (self.code.status(), axum::Json(body)).into_response();
-        let headers = resp.headers_mut();
-        if self.code.status() == StatusCode::UNAUTHORIZED {
-            let value = format!(
-                r#"Bearer error="invalid_token", error_description="{}""#,
-                self.code.as_str()
-            );
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                headers.insert(header::WWW_AUTHENTICATE, v);
-            }
-        }
-        if let Some(secs) = self.retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        resp
     }
 }
 
@@ -261,17 +210,5 @@ mod contract {
             30,
             "a code is missing from Code::ALL or listed twice"
         );
-    }
-
-    #[test]
-    fn docs_contract_lists_every_code_with_its_status() {
-        let doc = include_str!("../../docs/src/contract.md");
-        for c in Code::ALL {
-            let row = format!("| `{}` | {} |", c.as_str(), c.status().as_u16());
-            assert!(
-                doc.contains(&row),
-                "docs/src/contract.md lacks the row {row}"
-            );
-        }
     }
 }

@@ -200,7 +200,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let s = crate::service::session::tests_support::service();
+        let s = crate::testing::service().build();
         s.set_users(users);
         Arc::new(s)
     }

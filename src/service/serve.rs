@@ -132,8 +132,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENPOLICY_AUDIENCE")]
     pub audience: Option<String>,
     /// Clock skew tolerated on `iat`/`exp` between replicas.
-    #[arg(long, env = "TOKENPOLICY_LEEWAY", default_value = "0s")]
-    pub leeway: String,
+    #[arg(long, env = "TOKENPOLICY_LEEWAY", default_value = "0s", value_parser = leeway_flag)]
+    pub leeway: Duration,
     /// Also read the token from this request header.
     #[arg(long, env = "TOKENPOLICY_TOKEN_HEADER")]
     pub token_header: Option<String>,
@@ -152,11 +152,11 @@ pub struct ServeArgs {
     pub trust_forwarded_headers: bool,
     /// Time a connection may take to send a request's headers; also how
     /// long an idle kept-alive connection stays open.
-    #[arg(long, env = "TOKENPOLICY_HEADER_TIMEOUT", default_value = "10s")]
-    pub header_timeout: String,
+    #[arg(long, env = "TOKENPOLICY_HEADER_TIMEOUT", default_value = "10s", value_parser = timeout_flag)]
+    pub header_timeout: Duration,
     /// Time a request may take, its body included, before a 408.
-    #[arg(long, env = "TOKENPOLICY_REQUEST_TIMEOUT", default_value = "30s")]
-    pub request_timeout: String,
+    #[arg(long, env = "TOKENPOLICY_REQUEST_TIMEOUT", default_value = "30s", value_parser = timeout_flag)]
+    pub request_timeout: Duration,
     /// Open client connections at most (lowered to fit the open-files limit
     /// and, at 80 KiB each at worst, a quarter of the memory limit).
     #[arg(long, env = "TOKENPOLICY_MAX_CONNECTIONS", default_value_t = 1024)]
@@ -172,8 +172,8 @@ pub struct ServeArgs {
     pub max_connections_per_client: usize,
     /// A connection older than this is closed after its current request
     /// (0s: never).
-    #[arg(long, env = "TOKENPOLICY_MAX_CONNECTION_AGE", default_value = "10m")]
-    pub max_connection_age: String,
+    #[arg(long, env = "TOKENPOLICY_MAX_CONNECTION_AGE", default_value = "10m", value_parser = duration_flag)]
+    pub max_connection_age: Duration,
     /// Requests on one connection at most: the last answer says
     /// `Connection: close` (0: no limit).
     #[arg(
@@ -184,11 +184,11 @@ pub struct ServeArgs {
     pub max_requests_per_connection: u64,
     /// After SIGTERM: time to keep serving with /readyz unready, so that
     /// load balancers stop sending new requests.
-    #[arg(long, env = "TOKENPOLICY_SHUTDOWN_DELAY", default_value = "1s")]
-    pub shutdown_delay: String,
+    #[arg(long, env = "TOKENPOLICY_SHUTDOWN_DELAY", default_value = "1s", value_parser = duration_flag)]
+    pub shutdown_delay: Duration,
     /// Then: time in-flight requests get to finish before the process exits.
-    #[arg(long, env = "TOKENPOLICY_SHUTDOWN_TIMEOUT", default_value = "10s")]
-    pub shutdown_timeout: String,
+    #[arg(long, env = "TOKENPOLICY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = duration_flag)]
+    pub shutdown_timeout: Duration,
     /// Do not renew expired tokens on /v1/verify (for proxies that drop the
     /// Set-Cookie of a successful check; clients then call /v1/refresh).
     #[arg(long, env = "TOKENPOLICY_NO_RENEW_ON_VERIFY")]
@@ -221,15 +221,15 @@ pub struct ServeArgs {
         default_value_t = 20
     )]
     pub max_failed_logins_per_address: u64,
-    #[arg(long, env = "TOKENPOLICY_FAILED_LOGIN_WINDOW", default_value = "15m")]
-    pub failed_login_window: String,
+    #[arg(long, env = "TOKENPOLICY_FAILED_LOGIN_WINDOW", default_value = "15m", value_parser = duration_flag)]
+    pub failed_login_window: Duration,
     /// Successful logins allowed per user per --login-window; past it, 429
     /// TOO_MANY_ATTEMPTS with Retry-After. Every session may cost a
     /// revocation to keep: this bounds how fast one account makes them.
     #[arg(long, env = "TOKENPOLICY_MAX_LOGINS_PER_USER", default_value_t = 30)]
     pub max_logins_per_user: u64,
-    #[arg(long, env = "TOKENPOLICY_LOGIN_WINDOW", default_value = "15m")]
-    pub login_window: String,
+    #[arg(long, env = "TOKENPOLICY_LOGIN_WINDOW", default_value = "15m", value_parser = duration_flag)]
+    pub login_window: Duration,
     /// Password checks run at once (default: cores, at most 4). Each holds
     /// its hash's memory cost (argon2id default: 19 MiB).
     #[arg(long, env = "TOKENPOLICY_LOGIN_THREADS")]
@@ -242,8 +242,13 @@ pub struct ServeArgs {
     /// The longest a login may wait for its password check to start (1s to
     /// 60s). One that would wait longer is turned away at once, 503
     /// SERVICE_BUSY with Retry-After (when the line will have drained).
-    #[arg(long, env = "TOKENPOLICY_LOGIN_MAX_WAIT", default_value = "3s")]
-    pub login_max_wait: String,
+    #[arg(
+        long,
+        env = "TOKENPOLICY_LOGIN_MAX_WAIT",
+        default_value = "3s",
+        value_parser = login_wait_flag
+    )]
+    pub login_max_wait: Duration,
     /// How many verified tokens to remember, so that a token seen before
     /// skips its signature check (0: check every time). Bounds memory: about
     /// 1 KiB per entry (measured by bench/memory.sh).
@@ -281,8 +286,8 @@ pub struct ServeArgs {
     /// sessions from memory. Past it they get 503 STORE_UNAVAILABLE, never
     /// 401, until Redis answers again; a logout on another replica reaches
     /// this one within 1 s while connected, at most this long when cut off.
-    #[arg(long, env = "TOKENPOLICY_MAX_REVOCATION_LAG", default_value = "10s")]
-    pub max_revocation_lag: String,
+    #[arg(long, env = "TOKENPOLICY_MAX_REVOCATION_LAG", default_value = "10s", value_parser = timeout_flag)]
+    pub max_revocation_lag: Duration,
     /// Write the audit trail here: one JSON line per login, renewal,
     /// logout and ended session (see the book's Audit trail page). `-`:
     /// standard output, apart from the diagnostic log (standard error). A
@@ -292,11 +297,12 @@ pub struct ServeArgs {
     pub audit_log: Option<String>,
 }
 
-/// A duration flag in whole seconds (`10s`, `1m`).
-fn seconds(value: &str, flag: &str) -> anyhow::Result<Duration> {
-    Ok(Duration::from_secs(
-        parse_seconds(value).with_context(|| flag.to_string())?,
-    ))
+/// A duration flag in whole seconds (`10s`, `1m`, the policy's syntax):
+/// clap's parser, so that a bad value is an error naming its flag.
+fn duration_flag(value: &str) -> Result<Duration, String> {
+    parse_seconds(value)
+        .map(Duration::from_secs)
+        .map_err(|e| e.to_string())
 }
 
 /// The most clock skew `--leeway` may tolerate: enough for replicas whose
@@ -304,21 +310,39 @@ fn seconds(value: &str, flag: &str) -> anyhow::Result<Duration> {
 /// for the policy's token validity.
 pub const MAX_LEEWAY_SECS: u64 = 60;
 
-/// `--leeway` in milliseconds, at most [`MAX_LEEWAY_SECS`].
-fn leeway(value: &str) -> anyhow::Result<i64> {
-    let secs = parse_seconds(value).context("--leeway")?;
-    anyhow::ensure!(
-        secs <= MAX_LEEWAY_SECS,
-        "--leeway {value}: at most {MAX_LEEWAY_SECS}s; it tolerates clock skew between replicas, it does not lengthen tokens"
-    );
-    Ok(secs as i64 * 1_000)
+/// `--leeway`: at most [`MAX_LEEWAY_SECS`].
+fn leeway_flag(value: &str) -> Result<Duration, String> {
+    let d = duration_flag(value)?;
+    if d.as_secs() > MAX_LEEWAY_SECS {
+        return Err(format!(
+            "at most {MAX_LEEWAY_SECS}s; it tolerates clock skew between replicas, it does not lengthen tokens"
+        ));
+    }
+    Ok(d)
+}
+
+/// `--login-max-wait`: 1s to 60s (past a minute, a browser or an ingress
+/// has given up on the login anyway).
+fn login_wait_flag(value: &str) -> Result<Duration, String> {
+    let d = duration_flag(value)?;
+    if !(1..=60).contains(&d.as_secs()) {
+        return Err("must be 1s to 60s".into());
+    }
+    Ok(d)
 }
 
 /// A timeout flag: at least one second.
-fn timeout(value: &str, flag: &str) -> anyhow::Result<Duration> {
-    let d = seconds(value, flag)?;
-    anyhow::ensure!(!d.is_zero(), "{flag} must be at least 1s");
+fn timeout_flag(value: &str) -> Result<Duration, String> {
+    let d = duration_flag(value)?;
+    if d.is_zero() {
+        return Err("must be at least 1s".into());
+    }
     Ok(d)
+}
+
+/// A duration in the service's milliseconds.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn modified(path: &Path) -> Option<(SystemTime, u64)> {
@@ -490,8 +514,85 @@ fn watch_files(service: Arc<TokenService>, policy: Option<PathBuf>, users: Optio
     });
 }
 
+/// `tokenpolicy serve`: checks the flags, wires the store, the service and
+/// the listeners, follows the files, and serves until SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let cluster = match &args.policy_ref {
+    let flags = check_flags(&args)?;
+    let cluster = cluster(&args).await?;
+    let admin = admin_auth(&args, cluster.as_ref())?;
+    let (service, oidc) = wire_service(&args, cluster.as_ref()).await?;
+    let audit_log = service.audit_log().clone();
+    let service = Arc::new(service);
+    // What a password check costs here, before the first burst of logins.
+    tokio::spawn({
+        let service = service.clone();
+        async move { service.calibrate_logins().await }
+    });
+    watch_files(service.clone(), args.policy.clone(), args.users.clone());
+    if let Some(o) = &oidc {
+        o.provider.start();
+    }
+    if let Some((client, ns, name)) = cluster {
+        tokio::spawn(crate::service::policy_watch::follow(
+            client,
+            ns,
+            name,
+            service.clone(),
+        ));
+    }
+    let app = Arc::new(App {
+        service,
+        config: HttpConfig {
+            token_header: flags.token_header,
+            trusted_proxies: flags.trusted_proxies,
+            trust_forwarded_headers: args.trust_forwarded_headers,
+            request_timeout: args.request_timeout,
+            renew_on_verify: !args.no_renew_on_verify,
+            signin_url: args.signin_url.clone(),
+            redirect_domains: args.redirect_domains.clone(),
+            redirect_any_port: args.redirect_any_port,
+            oidc,
+            admin,
+        },
+    });
+    serve_listeners(&args, app).await?;
+    audit_log.flush(AUDIT_FLUSH);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The flags that clap's types do not check, read before anything starts.
+struct Flags {
+    token_header: Option<HeaderName>,
+    trusted_proxies: TrustedProxies,
+}
+
+fn check_flags(args: &ServeArgs) -> anyhow::Result<Flags> {
+    let token_header = match &args.token_header {
+        Some(h) => Some(
+            HeaderName::try_from(h.as_str()).with_context(|| format!("--token-header {h:?}"))?,
+        ),
+        None => None,
+    };
+    if let Some(s) = &args.signin_url {
+        url::Url::parse(s)
+            .map(|_| ())
+            .or_else(|e| if s.starts_with('/') { Ok(()) } else { Err(e) })
+            .with_context(|| format!("--signin-url {s:?}"))?;
+    }
+    let trusted_proxies = TrustedProxies::parse(&args.trusted_proxies)
+        .map_err(|e| anyhow::anyhow!("--trusted-proxies: {e}"))?;
+    Ok(Flags {
+        token_header,
+        trusted_proxies,
+    })
+}
+
+/// The cluster `--policy-ref` names: a client, the namespace and the name.
+type Cluster = (kube::Client, String, String);
+
+async fn cluster(args: &ServeArgs) -> anyhow::Result<Option<Cluster>> {
+    Ok(match &args.policy_ref {
         Some(r) => {
             let (ns, name) =
                 crate::service::policy_watch::parse_ref(r).map_err(anyhow::Error::msg)?;
@@ -501,9 +602,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             Some((client, ns, name))
         }
         None => None,
-    };
-    let admin = admin_auth(&args, cluster.as_ref())?;
-    let policy = match (&args.policy, &cluster) {
+    })
+}
+
+/// The policy, users, keys and store, and the token service over them
+/// (with its OpenID Connect sign-in, when the policy has one).
+async fn wire_service(
+    args: &ServeArgs,
+    cluster: Option<&Cluster>,
+) -> anyhow::Result<(TokenService, Option<Arc<OidcLogin>>)> {
+    let policy = match (&args.policy, cluster) {
         (_, Some((client, ns, name))) => {
             crate::service::policy_watch::initial(client.clone(), ns, name).await?
         }
@@ -547,13 +655,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     {
         Some(url) => {
             let redis = Arc::new(
-                RedisStore::with_tls(url, &args.redis_prefix, &redis_tls(&args)?)?
+                RedisStore::with_tls(url, &args.redis_prefix, &redis_tls(args)?)?
                     .with_live_session_limit(args.session_cache_size)
                     .with_revocation_limit(args.max_cached_revocations)
-                    .with_max_revocation_lag(timeout(
-                        &args.max_revocation_lag,
-                        "--max-revocation-lag",
-                    )?),
+                    .with_max_revocation_lag(args.max_revocation_lag),
             );
             (redis.clone(), redis)
         }
@@ -562,30 +667,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             Arc::new(MemoryProviderStore::new()),
         ),
     };
-    let oidc = oidc_login(&args, &policy, &keys, provider_store)?;
-    let leeway = leeway(&args.leeway)?;
-    let window =
-        parse_seconds(&args.failed_login_window).context("--failed-login-window")? as i64 * 1_000;
+    let oidc = oidc_login(args, &policy, &keys, provider_store)?;
     let throttle = Throttle {
         max_per_user: args.max_failed_logins_per_user,
         max_per_address: args.max_failed_logins_per_address,
-        window,
+        window: millis(args.failed_login_window),
         max_logins_per_user: args.max_logins_per_user,
-        login_window: parse_seconds(&args.login_window).context("--login-window")? as i64 * 1_000,
+        login_window: millis(args.login_window),
     };
-    let token_header = match &args.token_header {
-        Some(h) => Some(
-            HeaderName::try_from(h.as_str()).with_context(|| format!("--token-header {h:?}"))?,
-        ),
-        None => None,
-    };
-    if let Some(s) = &args.signin_url {
-        url::Url::parse(s)
-            .map(|_| ())
-            .or_else(|e| if s.starts_with('/') { Ok(()) } else { Err(e) })
-            .with_context(|| format!("--signin-url {s:?}"))?;
-    }
-
     tracing::info!(
         policy = %policy.summary(),
         store = %store.describe(),
@@ -599,18 +688,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .login_threads
         .unwrap_or_else(crate::service::hashing::HashPool::default_threads)
         .max(1);
-    let login_max_wait = seconds(&args.login_max_wait, "--login-max-wait")?;
-    if !(1..=60).contains(&login_max_wait.as_secs()) {
-        anyhow::bail!(
-            "--login-max-wait must be 1s to 60s, not {}",
-            args.login_max_wait
-        );
-    }
     let login_queue = args
         .login_queue
         .unwrap_or_else(|| crate::service::hashing::HashPool::default_queue(login_threads));
-    let mut service = TokenService::new(policy, users, keys, store, leeway, throttle)
-        .with_login_capacity(login_threads, login_queue, login_max_wait)
+    let mut service = TokenService::new(policy, users, keys, store, millis(args.leeway), throttle)
+        .with_login_capacity(login_threads, login_queue, args.login_max_wait)
         .with_verified_cache(args.verified_cache_size);
     if let Some(o) = &oidc {
         service = service.with_provider_check(o.sessions.clone());
@@ -621,41 +703,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(audit_log = %target, "audit trail on");
         service = service.with_audit_log(log);
     }
-    let audit_log = service.audit_log().clone();
-    let service = Arc::new(service);
-    // What a password check costs here, before the first burst of logins.
-    tokio::spawn({
-        let service = service.clone();
-        async move { service.calibrate_logins().await }
-    });
-    watch_files(service.clone(), args.policy.clone(), args.users.clone());
-    if let Some(o) = &oidc {
-        o.provider.start();
-    }
-    if let Some((client, ns, name)) = cluster {
-        tokio::spawn(crate::service::policy_watch::follow(
-            client,
-            ns,
-            name,
-            service.clone(),
-        ));
-    }
-    let app = Arc::new(App {
-        service,
-        config: HttpConfig {
-            token_header,
-            trusted_proxies: TrustedProxies::parse(&args.trusted_proxies)
-                .map_err(|e| anyhow::anyhow!("--trusted-proxies: {e}"))?,
-            trust_forwarded_headers: args.trust_forwarded_headers,
-            request_timeout: timeout(&args.request_timeout, "--request-timeout")?,
-            renew_on_verify: !args.no_renew_on_verify,
-            signin_url: args.signin_url.clone(),
-            redirect_domains: args.redirect_domains.clone(),
-            redirect_any_port: args.redirect_any_port,
-            oidc,
-            admin,
-        },
-    });
+    Ok((service, oidc))
+}
+
+/// Binds `--listen` (and `--forward-auth-listen`, `--metrics-listen`) and
+/// serves `app` on them until the shutdown signal has drained them.
+async fn serve_listeners(args: &ServeArgs, app: Arc<App>) -> anyhow::Result<()> {
     let fd_limit = listen::raise_fd_limit();
     let memory_limit = listen::memory_limit();
     // A forward-auth listener takes its connections from the same
@@ -668,16 +721,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => (fd_limit, memory_limit),
     };
     let max_connections = listen::connection_cap(args.max_connections, fd_share, memory_share);
-    let age = seconds(&args.max_connection_age, "--max-connection-age")?;
+    let age = args.max_connection_age;
     let limits = Limits {
-        header_timeout: timeout(&args.header_timeout, "--header-timeout")?,
+        header_timeout: args.header_timeout,
         max_connections,
         max_connections_per_client: args.max_connections_per_client.min(max_connections),
         max_connection_age: (!age.is_zero()).then_some(age),
         max_requests_per_connection: (args.max_requests_per_connection > 0)
             .then_some(args.max_requests_per_connection),
-        shutdown_delay: seconds(&args.shutdown_delay, "--shutdown-delay")?,
-        shutdown_timeout: seconds(&args.shutdown_timeout, "--shutdown-timeout")?,
+        shutdown_delay: args.shutdown_delay,
+        shutdown_timeout: args.shutdown_timeout,
     };
     if limits.max_connections < args.max_connections {
         tracing::warn!(
@@ -754,8 +807,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             listen::serve(l, r, lim, d, sig)
         })?);
         while fronts.join_next().await.is_some() {}
-        audit_log.flush(AUDIT_FLUSH);
-        tracing::info!("stopped");
         return Ok(());
     };
     let (r, lim, d, sig) = (
@@ -790,8 +841,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     while fronts.join_next().await.is_some() {}
     let _ = done.send(());
     let _ = admin_task.await;
-    audit_log.flush(AUDIT_FLUSH);
-    tracing::info!("stopped");
     Ok(())
 }
 
@@ -883,16 +932,64 @@ async fn shutdown() {
 mod tests {
     use super::*;
 
+    /// The duration flags as `tokenpolicy serve` sees them.
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn parse(flags: &[&str]) -> Result<ServeArgs, String> {
+        use clap::Parser as _;
+        let argv = std::iter::once("serve").chain(flags.iter().copied());
+        Cli::try_parse_from(argv)
+            .map(|c| c.args)
+            .map_err(|e| e.to_string())
+    }
+
     #[test]
     fn leeway_is_at_most_a_minute() {
-        assert_eq!(leeway("0s").unwrap(), 0);
-        assert_eq!(leeway("60s").unwrap(), 60_000);
-        assert_eq!(leeway("1m").unwrap(), 60_000);
+        assert_eq!(leeway_flag("0s"), Ok(Duration::ZERO));
+        assert_eq!(leeway_flag("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(leeway_flag("1m"), Ok(Duration::from_secs(60)));
         for too_long in ["61s", "1h"] {
-            let e = format!("{:#}", leeway(too_long).unwrap_err());
-            assert!(e.contains("at most 60s"), "{e}");
+            let e = parse(&["--leeway", too_long]).unwrap_err();
+            assert!(e.contains("at most 60s") && e.contains("--leeway"), "{e}");
         }
-        let e = format!("{:#}", leeway("soon").unwrap_err());
-        assert!(e.contains("--leeway"), "{e}");
+        let e = parse(&["--leeway", "soon"]).unwrap_err();
+        assert!(
+            e.contains("--leeway") && e.contains("invalid duration"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn duration_flags_take_the_policy_syntax_and_keep_their_defaults() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.leeway, Duration::ZERO);
+        assert_eq!(a.header_timeout, Duration::from_secs(10));
+        assert_eq!(a.request_timeout, Duration::from_secs(30));
+        assert_eq!(a.max_connection_age, Duration::from_secs(600));
+        assert_eq!(a.shutdown_delay, Duration::from_secs(1));
+        assert_eq!(a.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(a.failed_login_window, Duration::from_secs(900));
+        assert_eq!(a.login_window, Duration::from_secs(900));
+        assert_eq!(a.max_revocation_lag, Duration::from_secs(10));
+        let a = parse(&["--max-connection-age", "0s", "--login-window", "1h30m"]).unwrap();
+        assert_eq!(a.max_connection_age, Duration::ZERO);
+        assert_eq!(a.login_window, Duration::from_secs(5_400));
+        for flag in [
+            "--header-timeout",
+            "--request-timeout",
+            "--max-revocation-lag",
+        ] {
+            let e = parse(&[flag, "0s"]).unwrap_err();
+            assert!(e.contains(flag) && e.contains("at least 1s"), "{e}");
+        }
+        let e = parse(&["--shutdown-delay", "1.5s"]).unwrap_err();
+        assert!(
+            e.contains("--shutdown-delay") && e.contains("whole numbers"),
+            "{e}"
+        );
     }
 }

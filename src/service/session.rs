@@ -1064,14 +1064,4 @@ mod tests {
 mod cached_tests;
 
 #[cfg(test)]
-pub(crate) mod tests_support {
-    use super::*;
-
-    /// A service with no users, the default policy and an in-process store.
-    pub fn service() -> TokenService {
-        crate::testing::service().build()
-    }
-}
-
-#[cfg(test)]
 mod spans;

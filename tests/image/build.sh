@@ -35,8 +35,7 @@ BUILD_PACKAGES="build-essential,pkg-config,ca-certificates"
 RUNTIME_PACKAGES="libc6 libgcc-s1 ca-certificates tzdata netbase base-files"
 
 log() { printf '[image] %s\n' "$*" >&2; }
-SUDO=""
-[ "$(id -u)" = 0 ] || SUDO="sudo"
+. scripts/lib.sh
 
 # ---------------------------------------------------------------- tools
 missing=()
@@ -46,11 +45,7 @@ done
 [ -x /usr/bin/fuse-overlayfs ] || missing+=(fuse-overlayfs)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
-  printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
-  $SUDO chmod +x /usr/sbin/policy-rc.d
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  $SUDO rm -f /usr/sbin/policy-rc.d
+  apt_install "${missing[@]}"
 fi
 mkdir -p "$CACHE"
 

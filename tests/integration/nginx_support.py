@@ -1,5 +1,5 @@
 """Helpers for test_nginx_forward_auth.py: a real nginx configured as
-ingress-nginx configures itself (tests/nginx/ingress-nginx.conf.template), a
+ingress-nginx configures itself (examples/forward-auth/ingress-nginx.conf.template), a
 tiny echo upstream, and one `tokenpolicy serve` with the in-process store.
 
 Self-contained on purpose (conftest.py belongs to the main integration
@@ -34,7 +34,7 @@ from support.procs import log_tail as read_tail
 from support.procs import wait_http
 
 HERE = Path(__file__).resolve().parent
-TEMPLATE = HERE.parent / "nginx" / "ingress-nginx.conf.template"
+TEMPLATE = HERE.parents[1] / "examples" / "forward-auth" / "ingress-nginx.conf.template"
 
 HOST = "127.0.0.1"
 COOKIE = "tokenpolicy"

@@ -38,6 +38,47 @@ LOGOUT_MODES = ("good", "wrong_iss", "wrong_aud", "iat_future", "iat_old", "expi
                 "no_events", "other_event", "with_nonce", "no_sid_no_sub", "no_jti",
                 "alg_none", "hs256_pubkey", "unknown_kid", "other_key", "tampered")
 
+
+def service_policy(issuer: str, external: str, token: str = "10m", extra: str = "") -> str:
+    """A policy that signs in through the provider at ``issuer``; ``extra``
+    adds lines under ``spec.oidc``."""
+    return (
+        "apiVersion: auth.tokenpolicy.io/v1alpha1\n"
+        "kind: TokenPolicy\n"
+        "metadata: {name: oidc}\n"
+        "spec:\n"
+        "  sessionExpirationTime: 1h\n"
+        f"  tokenExpirationTime: {token}\n"
+        "  expiredTokenRenewLimit: 5m\n"
+        "  cookie: {secure: false}\n"
+        f"  externalURL: {external}\n"
+        "  oidc:\n"
+        f"    issuerURL: {issuer}\n"
+        f"    clientID: {CLIENT_ID}\n"
+        "    clientSecretRef: {name: unused, key: unused}\n"
+        "    providerName: Fake IdP\n"
+        f"{extra}"
+    )
+
+
+def start_service(env, issuer: str, name: str, redis_url=None, external=None,
+                  token: str = "10m", extra: str = "", wait: bool = True):
+    """A token service (``conftest.Server``) that signs in through the
+    provider at ``issuer`` (which need not be up yet: ``wait=False``)."""
+    from conftest import Server, free_port
+
+    port = free_port()
+    pfile = env.workdir / f"policy-{name}.yaml"
+    pfile.write_text(service_policy(issuer, external or f"http://127.0.0.1:{port}", token, extra))
+    secret = env.workdir / "oidc-client-secret"
+    secret.write_text(CLIENT_SECRET + "\n")
+    srv = Server(name, env.workdir, pfile, env.users_file, [env.key_file], redis_url,
+                 ["--oidc-client-secret-file", str(secret)])
+    srv.port = port
+    i = srv.argv.index("--listen")
+    srv.argv[i + 1] = f"127.0.0.1:{port}"
+    return srv.launch(wait)
+
 LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 
 

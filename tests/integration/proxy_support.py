@@ -2,11 +2,11 @@
 in test_forward_auth_proxies.py (and the browser test):
 
 * ``nginx``: nginx configured as ingress-nginx configures itself
-  (nginx_support.py, tests/nginx/ingress-nginx.conf.template);
+  (nginx_support.py, examples/forward-auth/ingress-nginx.conf.template);
 * ``traefik``: Traefik built from the Go module proxy by
   tests/proxies/build.sh, forwardAuth from a file provider
-  (tests/proxies/traefik-dynamic.yaml.template);
-* ``caddy``: Caddy's ``forward_auth`` (tests/proxies/Caddyfile.template).
+  (examples/forward-auth/traefik-dynamic.yaml.template);
+* ``caddy``: Caddy's ``forward_auth`` (examples/forward-auth/Caddyfile.template).
 
 Each stack is one ``tokenpolicy serve`` (in-process store), the echo
 upstream of nginx_support.py and the proxy, all on 127.0.0.1. The sign-in
@@ -46,6 +46,8 @@ from nginx_support import (
 
 HERE = Path(__file__).resolve().parent
 PROXIES = HERE.parent / "proxies"
+# The configurations the book shows (docs/src/forward-auth.md includes them).
+EXAMPLES = HERE.parents[1] / "examples" / "forward-auth"
 BUILD = PROXIES / "build.sh"
 
 #: Every proxy the scenario runs behind.
@@ -177,7 +179,7 @@ def _start_generic(name: str, workdir: Path, username: str, password: str,
     env = child_env()
     if name == "traefik":
         conf = workdir / "traefik-dynamic.yaml"
-        conf.write_text(_fill(PROXIES / "traefik-dynamic.yaml.template", subs))
+        conf.write_text(_fill(EXAMPLES / "traefik-dynamic.yaml.template", subs))
         access_log = workdir / "traefik-access.log"
         proxy_argv = [
             binary,
@@ -196,7 +198,7 @@ def _start_generic(name: str, workdir: Path, username: str, password: str,
     else:
         conf = workdir / "Caddyfile"
         access_log = workdir / "caddy-access.log"
-        conf.write_text(_fill(PROXIES / "Caddyfile.template",
+        conf.write_text(_fill(EXAMPLES / "Caddyfile.template",
                               {**subs, "@@LISTEN_PORT@@": str(proxy_port), "@@ACCESS_LOG@@": str(access_log)}))
         proxy_argv = [binary, "run", "--config", str(conf), "--adapter", "caddyfile"]
         # Caddy keeps its state under $HOME/$XDG_*: keep it in the test's dir.

@@ -1,6 +1,6 @@
 """Forward-auth through a real nginx configured the way ingress-nginx
 configures itself for `auth-url` / `auth-response-headers` / `auth-signin`
-(tests/nginx/ingress-nginx.conf.template), in front of a tiny echo upstream
+(examples/forward-auth/ingress-nginx.conf.template), in front of a tiny echo upstream
 and one `tokenpolicy serve` (in-process store).
 
 Layout (one nginx server, as for three Ingresses on one host):

@@ -13,44 +13,10 @@ import pytest
 import requests
 
 from conftest import Server, free_port
-from oidc_fake import CLIENT_ID, CLIENT_SECRET, MODES, Fake
+from oidc_fake import CLIENT_ID, CLIENT_SECRET, MODES, Fake, start_service
 
 FLOW_COOKIE = "tokenpolicy-oidc"
 SESSION_COOKIE = "tokenpolicy"
-
-
-def policy(issuer: str, external: str, extra: str = "") -> str:
-    return (
-        "apiVersion: auth.tokenpolicy.io/v1alpha1\n"
-        "kind: TokenPolicy\n"
-        "metadata: {name: oidc}\n"
-        "spec:\n"
-        "  sessionExpirationTime: 1h\n"
-        "  tokenExpirationTime: 10m\n"
-        "  expiredTokenRenewLimit: 5m\n"
-        "  cookie: {secure: false}\n"
-        f"  externalURL: {external}\n"
-        "  oidc:\n"
-        f"    issuerURL: {issuer}\n"
-        f"    clientID: {CLIENT_ID}\n"
-        "    clientSecretRef: {name: unused, key: unused}\n"
-        "    providerName: Fake IdP\n"
-        f"{extra}"
-    )
-
-
-def start(env, fake_port: int, name: str, extra: str = "", wait: bool = True) -> Server:
-    port = free_port()
-    pfile = env.workdir / f"policy-{name}.yaml"
-    pfile.write_text(policy(f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{port}", extra))
-    secret = env.workdir / "oidc-client-secret"
-    secret.write_text(CLIENT_SECRET + "\n")
-    srv = Server(name, env.workdir, pfile, env.users_file, [env.key_file], None,
-                 ["--oidc-client-secret-file", str(secret)])
-    srv.port = port
-    i = srv.argv.index("--listen")
-    srv.argv[i + 1] = f"127.0.0.1:{port}"
-    return srv.launch(wait)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +28,7 @@ def fake():
 
 @pytest.fixture(scope="module")
 def server(env, fake):
-    srv = start(env, fake.port, "oidc")
+    srv = start_service(env, fake.issuer, "oidc")
     yield srv
     srv.stop()
 
@@ -218,7 +184,7 @@ def test_a_browser_gets_a_page_that_says_why(server, fake):
 
 
 def test_allowed_groups_refuse_a_non_member_at_the_callback(env, fake):
-    srv = start(env, fake.port, "oidc-groups", "    allowedGroups: [admins]\n")
+    srv = start_service(env, fake.issuer, "oidc-groups", extra="    allowedGroups: [admins]\n")
     try:
         s = requests.Session()
         r = s.get(begin(srv, s), allow_redirects=False, timeout=10, headers={"Accept": "text/html"})
@@ -241,7 +207,7 @@ def test_the_signin_page_has_the_provider_button(server):
 
 def test_provider_down_at_start_then_ready(env):
     port = free_port()
-    srv = start(env, port, "oidc-down", wait=False)
+    srv = start_service(env, f"http://127.0.0.1:{port}", "oidc-down", wait=False)
     fake = None
     try:
         deadline = time.monotonic() + 15

@@ -15,43 +15,10 @@ import pytest
 import requests
 
 from conftest import Server, free_port
-from oidc_fake import CLIENT_ID, CLIENT_SECRET, LOGOUT_MODES, Fake
+from oidc_fake import LOGOUT_MODES, Fake, start_service
 
 LOGOUT = "/v1/oidc/backchannel-logout"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-
-
-def policy(issuer: str, external: str, token: str = "10m") -> str:
-    return (
-        "apiVersion: auth.tokenpolicy.io/v1alpha1\n"
-        "kind: TokenPolicy\n"
-        "metadata: {name: oidc-provider}\n"
-        "spec:\n"
-        "  sessionExpirationTime: 1h\n"
-        f"  tokenExpirationTime: {token}\n"
-        "  expiredTokenRenewLimit: 5m\n"
-        "  cookie: {secure: false}\n"
-        f"  externalURL: {external}\n"
-        "  oidc:\n"
-        f"    issuerURL: {issuer}\n"
-        f"    clientID: {CLIENT_ID}\n"
-        "    clientSecretRef: {name: unused, key: unused}\n"
-    )
-
-
-def start(env, fake: Fake, name: str, redis_url=None, external=None, token="10m",
-          wait=True) -> Server:
-    port = free_port()
-    pfile = env.workdir / f"policy-{name}.yaml"
-    pfile.write_text(policy(fake.issuer, external or f"http://127.0.0.1:{port}", token))
-    secret = env.workdir / "oidc-client-secret"
-    secret.write_text(CLIENT_SECRET + "\n")
-    srv = Server(name, env.workdir, pfile, env.users_file, [env.key_file], redis_url,
-                 ["--oidc-client-secret-file", str(secret)])
-    srv.port = port
-    i = srv.argv.index("--listen")
-    srv.argv[i + 1] = f"127.0.0.1:{port}"
-    return srv.launch(wait)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +30,7 @@ def fake():
 
 @pytest.fixture(scope="module")
 def server(env, fake):
-    srv = start(env, fake, "oidc-bcl")
+    srv = start_service(env, fake.issuer, "oidc-bcl")
     yield srv
     srv.stop()
 
@@ -161,8 +128,8 @@ def test_a_logout_token_by_sid_ends_that_provider_session_and_by_sub_all(server,
 
 
 def test_a_logout_token_is_taken_once_across_replicas(env, redis, fake):
-    a = start(env, fake, "bcl-a", redis.url, wait=False)
-    b = start(env, fake, "bcl-b", redis.url, external=a.url, wait=False)
+    a = start_service(env, fake.issuer, "bcl-a", redis.url, wait=False)
+    b = start_service(env, fake.issuer, "bcl-b", redis.url, external=a.url, wait=False)
     try:
         a.wait_ready()
         b.wait_ready()
@@ -197,7 +164,7 @@ def test_a_logout_token_is_taken_once_across_replicas(env, redis, fake):
 @pytest.fixture(scope="module")
 def quick(env, redis, fake):
     """One replica on Redis with 2 s tokens."""
-    srv = start(env, fake, "recheck-quick", redis.url, token="2s")
+    srv = start_service(env, fake.issuer, "recheck-quick", redis.url, token="2s")
     yield srv
     srv.stop()
 

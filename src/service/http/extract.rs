@@ -213,7 +213,7 @@ mod tests {
     #[tokio::test]
     async fn token_sources_in_order() {
         let app = App {
-            service: Arc::new(crate::service::session::tests_support::service()),
+            service: Arc::new(crate::testing::service().build()),
             config: HttpConfig {
                 token_header: Some(HeaderName::from_static("x-token")),
                 ..Default::default()

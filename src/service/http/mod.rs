@@ -6,7 +6,8 @@
 //! `signin` holds login, the sign-in page and safe redirects;
 //! `account` the account page (the caller's sessions); `page` the pages'
 //! templates;
-//! `forward_auth` is `/v1/verify`.
+//! `forward_auth` is `/v1/verify`; `error` how a rejection looks on the
+//! wire (status, headers, JSON body).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,6 +90,7 @@ type Shared = State<Arc<App>>;
 mod account;
 mod admin;
 mod backchannel;
+mod error;
 mod extract;
 mod forward_auth;
 mod notice;

@@ -136,7 +136,7 @@ mod http_tests {
 
     fn test_app() -> Arc<App> {
         Arc::new(App {
-            service: Arc::new(crate::service::session::tests_support::service()),
+            service: Arc::new(crate::testing::service().build()),
             config: HttpConfig::default(),
         })
     }
@@ -196,23 +196,16 @@ mod http_tests {
     /// A session that ended for inactivity: the page says so, not "expired".
     #[tokio::test]
     async fn signin_page_tells_an_idle_end_from_an_expired_session() {
-        use crate::service::jwt::{Key, KeySet};
-        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
         let policy = crate::policy::Policy {
             idle_timeout: Some(10),
             ..crate::policy::Policy::default()
         };
-        let hash = bcrypt::hash("pw", 4).unwrap();
-        let users = crate::service::users::Users::parse(&format!("alice:{hash}\n"), "t").unwrap();
+        let users = crate::testing::users(&crate::testing::user_line("alice", "pw"));
         let pwv = users.get("alice").unwrap().password_version.clone();
-        let service = crate::service::session::TokenService::new(
-            policy,
-            users,
-            keys,
-            Arc::new(crate::service::store::MemoryStore::new()),
-            0,
-            crate::service::session::Throttle::default(),
-        );
+        let service = crate::testing::service()
+            .policy(policy)
+            .users(users)
+            .build();
         let app = Arc::new(App {
             service: Arc::new(service),
             config: HttpConfig::default(),
@@ -221,16 +214,11 @@ mod http_tests {
         let keys = app.service.keys();
         // Signed in a minute ago, no activity since; the timeout is 10 s.
         let token = keys.sign(&crate::service::jwt::Claims {
-            iss: keys.issuer().into(),
-            aud: keys.audience().into(),
-            sub: "alice".into(),
             sid: "s-idle".into(),
             jti: "j-idle".into(),
-            iat: now - 60,
             exp: now + 600,
-            auth_time: now - 60,
             pwv: Some(pwv),
-            ..Default::default()
+            ..crate::testing::claims_at(now - 60)
         });
         let cookie = format!("__Host-tokenpolicy={token}");
         let (_, body) = page(app.clone(), "/v1/login", Some(&cookie)).await;

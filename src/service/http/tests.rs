@@ -14,13 +14,12 @@ use serde_json::Value;
 use tower::ServiceExt as _;
 
 use super::{App, HttpConfig, router};
-use crate::service::session::tests_support;
 use crate::service::users::Users;
 
 const PASSWORD: &str = "alice-password";
 
 fn app(config: HttpConfig) -> Arc<App> {
-    let service = tests_support::service();
+    let service = crate::testing::service().build();
     let hash = bcrypt::hash(PASSWORD, 4)
         .expect("bcrypt")
         .replacen("$2b$", "$2y$", 1);

@@ -190,10 +190,8 @@ mod tests {
 
     use super::*;
     use crate::policy::Policy;
-    use crate::service::jwt::{Key, KeySet};
-    use crate::service::session::{Client, SessionStart, Throttle};
+    use crate::service::session::{Client, SessionStart};
     use crate::service::store::MemoryStore;
-    use crate::service::users::Users;
 
     const T0: Millis = 1_800_000_000_000;
     const IDP: &str = "https://idp.example.com";
@@ -207,17 +205,12 @@ mod tests {
     }
 
     fn service(store: MemoryStore) -> TokenService {
-        let hash = bcrypt::hash("pw", 4).unwrap();
-        let users = Users::parse(&format!("alice:{hash}\nbob:{hash}\n"), "test").unwrap();
-        let keys = KeySet::new(vec![Key::generate()], "tokenpolicy", "tokenpolicy").unwrap();
-        TokenService::new(
-            with_oidc(Policy::default()),
-            users,
-            keys,
-            Arc::new(store),
-            0,
-            Throttle::default(),
-        )
+        use crate::testing::{user_line, users};
+        crate::testing::service()
+            .policy(with_oidc(Policy::default()))
+            .users(users(&(user_line("alice", "pw") + &user_line("bob", "pw"))))
+            .store(Arc::new(store))
+            .build()
     }
 
     fn password(name: &str) -> NamedUser {

@@ -227,10 +227,9 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::service::jwt::{Key, KeySet};
-    use crate::service::session::{Client, SessionStart, Throttle};
+    use crate::service::jwt::Key;
+    use crate::service::session::{Client, SessionStart};
     use crate::service::store::{MemoryStore, OneTimeStore};
-    use crate::service::users::Users;
 
     const T0: Millis = 1_800_000_000_000;
     const IDP: &str = "https://idp.example.com";
@@ -272,15 +271,15 @@ mod tests {
         p: Policy,
         check: Arc<Told>,
     ) -> TokenService {
-        let hash = bcrypt::hash("pw", 4).unwrap();
-        let users = Users::parse(&format!("alice:{hash}\n"), "t").unwrap();
-        let keys = KeySet::new(
-            vec![Key::from_pem(key, "k").unwrap()],
-            "tokenpolicy",
-            "tokenpolicy",
-        )
-        .unwrap();
-        TokenService::new(p, users, keys, store, 0, Throttle::default()).with_provider_check(check)
+        crate::testing::service()
+            .policy(p)
+            .user("alice", "pw")
+            .keys(crate::testing::keys_of(vec![
+                Key::from_pem(key, "k").unwrap(),
+            ]))
+            .store(store)
+            .build()
+            .with_provider_check(check)
     }
 
     fn user(sub: &str) -> SessionStart {

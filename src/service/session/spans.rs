@@ -8,7 +8,6 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::FmtSpan;
 
 use crate::service::jwt::Claims;
-use crate::service::session::tests_support::service;
 
 #[derive(Clone, Default)]
 struct Buf(Arc<Mutex<Vec<u8>>>);
@@ -41,7 +40,7 @@ async fn spans_name_the_operation_and_never_hold_the_token() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let s = service();
+    let s = crate::testing::service().build();
     let now = 1_800_000_000;
     let claims = Claims {
         iss: s.keys().issuer().into(),

@@ -10,14 +10,13 @@ use tower::ServiceExt as _;
 
 use super::super::{App, HttpConfig, router};
 use super::*;
-use crate::service::session::tests_support;
 use crate::service::users::Users;
 
 const HOSTILE_USER: &str = "<img/src=x>\"&'";
 const HOSTILE_UA: &str = "Evil/1.0 <script>alert(1)</script> \"'&";
 
 fn app() -> Arc<App> {
-    let service = tests_support::service();
+    let service = crate::testing::service().build();
     let hash = bcrypt::hash("pw", 4).expect("bcrypt");
     service.set_users(
         Users::parse(

@@ -14,13 +14,12 @@ use tower::ServiceExt as _;
 
 use crate::service::admin::{AdminAuth, Decision, ReviewError, Reviewer, Verb};
 use crate::service::http::{App, HttpConfig, router};
-use crate::service::session::tests_support;
 use crate::service::users::Users;
 
 const ADMIN_TOKEN: &str = "s3cret-admin-token";
 
 fn app(admin: Option<AdminAuth>) -> Arc<App> {
-    let service = tests_support::service();
+    let service = crate::testing::service().build();
     let hash = bcrypt::hash("pw", 4).unwrap();
     service.set_users(Users::parse(&format!("alice:{hash}\nbob:{hash}\n"), "test").unwrap());
     Arc::new(App {
