@@ -37,7 +37,12 @@ fn claims(now: Millis) -> Claims {
 }
 
 fn service(cache: usize) -> TokenService {
+    service_with(cache, tokenpolicy::policy::Policy::default())
+}
+
+fn service_with(cache: usize, policy: tokenpolicy::policy::Policy) -> TokenService {
     testing::service()
+        .policy(policy)
         .user("alice", "pw")
         // The benches log one user in thousands of times.
         .throttle(Throttle {
@@ -214,6 +219,49 @@ fn http(c: &mut Criterion) {
             send(forward_auth_request(&tokens[i]))
         })
     });
+    // The same two with `sessionIdleTimeout: 30m`: each verify is also the
+    // session's activity (a map lookup; the store is written in the
+    // background, at most once per session per write slice).
+    let idle = Arc::new(service_with(
+        50_000,
+        tokenpolicy::policy::Policy {
+            idle_timeout: Some(1_800),
+            ..tokenpolicy::policy::Policy::default()
+        },
+    ));
+    let idle_tokens: Vec<String> = (0..10_000)
+        .map(|_| {
+            rt.block_on(idle.login("alice", "pw", None, || now))
+                .expect("login")
+                .token
+        })
+        .collect();
+    let idle_routes = router(Arc::new(App {
+        service: idle,
+        config: HttpConfig::default(),
+    }));
+    let idle_send = |req: Request<Body>| {
+        let resp = rt
+            .block_on(idle_routes.clone().oneshot(req))
+            .expect("infallible");
+        assert_eq!(resp.status(), 200);
+        resp
+    };
+    for t in &idle_tokens {
+        idle_send(forward_auth_request(t));
+    }
+    c.bench_function("http: forward-auth, 1 token, idle timeout", |b| {
+        b.iter(|| idle_send(forward_auth_request(&idle_tokens[0])))
+    });
+    c.bench_function(
+        "http: forward-auth, 10,000 tokens in turn, idle timeout",
+        |b| {
+            b.iter(|| {
+                i = (i + 7_919) % idle_tokens.len();
+                idle_send(forward_auth_request(&idle_tokens[i]))
+            })
+        },
+    );
     // A login refused before any password check or store call, as one
     // turned away by a full hashing line is (the same body read, JSON
     // decode and JSON error; here the refusal is for the empty password,
