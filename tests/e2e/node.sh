@@ -42,6 +42,7 @@ need_tools() {
   local missing=()
   command -v gcc >/dev/null || missing+=(gcc libc6-dev)
   pkg-config --exists libseccomp 2>/dev/null || missing+=(libseccomp-dev pkg-config)
+  [ -x /bin/busybox ] || missing+=(busybox-static)
   if [ ${#missing[@]} -gt 0 ]; then
     local sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"
