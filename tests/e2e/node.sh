@@ -32,6 +32,8 @@ pids="$node/pids"
 logs="$node/logs"
 # The sandbox image: a pause process built here (node/pause.c), never pulled.
 PAUSE_IMAGE=registry.k8s.io/pause:3.10
+# Only Pods that tolerate this land here: the rest of the suite keeps kwok.
+TAINT=tokenpolicy.test/real-node=true:NoSchedule
 
 log() { printf '[node %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -139,13 +141,19 @@ down() {
     sleep 0.1
   done
   for pid in "${live[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; done
-  # The Pods' processes: each shim leads a process group of its own, its
-  # pid recorded by containerd under the node's state directory.
-  local f
-  for f in $(find "$node/containerd/state" -name 'shim.pid' 2>/dev/null); do
-    pid=$(cat "$f" 2>/dev/null) || continue
-    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+  # The Pods' processes: containerd leaves its shims (and their containers,
+  # the shims' children) running when it stops. Ours are the shims whose
+  # command line names this node's socket.
+  local shims=() p
+  for p in /proc/[0-9]*; do
+    tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "-address $node/containerd.sock " && shims+=("${p#/proc/}")
   done
+  if [ ${#shims[@]} -gt 0 ]; then
+    for pid in "${shims[@]}"; do
+      for p in $(ps -o pid= --ppid "$pid" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
+    done
+    for pid in "${shims[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  fi
   rm -f "$pids"/*.pid "$node/order"
   # Mounts under the node's directories (overlay snapshots, Pod volumes, the
   # sandboxes' /dev/shm), deepest first.
@@ -273,6 +281,7 @@ EOF
   start kubelet "$bin/kubelet" --config "$node/kubelet.yaml" \
     --kubeconfig "$node/kubelet.kubeconfig" \
     --hostname-override "$name" --node-ip "$node_ip" \
+    --register-with-taints "$TAINT" \
     --root-dir "$node/kubelet" --cert-dir "$node/kubelet/pki" \
     --v 1
   local kubectl

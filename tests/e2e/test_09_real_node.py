@@ -1,7 +1,8 @@
 """A real node beside kwok's: containerd, runc and the CNI bridge under a
 real kubelet (tests/e2e/node.sh), registered with the suite's API server.
 
-Pods are pinned to it by nodeSelector; the kubelet's own readiness probes
+Pods are pinned to it by nodeSelector and a toleration of its taint (so
+nothing else in the suite lands there); the kubelet's own readiness probes
 decide their Ready condition (kwok would mark them Ready whatever they do),
 and the test reaches them only through `kubectl port-forward` on 127.0.0.1.
 The workload image is made here from Debian's static busybox and imported
@@ -65,6 +66,8 @@ def web(name: str, token: str, probe_path: str, replicas: int = 2) -> list[dict]
         "spec": {"replicas": replicas, "selector": {"matchLabels": labels}, "template": {
             "metadata": {"labels": labels},
             "spec": {"nodeSelector": {"kubernetes.io/hostname": NODE},
+                     "tolerations": [{"key": "tokenpolicy.test/real-node", "operator": "Exists",
+                                      "effect": "NoSchedule"}],
                      "terminationGracePeriodSeconds": 2,
                      "containers": [{
                          "name": "web", "image": IMAGE, "imagePullPolicy": "Never",
@@ -89,7 +92,7 @@ def ready(pod: dict) -> bool:
 
 
 def test_pods_run_on_the_real_node_and_its_probes_decide_ready(kube: Kube, node: str):
-    ns = kube.namespace("real-node-probe")
+    ns = kube.namespace(f"real-node-probe-{secrets.token_hex(3)}")
     kube.apply(web("good", secrets.token_hex(8), "/index.html"), ns=ns)
     kube.apply(web("bad", secrets.token_hex(8), "/missing", replicas=1), ns=ns)
     kube("rollout", "status", "deploy/good", "-n", ns, "--timeout", "180s", timeout=200)
@@ -118,7 +121,7 @@ def test_pods_run_on_the_real_node_and_its_probes_decide_ready(kube: Kube, node:
 
 
 def test_port_forward_to_the_service_reaches_a_real_container(kube: Kube, node: str):
-    ns = kube.namespace("real-node-forward")
+    ns = kube.namespace(f"real-node-forward-{secrets.token_hex(3)}")
     token = secrets.token_hex(16)
     kube.apply(web("web", token, "/index.html"), ns=ns)
     kube("rollout", "status", "deploy/web", "-n", ns, "--timeout", "180s", timeout=200)
