@@ -290,6 +290,8 @@ EOF
   # As for kwok's node: the not-ready taint that admission puts on a new
   # Node is lifted by the node lifecycle controller, which is not run here.
   "$kubectl" --kubeconfig "$state/admin.kubeconfig" taint nodes "$name" node.kubernetes.io/not-ready:NoSchedule- >/dev/null 2>&1 || true
+  # A Node left from an earlier run keeps its old taints: set ours here too.
+  "$kubectl" --kubeconfig "$state/admin.kubeconfig" taint nodes "$name" "$TAINT" --overwrite >/dev/null
   log "node $name up in $((SECONDS - t0))s"
   echo "NODE=$name"
   echo "NODE_STATE=$node"
