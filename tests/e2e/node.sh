@@ -129,6 +129,18 @@ import() {
 down() {
   [ -d "$pids" ] || return 0
   local what pid live=()
+  # The kubelet first, then every task through containerd, so that the
+  # shims delete their containers' state and exit.
+  pid=$(cat "$pids/kubelet.pid" 2>/dev/null) && kill -TERM -- "-$pid" 2>/dev/null &&
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if [ -S "$node/containerd.sock" ] && [ -s "$node/bin" ]; then
+    local ctr t
+    ctr="$(cat "$node/bin")/ctr --address $node/containerd.sock -n k8s.io"
+    for t in $($ctr tasks ls -q 2>/dev/null); do $ctr tasks kill -s SIGKILL "$t" >/dev/null 2>&1 || true; done
+    for t in $($ctr tasks ls -q 2>/dev/null); do
+      for _ in $(seq 20); do $ctr tasks delete "$t" >/dev/null 2>&1 && break; sleep 0.1; done
+    done
+  fi
   for what in $(tac "$node/order" 2>/dev/null); do
     pid=$(cat "$pids/$what.pid" 2>/dev/null) || continue
     kill -0 "$pid" 2>/dev/null && live+=("$pid") &&
@@ -209,6 +221,7 @@ state = "$node/containerd/state"
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
         BinaryName = "$bin/runc"
+        Root = "$node/runc"
         SystemdCgroup = false
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = ["$bin"]
