@@ -178,6 +178,8 @@ up() {
     --cert-dir "$pki" \
     --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
     --client-ca-file "$pki/ca.crt" \
+    --kubelet-client-certificate "$pki/admin.crt" --kubelet-client-key "$pki/admin.key" \
+    --kubelet-preferred-address-types InternalIP,Hostname \
     --authorization-mode Node,RBAC \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$pki/sa.pub" \
@@ -193,7 +195,7 @@ up() {
     --authentication-kubeconfig "$admin" --authorization-kubeconfig "$admin" \
     --bind-address 127.0.0.1 --secure-port "$kcm_port" \
     --leader-elect=false \
-    --controllers garbage-collector-controller,deployment-controller,replicaset-controller,serviceaccount-controller,serviceaccount-token-controller,namespace-controller,disruption-controller \
+    --controllers garbage-collector-controller,deployment-controller,replicaset-controller,serviceaccount-controller,serviceaccount-token-controller,namespace-controller,disruption-controller,root-ca-certificate-publisher-controller \
     --service-account-private-key-file "$pki/sa.key" \
     --root-ca-file "$pki/ca.crt" \
     --concurrent-deployment-syncs 10 --concurrent-replicaset-syncs 10 \
