@@ -130,12 +130,14 @@ class _EchoHandler(BaseHTTPRequestHandler):
                 f"<h1>App</h1><pre id=\"echo\">{html.escape(body.decode())}</pre>"
                 "<form method=\"post\" action=\"/v1/logout\"><button type=\"submit\">Sign out</button></form>"
                 "</body></html>").encode()
+        # Recorded before the answer goes out: a client that has its answer
+        # finds its request in the list.
+        self.server.requests_seen.append(seen)  # type: ignore[attr-defined]
         self.send_response(200)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-        self.server.requests_seen.append(seen)  # type: ignore[attr-defined]
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _answer
 
