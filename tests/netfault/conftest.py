@@ -11,8 +11,10 @@ Environment:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -71,9 +73,11 @@ class Hosts:
     """Two ``tokenpolicy serve`` replicas (a and b), each in its namespace,
     on the store that a subclass starts in namespaces of its own."""
 
-    def __init__(self, net: Net, workdir: Path, relay=None):
+    def __init__(self, net: Net, workdir: Path, relay=None, reorder: bool = False):
         self.net = net
         self.relay = relay
+        self.reorder = reorder
+        self.forwarders: dict = {}
         self.workdir = workdir
         self.procs: list[Process] = []
         self.add_store()
@@ -148,6 +152,38 @@ class Cluster(Hosts):
         if self.relay is not None:
             for r in self.hosts.values():
                 self.net.redirect(r, h, REDIS_PORT, *self.relay.listen)
+        if self.reorder:
+            # Both ways of the Redis link: Redis's packets to the replicas,
+            # and each replica's packets to Redis.
+            self.forwarders = {"redis": self.forwarder(h, [r.ip for r in self.hosts.values()])}
+            for name, r in self.hosts.items():
+                self.forwarders[name] = self.forwarder(r, [h.ip])
+
+    def forwarder(self, host, peers: list) -> Process:
+        stats = self.workdir / f"reorder-{host.name}.json"
+        argv = [sys.executable, str(HERE / "reorder.py"), "--stats", str(stats),
+                "--seed", str(len(self.procs) + 23)]
+        for peer in peers:
+            argv += ["--peer", peer]
+        p = self.spawn(f"reorder-{host.name}", host, argv)
+        wait_until(f"the reordering forwarder in {host.name}", stats.exists, timeout=10)
+        return p
+
+    def reordering(self, on: bool) -> None:
+        """Turns the reordering on or off in every forwarder."""
+        for p in self.forwarders.values():
+            p.check_running()
+            os.kill(p.pid, signal.SIGUSR1 if on else signal.SIGUSR2)
+
+    def reorder_stats(self) -> dict:
+        """Each forwarder's counters, by namespace."""
+        out = {}
+        for name in self.forwarders:
+            try:
+                out[name] = json.loads((self.workdir / f"reorder-{name}.json").read_text())
+            except (OSError, ValueError):
+                out[name] = {}
+        return out
 
 
 #: The Sentinel set's name of the master.
@@ -294,8 +330,11 @@ def _hosts(request, make):
 @pytest.fixture
 def cluster(request, tmp_path):
     """One Redis and the replicas, started; ``@pytest.mark.relay`` puts a
-    delaying relay (``relay.py``) on every replica's way to Redis."""
-    yield from _hosts(request, lambda net: Cluster(net, tmp_path))
+    delaying relay (``relay.py``) on every replica's way to Redis, and
+    ``@pytest.mark.reorder`` a reordering forwarder (``reorder.py``) on
+    each end of every Redis link."""
+    reorder = request.node.get_closest_marker("reorder") is not None
+    yield from _hosts(request, lambda net: Cluster(net, tmp_path, reorder=reorder))
 
 
 @pytest.fixture
@@ -312,3 +351,4 @@ def redis_cluster(request, tmp_path):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "relay: Redis reached through the delaying relay")
+    config.addinivalue_line("markers", "reorder: the Redis links through the reordering forwarders")

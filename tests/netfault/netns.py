@@ -16,8 +16,9 @@ with a TCP reset), random packet loss (``numgen random``), or one TCP
 connection cut by its port. This machine's kernel has no ``netem`` qdisc
 (``tc qdisc add dev eth0 root netem delay 10ms``: "Error: Specified qdisc
 kind is unknown."), so delays are made by holding packets in a relay on
-this host (``relay.py``) rather than by ``tc netem``, and there is no
-reordering scenario.
+this host (``relay.py``) rather than by ``tc netem``, and packets are
+reordered by a forwarder on a TUN device in each namespace of the link
+(``reorder.py``).
 
 A live run keeps its process id in ``/run/tpnf/<run>``; :func:`clean_stale`
 removes what runs that are no longer alive left behind (their processes,

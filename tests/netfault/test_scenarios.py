@@ -341,3 +341,60 @@ def test_cluster_shard_cut_off(redis_cluster):
         "cluster_ok_after_heal_s": round(seen.get("ok", -1), 2)})
     assert_verdict(h, v, rc)
     assert v.figures["503"] > 0, "the partition changed nothing: was it applied?"
+
+
+#: The kernel's TCP counters that show reordering really reached the
+#: receivers and senders of a namespace (``nstat``).
+REORDER_COUNTERS = ("TcpExtTCPOFOQueue", "TcpExtTCPSACKReorder", "TcpExtTCPTSReorder",
+                    "TcpExtTCPRenoReorder", "TcpExtTCPDSACKRecv", "TcpRetransSegs")
+
+
+def tcp_counters(host) -> dict:
+    """``host``'s namespace's TCP counters (since the namespace was made)."""
+    out = host.sh("nstat", "-asz", check=False).stdout
+    got = {}
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) >= 2 and f[0] in REORDER_COUNTERS and f[1].isdigit():
+            got[f[0]] = int(f[1])
+    return got
+
+
+@pytest.mark.reorder
+def test_reordered_redis_link(cluster):
+    """(h) Reordering on the Redis link, each way, both replicas: a quarter
+    of the packets held back 50 ms by a forwarder on a TUN device in each
+    namespace (``reorder.py``; no ``netem`` here), the rest passed at once,
+    so later TCP segments overtake earlier ones."""
+    names = ["redis", *cluster.hosts]
+    hosts = {"redis": cluster.redis_host, **cluster.hosts}
+    before: dict = {}
+
+    def fault(h):
+        end = schedule(2.0, seconds() - 4.0)
+        before.update({n: tcp_counters(hosts[n]) for n in names})
+        f = h.fault("reorder-25%-50ms", {"a", "b"})
+        cluster.reordering(True)
+        time.sleep(max(0.0, end - time.time()))
+        cluster.reordering(False)
+        h.healed(f)
+
+    def extra():
+        after = {n: tcp_counters(hosts[n]) for n in names}
+        stats = cluster.reorder_stats()
+        return {"forwarded": {n: stats[n].get("packets", 0) for n in names},
+                "held_back": {n: stats[n].get("held", 0) for n in names},
+                "overtaken": {n: stats[n].get("overtaken", 0) for n in names},
+                "tcp": {n: {k: after[n].get(k, 0) - before.get(n, {}).get(k, 0)
+                            for k in REORDER_COUNTERS} for n in names}}
+
+    h, v = run(cluster, "reorder", fault, extra=extra)
+    assert_verdict(h, v, cluster)
+    f = v.figures
+    # The reordering happened on every end, and TCP saw it: segments queued
+    # out of order at a receiver, or retransmitted for a hole that was only
+    # late and then reported as a duplicate (D-SACK).
+    for n in names:
+        assert f["held_back"][n] > 50 and f["overtaken"][n] > 0, f
+    assert sum(f["tcp"][n]["TcpExtTCPOFOQueue"] + f["tcp"][n]["TcpExtTCPDSACKRecv"]
+               for n in names) > 0, f
