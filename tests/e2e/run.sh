@@ -6,17 +6,10 @@
 # whole session (started and stopped by the suite itself).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/tokenpolicy-target}"
-export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-
-step() { printf '\n== %s\n' "$*"; }
-
-SUDO=""
-[ "$(id -u)" = 0 ] || SUDO="sudo"
+. scripts/lib.sh
 if ! command -v openssl >/dev/null; then
   step "installing openssl"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends openssl >/dev/null
+  apt_install openssl
 fi
 # Go builds the control plane. Without one, the toolchain itself comes from
 # the Go module proxy (module golang.org/toolchain), as `go` would fetch it.
@@ -26,9 +19,7 @@ if ! command -v go >/dev/null; then
   gohome=/var/tmp/tokenpolicy-go/$gover
   if [ ! -x "$gohome/bin/go" ]; then
     step "Go $gover from the module proxy"
-    command -v curl >/dev/null && command -v unzip >/dev/null || {
-      $SUDO apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends curl unzip ca-certificates >/dev/null; }
+    command -v curl >/dev/null && command -v unzip >/dev/null || apt_install curl unzip ca-certificates
     rm -rf "$gohome.tmp"; mkdir -p "$gohome.tmp"
     curl -fsSL "https://proxy.golang.org/golang.org/toolchain/@v/v0.0.1-$gover.linux-amd64.zip" -o "$gohome.tmp/go.zip"
     (cd "$gohome.tmp" && unzip -q go.zip && rm go.zip)

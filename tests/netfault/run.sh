@@ -15,10 +15,8 @@ command -v ip >/dev/null || missing+=(iproute2)
 command -v nft >/dev/null || missing+=(nftables)
 command -v redis-server >/dev/null || missing+=(redis-server)
 [ -x /usr/bin/redis-sentinel ] || missing+=(redis-sentinel)
-if [ ${#missing[@]} -gt 0 ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-export TOKENPOLICY_BIN="${TOKENPOLICY_BIN:-${CARGO_TARGET_DIR:-/var/tmp/tokenpolicy-target}/debug/tokenpolicy}"
+. scripts/lib.sh
+apt_install "${missing[@]}"
+export TOKENPOLICY_BIN="${TOKENPOLICY_BIN:-$CARGO_TARGET_DIR/debug/tokenpolicy}"
 export NETFAULT_SECONDS="${NETFAULT_SECONDS:-20}"
 python3 -m pytest -q -p no:cacheprovider tests/netfault "$@"
