@@ -40,9 +40,16 @@ for i in 1 2 3; do
   cluster_nodes+=("127.0.0.1:$p")
 done
 redis-cli --cluster create "${cluster_nodes[@]}" --cluster-yes >/dev/null
-for _ in $(seq 100); do
-  redis-cli -p "${cluster_nodes[0]##*:}" cluster info | grep -q 'cluster_state:ok' && break; sleep 0.1
-done
+# Every node must see the cluster whole (each learns it in its own time
+# over the bus), not only the first one asked.
+cluster_ok() {
+  local n
+  for n in "${cluster_nodes[@]}"; do
+    redis-cli -p "${n##*:}" cluster info | grep -q 'cluster_state:ok' || return 1
+  done
+}
+for _ in $(seq 300); do cluster_ok && break; sleep 0.1; done
+cluster_ok || { echo "the Redis Cluster did not come up: $(redis-cli -p "${cluster_nodes[0]##*:}" cluster info | head -1)" >&2; exit 1; }
 step "registry contract on a Redis Cluster"
 TOKENPOLICY_TEST_REDIS_CLUSTER="redis+cluster://$(IFS=,; echo "${cluster_nodes[*]}")" \
   cargo test --locked --lib -- --ignored --exact service::store::activity::cluster_tests::redis_cluster_keeps_the_registry_contract
